@@ -1,0 +1,84 @@
+"""Exact resumption of an interrupted training run.
+
+A resumed run continues the data stream where the interrupted one stopped (instead of starting
+the sampler over) and restores the Python, NumPy and torch random states saved with the
+checkpoint, so augmentation and dropout draw the same numbers. With a fixed SEED, zero data
+loader workers and deterministic kernels (CPU), the resumed run then reproduces the
+uninterrupted one exactly. (Data loader workers have their own random states, which are not
+saved: with workers, a resumed run is statistically equivalent, not identical.)
+"""
+import itertools
+import random
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import HookBase
+
+
+class ResumableTrainingSampler(TrainingSampler):
+    """detectron2's TrainingSampler (an infinite, seeded stream of shuffled indices shared by all
+    processes) that skips the first ``start_sample`` indices of the global stream."""
+
+    def __init__(self, size: int, shuffle: bool = True, seed: Optional[int] = None, start_sample: int = 0):
+        super().__init__(size, shuffle=shuffle, seed=seed)
+        if start_sample % self._world_size != 0:
+            raise ValueError(
+                f"start_sample={start_sample} must be a multiple of the number of processes "
+                f"({self._world_size})"
+            )
+        self._start_sample = start_sample
+
+    def __iter__(self):
+        start = self._start_sample + self._rank
+        yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
+
+
+class RandomStates:
+    """Checkpointable snapshot of the Python, NumPy and torch (CPU and CUDA) random states.
+
+    ``load_state_dict`` only keeps the states; :class:`RestoreRandomStatesHook` applies them when
+    training starts, after everything that draws random numbers once at start-up.
+    """
+
+    def __init__(self):
+        self.pending: Optional[Dict[str, Any]] = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.pending = state
+
+    def apply_pending(self) -> bool:
+        if self.pending is None:
+            return False
+        state, self.pending = self.pending, None
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        return True
+
+
+class RestoreRandomStatesHook(HookBase):
+    """Before the first resumed step: start the data loader iterator (which draws a seed), then
+    restore the random states of the checkpoint."""
+
+    def __init__(self, random_states: RandomStates):
+        self.random_states = random_states
+
+    def before_train(self):
+        if self.random_states.pending is None:
+            return
+        _ = self.trainer._trainer._data_loader_iter  # creates the iterator as the first step would
+        self.random_states.apply_pending()

@@ -1,0 +1,2 @@
+from .build import build_evaluator
+from .instance_evaluation import InstanceSegEvaluator

@@ -1,0 +1,4 @@
+from .backbone import D2SwinTransformer
+from .heads import MaskFormerHead, PerPixelBaselineHead, PerPixelBaselinePlusHead
+from .pixel_decoder import PIXEL_DECODER_REGISTRY, build_pixel_decoder
+from .transformer_decoder import TRANSFORMER_DECODER_REGISTRY, build_transformer_decoder

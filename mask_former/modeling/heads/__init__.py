@@ -1,0 +1,2 @@
+from .mask_former_head import MaskFormerHead
+from .per_pixel_baseline import PerPixelBaselineHead, PerPixelBaselinePlusHead

@@ -1,0 +1,2 @@
+from .build import PIXEL_DECODER_REGISTRY, build_pixel_decoder
+from .fpn import BasePixelDecoder, TransformerEncoderPixelDecoder

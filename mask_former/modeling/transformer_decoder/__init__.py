@@ -1,0 +1,4 @@
+from .build import TRANSFORMER_DECODER_REGISTRY, build_transformer_decoder
+from .position_encoding import PositionEmbeddingSine
+from .standard_transformer_decoder import MLP, StandardTransformerDecoder
+from .transformer import Transformer

@@ -1,0 +1,167 @@
+"""MaskFormer's standard query decoder: DETR's transformer decoder over one backbone feature."""
+from typing import Dict, List
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import Conv2d
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .build import TRANSFORMER_DECODER_REGISTRY
+from .position_encoding import PositionEmbeddingSine
+from .transformer import Transformer
+
+
+class MLP(nn.Module):
+    """A plain multi-layer perceptron with ReLU between layers (none after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class StandardTransformerDecoder(nn.Module):
+    """N learned queries attend to an image feature through a DETR decoder; each decoder output
+    gives K+1 class logits (with ``mask_classification``) and a mask embedding whose dot product
+    with the per-pixel embeddings is that query's mask.
+
+    The image feature gets a sine positional encoding; the queries have learned positional
+    embeddings (``query_embed``). With deep supervision the outputs of every decoder layer are
+    returned (``aux_outputs``) so the loss can be applied to each.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        in_channels: int,
+        mask_classification: bool = True,
+        *,
+        num_classes: int,
+        hidden_dim: int,
+        num_queries: int,
+        nheads: int,
+        dropout: float,
+        dim_feedforward: int,
+        enc_layers: int,
+        dec_layers: int,
+        pre_norm: bool,
+        deep_supervision: bool,
+        mask_dim: int,
+        enforce_input_project: bool,
+    ):
+        """
+        Args:
+            in_channels: channels of the image feature the decoder attends to.
+            mask_classification: predict K+1 class logits per query (False for PerPixelBaselinePlus,
+                where each of the K queries is one class).
+            num_classes: K, not counting "no object".
+            hidden_dim, nheads, dropout, dim_feedforward, enc_layers, dec_layers, pre_norm:
+                transformer settings.
+            num_queries: N, the number of queries.
+            deep_supervision: return the predictions of every decoder layer.
+            mask_dim: dimension of the mask embeddings (= channels of the per-pixel embeddings).
+            enforce_input_project: add the 1x1 input projection even if in_channels == hidden_dim.
+        """
+        super().__init__()
+        self.mask_classification = mask_classification
+        self.aux_loss = deep_supervision
+        self.mask_dim = mask_dim
+        self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        self.transformer = Transformer(
+            d_model=hidden_dim,
+            nhead=nheads,
+            num_encoder_layers=enc_layers,
+            num_decoder_layers=dec_layers,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+            normalize_before=pre_norm,
+            return_intermediate_dec=deep_supervision,
+        )
+        self.num_queries = num_queries
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        if in_channels != hidden_dim or enforce_input_project:
+            self.input_proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
+            nn.init.kaiming_uniform_(self.input_proj.weight, a=1)
+            nn.init.constant_(self.input_proj.bias, 0)
+        else:
+            self.input_proj = nn.Sequential()
+        if mask_classification:
+            self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+
+    @classmethod
+    def from_config(cls, cfg, in_channels, mask_classification):
+        mf = cfg.MODEL.MASK_FORMER
+        for key in ("HIDDEN_DIM", "NUM_OBJECT_QUERIES", "NHEADS", "DEC_LAYERS"):
+            if getattr(mf, key) < 1:
+                raise ValueError(f"MODEL.MASK_FORMER.{key} must be >= 1, got {getattr(mf, key)}")
+        return {
+            "in_channels": in_channels,
+            "mask_classification": mask_classification,
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "hidden_dim": mf.HIDDEN_DIM,
+            "num_queries": mf.NUM_OBJECT_QUERIES,
+            "nheads": mf.NHEADS,
+            "dropout": mf.DROPOUT,
+            "dim_feedforward": mf.DIM_FEEDFORWARD,
+            "enc_layers": mf.ENC_LAYERS,
+            "dec_layers": mf.DEC_LAYERS,
+            "pre_norm": mf.PRE_NORM,
+            "deep_supervision": mf.DEEP_SUPERVISION,
+            "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+            "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
+        }
+
+    def forward(self, x: Tensor, mask_features: Tensor) -> Dict[str, object]:
+        """
+        Args:
+            x: B x C_in x H' x W' image feature (e.g. res5, stride 32).
+            mask_features: B x mask_dim x H x W per-pixel embeddings (stride 4).
+        Returns:
+            dict with
+              "pred_logits": B x N x (K+1) (only with mask_classification),
+              "pred_masks": B x N x H x W mask logits,
+              "aux_outputs": list (one per earlier decoder layer) of dicts with the same keys
+                             (only in training with deep supervision).
+        """
+        if mask_features.shape[1] != self.mask_dim:
+            raise ValueError(
+                f"The pixel decoder gives {mask_features.shape[1]}-channel mask features but the "
+                f"decoder's mask embeddings have MODEL.SEM_SEG_HEAD.MASK_DIM={self.mask_dim} channels"
+            )
+        pos = self.pe_layer(x)
+        hs, _ = self.transformer(self.input_proj(x), None, self.query_embed.weight, pos)
+        # hs: L x B x N x hidden_dim
+        with_aux = self.aux_loss and self.training
+        if not with_aux:
+            hs = hs[-1:]
+        mask_embed = self.mask_embed(hs)
+        masks = torch.einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)
+        logits = self.class_embed(hs) if self.mask_classification else None
+
+        out: Dict[str, object] = {"pred_masks": masks[-1]}
+        if logits is not None:
+            out["pred_logits"] = logits[-1]
+        if with_aux:
+            out["aux_outputs"] = self._aux_outputs(logits, masks)
+        return out
+
+    @torch.jit.unused
+    def _aux_outputs(self, logits, masks) -> List[Dict[str, Tensor]]:
+        aux = []
+        for i in range(masks.shape[0] - 1):
+            layer_out = {"pred_masks": masks[i]}
+            if logits is not None:
+                layer_out["pred_logits"] = logits[i]
+            aux.append(layer_out)
+        return aux

@@ -1,0 +1,95 @@
+"""Optimizer and learning-rate schedule of the MaskFormer recipe."""
+import copy
+import itertools
+from typing import Any, Dict, List, Set, Type
+
+import torch
+from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
+
+NORM_MODULE_TYPES = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+    torch.nn.GroupNorm,
+    torch.nn.InstanceNorm1d,
+    torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d,
+    torch.nn.LayerNorm,
+    torch.nn.LocalResponseNorm,
+)
+
+# Parameters that are positional tables, not weights: never decayed.
+NO_DECAY_PARAM_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+
+
+def get_param_groups(cfg, model: torch.nn.Module) -> List[Dict[str, Any]]:
+    """One group per parameter with its own lr and weight decay:
+    backbone parameters get ``BASE_LR * BACKBONE_MULTIPLIER``; normalization parameters get
+    ``WEIGHT_DECAY_NORM``, embeddings ``WEIGHT_DECAY_EMBED`` and positional tables 0."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    norm_types = NORM_MODULE_TYPES + (FrozenBatchNorm2d,)
+    solver = cfg.SOLVER
+    defaults = {"lr": solver.BASE_LR, "weight_decay": solver.WEIGHT_DECAY}
+    params: List[Dict[str, Any]] = []
+    seen: Set[torch.nn.parameter.Parameter] = set()
+    for module_name, module in model.named_modules():
+        for param_name, value in module.named_parameters(recurse=False):
+            if not value.requires_grad or value in seen:
+                continue
+            seen.add(value)
+            group = copy.copy(defaults)
+            if module_name == "backbone" or module_name.startswith("backbone.") or ".backbone." in module_name:
+                group["lr"] = group["lr"] * solver.BACKBONE_MULTIPLIER
+            if param_name in NO_DECAY_PARAM_NAMES:
+                group["weight_decay"] = 0.0
+            if isinstance(module, norm_types):
+                group["weight_decay"] = solver.WEIGHT_DECAY_NORM
+            if isinstance(module, torch.nn.Embedding):
+                group["weight_decay"] = solver.WEIGHT_DECAY_EMBED
+            params.append({"params": [value], **group})
+    return params
+
+
+def _with_full_model_gradient_clipping(optim_cls: Type[torch.optim.Optimizer], max_norm: float):
+    """Subclass of ``optim_cls`` whose step first clips the gradient norm over ALL parameters
+    together (detectron2's own clipping works per parameter)."""
+
+    class FullModelGradientClippingOptimizer(optim_cls):
+        def step(self, closure=None):
+            all_params = itertools.chain(*[g["params"] for g in self.param_groups])
+            torch.nn.utils.clip_grad_norm_(all_params, max_norm)
+            return super().step(closure=closure)
+
+    FullModelGradientClippingOptimizer.__name__ = f"FullModelGradientClipping{optim_cls.__name__}"
+    return FullModelGradientClippingOptimizer
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SOLVER.OPTIMIZER ("ADAMW" or "SGD") over :func:`get_param_groups`, with gradient clipping
+    from SOLVER.CLIP_GRADIENTS: CLIP_TYPE "full_model" clips the global norm; "value"/"norm"
+    are detectron2's per-parameter clipping."""
+    params = get_param_groups(cfg, model)
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    full_model_clip = clip.ENABLED and clip.CLIP_TYPE == "full_model" and clip.CLIP_VALUE > 0.0
+
+    name = cfg.SOLVER.OPTIMIZER
+    if name == "SGD":
+        optim_cls, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}
+    elif name == "ADAMW":
+        optim_cls, kwargs = torch.optim.AdamW, {}
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER={name!r} is not supported; expected 'ADAMW' or 'SGD'")
+    if full_model_clip:
+        optim_cls = _with_full_model_gradient_clipping(optim_cls, clip.CLIP_VALUE)
+    optimizer = optim_cls(params, cfg.SOLVER.BASE_LR, **kwargs)
+    if clip.ENABLED and clip.CLIP_TYPE != "full_model":
+        optimizer = maybe_add_gradient_clipping(cfg, optimizer)
+    return optimizer
+
+
+def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
+    """detectron2's schedulers plus WarmupPolyLR (detectron2's DeepLab project)."""
+    return build_deeplab_lr_scheduler(cfg, optimizer)

@@ -1,0 +1,17 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# shared/ lies beside the checkout (CI clones main with shared/ beside it).
+REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+
+os.environ.setdefault("DETECTRON2_DATASETS", str(REPO_ROOT / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not REFERENCE_DIR.is_dir():
+        pytest.fail(f"checkpoint layout references not found at {REFERENCE_DIR} (shared/reference)")
+    return REFERENCE_DIR
