@@ -1,0 +1,88 @@
+"""Mapper for semantic segmentation data: an image and a PNG of per-pixel class ids."""
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+
+from .augmentations import build_train_augmentations
+from .base import (
+    MaskFormerDatasetMapperBase,
+    check_label_values,
+    check_same_size,
+    pad_bottom_right,
+    register_mapper,
+)
+from .image_io import read_label_map
+
+__all__ = ["MaskFormerSemanticDatasetMapper"]
+
+
+@register_mapper("mask_former_semantic")
+class MaskFormerSemanticDatasetMapper(MaskFormerDatasetMapperBase):
+    """
+    Reads ``file_name`` and ``sem_seg_file_name`` (uint8/uint16 class ids, ``ignore_label`` for
+    unlabelled pixels), augments both (see :func:`build_train_augmentations`), pads to
+    ``INPUT.SIZE_DIVISIBILITY`` and returns, besides the image,
+
+    - "sem_seg": int64 H x W class ids, ``ignore_label`` in the padding;
+    - "instances": one mask per class present: ``gt_classes`` (K, ascending) and ``gt_masks``
+      (K x H x W bool, disjoint; ignored and padded pixels are in none).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool = True,
+        *,
+        augmentations,
+        image_format: str,
+        num_classes: int,
+        ignore_label: int,
+        size_divisibility: int = -1,
+    ):
+        """
+        Args:
+            is_train: training (targets, augmentation) or inference (resize only, no targets).
+            augmentations: list of ``T.Augmentation`` / ``T.Transform``.
+            image_format: "RGB" or "BGR".
+            num_classes: label values must be < num_classes or equal ``ignore_label``.
+            ignore_label: label of unlabelled pixels, also used for padding.
+            size_divisibility: pad height and width to a multiple of this (when > 0).
+        """
+        super().__init__(
+            is_train,
+            augmentations=augmentations,
+            image_format=image_format,
+            num_classes=num_classes,
+            ignore_label=ignore_label,
+            size_divisibility=size_divisibility,
+        )
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = cls.base_config(cfg, is_train)
+        if is_train:
+            ret["augmentations"] = build_train_augmentations(cfg, ret["ignore_label"])
+        return ret
+
+    def map_for_training(self, dataset_dict: dict) -> dict:
+        if "sem_seg_file_name" not in dataset_dict:
+            raise KeyError(
+                f"{type(self).__name__} needs 'sem_seg_file_name' in dataset dicts; "
+                f"{dataset_dict['file_name']!r} has keys {sorted(dataset_dict)}"
+            )
+        label_file = dataset_dict["sem_seg_file_name"]
+        image = self.read_image(dataset_dict)
+        label = read_label_map(label_file)
+        check_same_size(image, label, dataset_dict["file_name"], label_file)
+        check_label_values(label, self.num_classes, self.ignore_label, repr(label_file))
+
+        image, label, _ = self.augment(image, label)
+
+        classes = [int(c) for c in np.unique(label) if c != self.ignore_label]
+        masks = [label == c for c in classes]
+        pad_h, pad_w = self.padding(image)
+        sem_seg = pad_bottom_right(label.astype(np.int64), pad_h, pad_w, self.ignore_label)
+        dataset_dict = self.finish(dataset_dict, image, classes, masks)
+        dataset_dict["sem_seg"] = torch.from_numpy(sem_seg)
+        return dataset_dict

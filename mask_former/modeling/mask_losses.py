@@ -1,0 +1,233 @@
+"""Mask losses and matching costs shared by the Hungarian matcher and the set criterion.
+
+Two families of functions, one per kind of mask loss:
+
+- ``*_loss(inputs, targets, num_masks)``: the loss of N matched (prediction, target) pairs,
+  ``inputs`` and ``targets`` both N x P (P = pixels per mask). Pointwise losses (focal, bce,
+  brier) are averaged over the pixels of each mask; every loss is summed over the masks and
+  divided by ``num_masks`` (the number of target masks in the batch, averaged over processes).
+- ``*_cost(inputs, targets)``: the same quantity for every (query, target) pair, as a Q x T
+  matrix, without the division by ``num_masks``. ``inputs`` is Q x P, ``targets`` is T x P.
+
+``inputs`` are mask logits (before the sigmoid) and ``targets`` are binary masks as float in
+{0, 1}. The costs are computed with matrix products; the focal cost relies on the targets being
+binary (the focal weighting is not linear in soft targets), the others are exact for any
+target in [0, 1].
+
+``MASK_LOSSES`` maps the names used by ``MODEL.MASK_FORMER.MASK_LOSSES`` ("focal", "bce",
+"brier", "dice") to these functions and to the key of the loss in the criterion's output.
+"""
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "sigmoid_focal_loss",
+    "sigmoid_focal_cost",
+    "bce_loss",
+    "bce_cost",
+    "brier_loss",
+    "brier_cost",
+    "dice_loss",
+    "dice_cost",
+    "MaskLossType",
+    "MASK_LOSSES",
+    "POINTWISE_MASK_LOSSES",
+    "get_mask_loss",
+]
+
+FOCAL_ALPHA = 0.25
+FOCAL_GAMMA = 2.0
+
+
+def sigmoid_focal_loss(
+    inputs: Tensor,
+    targets: Tensor,
+    num_masks: float,
+    alpha: float = FOCAL_ALPHA,
+    gamma: float = FOCAL_GAMMA,
+) -> Tensor:
+    """Sigmoid focal loss (Lin et al., 2017) of matched pairs.
+
+    Args:
+        inputs: N x P mask logits.
+        targets: N x P binary targets (float).
+        num_masks: normalizer of the sum over masks.
+        alpha: weight of the positive pixels (negatives get ``1 - alpha``); < 0 disables it.
+        gamma: focusing exponent on ``1 - p_t``.
+
+    Returns:
+        Scalar: sum over masks of the per-mask pixel mean, divided by ``num_masks``.
+    """
+    prob = inputs.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean(1).sum() / num_masks
+
+
+def sigmoid_focal_cost(
+    inputs: Tensor, targets: Tensor, alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA
+) -> Tensor:
+    """Pixel-mean sigmoid focal loss of every (query, target) pair.
+
+    Args:
+        inputs: Q x P mask logits.
+        targets: T x P binary targets (float in {0, 1}).
+
+    Returns:
+        Q x T cost matrix.
+    """
+    num_pixels = inputs.shape[1]
+    prob = inputs.sigmoid()
+    # -log(p) = softplus(-x) and -log(1 - p) = softplus(x), computed without overflow
+    focal_pos = (1 - prob) ** gamma * F.softplus(-inputs)
+    focal_neg = prob**gamma * F.softplus(inputs)
+    if alpha >= 0:
+        focal_pos = focal_pos * alpha
+        focal_neg = focal_neg * (1 - alpha)
+    cost = focal_pos @ targets.T + focal_neg @ (1 - targets).T
+    return cost / num_pixels
+
+
+def bce_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
+    """Binary cross-entropy of matched pairs.
+
+    Args:
+        inputs: N x P mask logits.
+        targets: N x P targets in [0, 1].
+        num_masks: normalizer of the sum over masks.
+
+    Returns:
+        Scalar: sum over masks of the per-mask pixel mean, divided by ``num_masks``.
+    """
+    loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    return loss.mean(1).sum() / num_masks
+
+
+def bce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
+    """Pixel-mean binary cross-entropy of every (query, target) pair.
+
+    Args:
+        inputs: Q x P mask logits.
+        targets: T x P targets in [0, 1].
+
+    Returns:
+        Q x T cost matrix.
+    """
+    num_pixels = inputs.shape[1]
+    cost = F.softplus(-inputs) @ targets.T + F.softplus(inputs) @ (1 - targets).T
+    return cost / num_pixels
+
+
+def brier_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
+    """Brier score ``(sigmoid(x) - y)^2`` of matched pairs.
+
+    Args:
+        inputs: N x P mask logits.
+        targets: N x P targets in [0, 1].
+        num_masks: normalizer of the sum over masks.
+
+    Returns:
+        Scalar: sum over masks of the per-mask pixel mean, divided by ``num_masks``.
+    """
+    loss = (inputs.sigmoid() - targets) ** 2
+    return loss.mean(1).sum() / num_masks
+
+
+def brier_cost(inputs: Tensor, targets: Tensor) -> Tensor:
+    """Pixel-mean Brier score of every (query, target) pair.
+
+    Args:
+        inputs: Q x P mask logits.
+        targets: T x P targets in [0, 1].
+
+    Returns:
+        Q x T cost matrix.
+    """
+    num_pixels = inputs.shape[1]
+    prob = inputs.sigmoid()
+    # sum (p - y)^2 = sum p^2 - 2 sum p*y + sum y^2
+    cost = (prob**2).sum(1)[:, None] - 2 * prob @ targets.T + (targets**2).sum(1)[None, :]
+    # the expansion can round to slightly below zero
+    return cost.clamp(min=0) / num_pixels
+
+
+def dice_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
+    """Dice loss ``1 - (2 sum(p*y) + 1) / (sum(p) + sum(y) + 1)`` of matched pairs, p = sigmoid(x).
+
+    Args:
+        inputs: N x P mask logits.
+        targets: N x P targets in [0, 1].
+        num_masks: normalizer of the sum over masks.
+
+    Returns:
+        Scalar: sum over masks of the per-mask dice loss, divided by ``num_masks``.
+    """
+    prob = inputs.sigmoid()
+    numerator = 2 * (prob * targets).sum(1)
+    denominator = prob.sum(1) + targets.sum(1)
+    loss = 1 - (numerator + 1) / (denominator + 1)
+    return loss.sum() / num_masks
+
+
+def dice_cost(inputs: Tensor, targets: Tensor) -> Tensor:
+    """Dice loss of every (query, target) pair.
+
+    Args:
+        inputs: Q x P mask logits.
+        targets: T x P targets in [0, 1].
+
+    Returns:
+        Q x T cost matrix.
+    """
+    prob = inputs.sigmoid()
+    numerator = 2 * prob @ targets.T
+    denominator = prob.sum(1)[:, None] + targets.sum(1)[None, :]
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+@dataclass(frozen=True)
+class MaskLossType:
+    """One kind of mask loss: its matched-pair loss, its pairwise cost and its output key."""
+
+    loss: Callable[[Tensor, Tensor, float], Tensor]
+    cost: Callable[[Tensor, Tensor], Tensor]
+    # key of this loss in SetCriterion's output ("loss_mask" is the original name of focal)
+    loss_key: str
+    # True for per-pixel losses (usable as the matcher's mask cost); False for dice
+    pointwise: bool
+
+
+MASK_LOSSES: Dict[str, MaskLossType] = {
+    "focal": MaskLossType(sigmoid_focal_loss, sigmoid_focal_cost, "loss_mask", True),
+    "bce": MaskLossType(bce_loss, bce_cost, "loss_bce", True),
+    "brier": MaskLossType(brier_loss, brier_cost, "loss_brier", True),
+    "dice": MaskLossType(dice_loss, dice_cost, "loss_dice", False),
+}
+
+POINTWISE_MASK_LOSSES = tuple(name for name, kind in MASK_LOSSES.items() if kind.pointwise)
+
+
+def get_mask_loss(
+    name: str, pointwise_only: bool = False, where: str = "mask loss"
+) -> MaskLossType:
+    """Look up a mask loss by name.
+
+    Args:
+        name: one of ``MASK_LOSSES`` ("focal", "bce", "brier", "dice").
+        pointwise_only: accept only per-pixel losses (all but "dice").
+        where: what asked for it, for the error message (e.g. "HungarianMatcher mask_cost_type").
+
+    Raises:
+        ValueError: naming the value and listing the valid names.
+    """
+    valid = POINTWISE_MASK_LOSSES if pointwise_only else tuple(MASK_LOSSES)
+    if not isinstance(name, str) or name not in valid:
+        raise ValueError(f"{where}: unknown mask loss {name!r}; valid names: {', '.join(valid)}")
+    return MASK_LOSSES[name]

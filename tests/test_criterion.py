@@ -1,0 +1,387 @@
+"""SetCriterion and the matched-pair mask losses against values computed by hand."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mask_former.modeling.criterion import SetCriterion
+from mask_former.modeling.matcher import HungarianMatcher
+
+
+# ---------------------------------------------------------------- plain formulas
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def focal_pixel(x, y):
+    p = sigmoid(x)
+    return 0.25 * (1 - p) ** 2 * -math.log(p) if y == 1 else 0.75 * p**2 * -math.log(1 - p)
+
+
+def bce_pixel(x, y):
+    p = sigmoid(x)
+    return -math.log(p) if y == 1 else -math.log(1 - p)
+
+
+def brier_pixel(x, y):
+    return (sigmoid(x) - y) ** 2
+
+
+def dice_of(xs, ys):
+    ps = [sigmoid(x) for x in xs]
+    return 1 - (2 * sum(p * y for p, y in zip(ps, ys)) + 1) / (sum(ps) + sum(ys) + 1)
+
+
+def mean_of(pixel_loss):
+    return lambda xs, ys: sum(pixel_loss(x, y) for x, y in zip(xs, ys)) / len(xs)
+
+
+PER_MASK = {
+    "loss_mask": mean_of(focal_pixel),
+    "loss_bce": mean_of(bce_pixel),
+    "loss_brier": mean_of(brier_pixel),
+    "loss_dice": dice_of,
+}
+
+
+def nll(logits, cls):
+    return math.log(sum(math.exp(v) for v in logits)) - logits[cls]
+
+
+def upsample_2x(mask):
+    """Bilinear, align_corners=False, n x n -> 2n x 2n: along each axis output 2k reads
+    0.25 * x[k-1] + 0.75 * x[k] and 2k+1 reads 0.75 * x[k] + 0.25 * x[k+1] (edges clamped)."""
+
+    def axis(values):
+        n = len(values)
+        out = []
+        for k in range(n):
+            out.append(0.25 * values[max(k - 1, 0)] + 0.75 * values[k])
+            out.append(0.75 * values[k] + 0.25 * values[min(k + 1, n - 1)])
+        return out
+
+    rows = [axis(row) for row in mask]
+    columns = [axis([row[j] for row in rows]) for j in range(len(rows[0]))]
+    return [[columns[j][i] for j in range(len(columns))] for i in range(len(columns[0]))]
+
+
+def pad(mask, height, width):
+    rows = [list(row) + [0] * (width - len(row)) for row in mask]
+    return rows + [[0] * width for _ in range(height - len(rows))]
+
+
+def flat(mask):
+    return [v for row in mask for v in row]
+
+
+def reference_losses(pred_logits, pred_masks, targets, indices, eos_coef, keys, num_masks):
+    """Loop-by-loop losses of one layer; every argument is nested lists / Python numbers."""
+    num_classes = len(pred_logits[0][0]) - 1
+    matched = {}
+    for b, (queries, tgts) in enumerate(indices):
+        for q, t in zip(queries, tgts):
+            matched[(b, q)] = t
+    weighted, weights = 0.0, 0.0
+    for b, image_logits in enumerate(pred_logits):
+        for q, logits in enumerate(image_logits):
+            cls = targets[b]["labels"][matched[(b, q)]] if (b, q) in matched else num_classes
+            w = eos_coef if cls == num_classes else 1.0
+            weighted += w * nll(logits, cls)
+            weights += w
+    losses = {"loss_ce": weighted / weights}
+
+    height = max(len(t["masks"][0]) for t in targets if t["masks"])
+    width = max(len(t["masks"][0][0]) for t in targets if t["masks"])
+    for key in keys:
+        total = 0.0
+        for (b, q), t in matched.items():
+            pred = pred_masks[b][q]
+            if len(pred) != height:
+                assert 2 * len(pred) == height, "the test helper upsamples by exactly 2"
+                pred = upsample_2x(pred)
+            xs = flat(pred)
+            ys = flat(pad(targets[b]["masks"][t], height, width))
+            total += PER_MASK[key](xs, ys)
+        losses[key] = total / num_masks
+    return losses
+
+
+class FixedMatcher(nn.Module):
+    """Returns the given indices and counts its calls."""
+
+    def __init__(self, indices):
+        super().__init__()
+        self.indices = indices
+        self.calls = 0
+
+    def forward(self, outputs, targets):
+        self.calls += 1
+        return [(torch.tensor(q).long(), torch.tensor(t).long()) for q, t in self.indices]
+
+
+def random_targets(generator, labels, height, width):
+    """One image's targets: the given labels and random binary masks of the given size."""
+    masks = torch.rand(len(labels), height, width, generator=generator) > 0.5
+    return {"labels": torch.tensor(labels, dtype=torch.int64), "masks": masks}
+
+
+ALL_MASK_LOSSES = ("focal", "bce", "brier", "dice")
+
+
+def as_lists(targets):
+    return [{"labels": t["labels"].tolist(), "masks": t["masks"].int().tolist()} for t in targets]
+
+
+def assert_losses(got, expected):
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == torch.float32, key
+        assert got[key].item() == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+# ---------------------------------------------------------------- tests
+def test_hand_computed_single_query_pair():
+    # K = 2 classes; query 0 predicts class 1 and a mask close to the target, query 1 "no object"
+    pred_logits = torch.tensor([[[0.5, 2.0, -1.0], [0.2, -0.3, 1.5]]])
+    pred_masks = torch.tensor([[[[2.0, -1.0], [0.5, 1.0]], [[-3.0, -3.0], [-3.0, -3.0]]]])
+    target_mask = torch.tensor([[[True, False], [False, True]]])
+    targets = [{"labels": torch.tensor([1]), "masks": target_mask}]
+    criterion = SetCriterion(2, HungarianMatcher(), 0.1, mask_losses=ALL_MASK_LOSSES)
+    losses = criterion({"pred_logits": pred_logits, "pred_masks": pred_masks}, targets)
+
+    # the matcher pairs query 0 with the target; pixels (logit, target): (2,1) (-1,0) (0.5,0) (1,1)
+    p0 = 1 / (1 + math.exp(-2.0))
+    p1 = 1 / (1 + math.exp(1.0))
+    p2 = 1 / (1 + math.exp(-0.5))
+    p3 = 1 / (1 + math.exp(-1.0))
+    bce = (-math.log(p0) - math.log(1 - p1) - math.log(1 - p2) - math.log(p3)) / 4
+    focal = (
+        0.25 * (1 - p0) ** 2 * -math.log(p0)
+        + 0.75 * p1**2 * -math.log(1 - p1)
+        + 0.75 * p2**2 * -math.log(1 - p2)
+        + 0.25 * (1 - p3) ** 2 * -math.log(p3)
+    ) / 4
+    brier = ((p0 - 1) ** 2 + p1**2 + p2**2 + (p3 - 1) ** 2) / 4
+    dice = 1 - (2 * (p0 + p3) + 1) / (p0 + p1 + p2 + p3 + 2 + 1)
+    # query 0 -> class 1 (weight 1), query 1 -> no object = class 2 (weight 0.1)
+    nll_0 = math.log(math.exp(0.5) + math.exp(2.0) + math.exp(-1.0)) - 2.0
+    nll_1 = math.log(math.exp(0.2) + math.exp(-0.3) + math.exp(1.5)) - 1.5
+    ce = (1.0 * nll_0 + 0.1 * nll_1) / (1.0 + 0.1)
+
+    expected = {"loss_ce": ce, "loss_mask": focal, "loss_bce": bce, "loss_brier": brier}
+    expected["loss_dice"] = dice
+    assert_losses(losses, expected)
+
+
+def test_no_object_weighting_is_a_weighted_mean():
+    # 4 queries, 1 target matched to query 2; the 3 unmatched queries count with weight 0.1
+    rows = [[1.0, 0.0, -1.0], [0.3, 0.3, 0.3], [-2.0, 2.0, 0.0], [0.0, 1.0, 3.0]]
+    outputs = {"pred_logits": torch.tensor([rows]), "pred_masks": torch.zeros(1, 4, 2, 2)}
+    targets = [{"labels": torch.tensor([1]), "masks": torch.ones(1, 2, 2, dtype=torch.bool)}]
+    criterion = SetCriterion(2, FixedMatcher([([2], [0])]), 0.1, mask_losses=("dice",))
+    losses = criterion(outputs, targets)
+
+    def log_sum_exp(row):
+        return math.log(sum(math.exp(v) for v in row))
+
+    expected = (
+        0.1 * (log_sum_exp(rows[0]) - rows[0][2])
+        + 0.1 * (log_sum_exp(rows[1]) - rows[1][2])
+        + 1.0 * (log_sum_exp(rows[2]) - rows[2][1])
+        + 0.1 * (log_sum_exp(rows[3]) - rows[3][2])
+    ) / (0.1 + 0.1 + 1.0 + 0.1)
+    assert losses["loss_ce"].item() == pytest.approx(expected, rel=1e-6)
+    # an all-zero prediction (p = 0.5 everywhere) against an all-ones 2 x 2 target
+    assert losses["loss_dice"].item() == pytest.approx(1 - (2 * 2.0 + 1) / (2.0 + 4 + 1), rel=1e-6)
+
+
+def test_upsampled_predictions_and_padded_targets():
+    # predictions 2 x 2; image 0 has 4 x 4 targets, image 1 has 3 x 4 targets padded to 4 x 4
+    generator = torch.Generator().manual_seed(0)
+    pred_logits = torch.randn(2, 3, 4, generator=generator, requires_grad=True)
+    pred_masks = (torch.randn(2, 3, 2, 2, generator=generator) * 2).requires_grad_()
+    targets = [random_targets(generator, [2], 4, 4), random_targets(generator, [0, 1], 3, 4)]
+    indices = [([2], [0]), ([0, 1], [1, 0])]
+    criterion = SetCriterion(3, FixedMatcher(indices), 0.1, mask_losses=ALL_MASK_LOSSES)
+    losses = criterion({"pred_logits": pred_logits, "pred_masks": pred_masks}, targets)
+
+    expected = reference_losses(
+        pred_logits.tolist(), pred_masks.tolist(), as_lists(targets), indices, 0.1,
+        ["loss_mask", "loss_bce", "loss_brier", "loss_dice"], num_masks=3,
+    )
+    assert_losses(losses, expected)
+
+    sum(losses.values()).backward()
+    assert pred_masks.grad is not None and pred_masks.grad.abs().sum() > 0
+    assert pred_logits.grad is not None and pred_logits.grad.abs().sum() > 0
+    # query 2 of image 1 is unmatched: its mask gets no gradient
+    assert pred_masks.grad[1, 2].abs().sum() == 0
+
+
+def test_aux_outputs_get_suffixed_keys():
+    generator = torch.Generator().manual_seed(1)
+
+    def layer():
+        return {
+            "pred_logits": torch.randn(1, 3, 3, generator=generator),
+            "pred_masks": torch.randn(1, 3, 2, 2, generator=generator),
+        }
+
+    outputs = layer()
+    outputs["aux_outputs"] = [layer(), layer()]
+    targets = [random_targets(generator, [0, 1], 4, 4)]
+    indices = [([1, 2], [0, 1])]
+    matcher = FixedMatcher(indices)
+    losses = SetCriterion(2, matcher, 0.1)(outputs, targets)
+
+    assert matcher.calls == 3
+    expected = {}
+    layers = [("", outputs), ("_0", outputs["aux_outputs"][0]), ("_1", outputs["aux_outputs"][1])]
+    for suffix, layer_outputs in layers:
+        layer_losses = reference_losses(
+            layer_outputs["pred_logits"].tolist(), layer_outputs["pred_masks"].tolist(),
+            as_lists(targets), indices, 0.1, ["loss_mask", "loss_dice"], num_masks=2,
+        )
+        expected.update({key + suffix: value for key, value in layer_losses.items()})
+    assert set(expected) == {
+        "loss_ce", "loss_mask", "loss_dice",
+        "loss_ce_0", "loss_mask_0", "loss_dice_0",
+        "loss_ce_1", "loss_mask_1", "loss_dice_1",
+    }
+    assert_losses(losses, expected)
+
+
+def test_selected_mask_losses_only():
+    generator = torch.Generator().manual_seed(2)
+    outputs = {
+        "pred_logits": torch.randn(1, 2, 3, generator=generator),
+        "pred_masks": torch.randn(1, 2, 3, 3, generator=generator),
+    }
+    targets = [random_targets(generator, [1], 3, 3)]
+    indices = [([1], [0])]
+    criterion = SetCriterion(2, FixedMatcher(indices), 0.5, mask_losses=["bce", "brier"])
+    losses = criterion(outputs, targets)
+    expected = reference_losses(
+        outputs["pred_logits"].tolist(), outputs["pred_masks"].tolist(), as_lists(targets),
+        indices, 0.5, ["loss_bce", "loss_brier"], num_masks=1,
+    )
+    assert set(losses) == {"loss_ce", "loss_bce", "loss_brier"}
+    assert_losses(losses, expected)
+
+
+def test_empty_weight_buffer_name_and_value():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.criterion = SetCriterion(3, HungarianMatcher(), 0.1)
+
+    state = Model().state_dict()
+    assert list(state) == ["criterion.empty_weight"]
+    assert state["criterion.empty_weight"].tolist() == pytest.approx([1.0, 1.0, 1.0, 0.1])
+
+
+def test_batch_without_targets():
+    generator = torch.Generator().manual_seed(3)
+    pred_logits = torch.randn(2, 3, 3, generator=generator)
+    pred_masks = torch.randn(2, 3, 2, 2, generator=generator, requires_grad=True)
+    targets = [random_targets(generator, [], 4, 4) for _ in range(2)]
+    criterion = SetCriterion(2, HungarianMatcher(), 0.1)
+    losses = criterion({"pred_logits": pred_logits, "pred_masks": pred_masks}, targets)
+    # every query -> "no object" (class 2), all weights equal: a plain mean
+    rows = [row for image in pred_logits.tolist() for row in image]
+    assert losses["loss_ce"].item() == pytest.approx(sum(nll(row, 2) for row in rows) / 6, rel=1e-6)
+    assert losses["loss_mask"].item() == 0 and losses["loss_dice"].item() == 0
+    (losses["loss_mask"] + losses["loss_dice"]).backward()
+    assert pred_masks.grad is not None and pred_masks.grad.abs().sum() == 0
+
+
+def test_half_inputs_give_float32_losses():
+    generator = torch.Generator().manual_seed(4)
+    outputs = {
+        "pred_logits": torch.randn(1, 3, 3, generator=generator).half(),
+        "pred_masks": torch.randn(1, 3, 2, 2, generator=generator).half(),
+    }
+    targets = [random_targets(generator, [0, 1], 4, 4)]
+    indices = [([0, 2], [1, 0])]
+    losses = SetCriterion(2, FixedMatcher(indices), 0.1)(outputs, targets)
+    expected = reference_losses(
+        outputs["pred_logits"].float().tolist(), outputs["pred_masks"].float().tolist(),
+        as_lists(targets), indices, 0.1, ["loss_mask", "loss_dice"], num_masks=2,
+    )
+    assert_losses(losses, expected)
+
+
+@pytest.mark.parametrize("others,expected_num_masks", [(3.0, 2.0), (0.0, 1.0)])
+def test_num_masks_is_averaged_over_processes(monkeypatch, others, expected_num_masks):
+    # 2 processes; this one has 1 target, the other `others`: num_masks = (1 + others) / 2, >= 1
+    import detectron2.utils.comm as comm
+
+    def fake_all_reduce(tensor):
+        tensor += others
+
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
+
+    generator = torch.Generator().manual_seed(5)
+    outputs = {
+        "pred_logits": torch.randn(1, 2, 3, generator=generator),
+        "pred_masks": torch.randn(1, 2, 2, 2, generator=generator),
+    }
+    targets = [random_targets(generator, [1], 2, 2)]
+    indices = [([0], [0])]
+    losses = SetCriterion(2, FixedMatcher(indices), 0.1)(outputs, targets)
+    expected = reference_losses(
+        outputs["pred_logits"].tolist(), outputs["pred_masks"].tolist(), as_lists(targets),
+        indices, 0.1, ["loss_mask", "loss_dice"], num_masks=expected_num_masks,
+    )
+    assert_losses(losses, expected)
+
+
+def test_constructor_validation():
+    matcher = HungarianMatcher()
+    with pytest.raises(ValueError, match=r"'l1'.*focal, bce, brier, dice"):
+        SetCriterion(2, matcher, 0.1, mask_losses=("focal", "l1"))
+    with pytest.raises(ValueError, match="non-empty"):
+        SetCriterion(2, matcher, 0.1, mask_losses=())
+    with pytest.raises(ValueError, match="non-empty list"):
+        SetCriterion(2, matcher, 0.1, mask_losses="focal")
+    with pytest.raises(ValueError, match="duplicate"):
+        SetCriterion(2, matcher, 0.1, mask_losses=("dice", "dice"))
+    with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+        SetCriterion(0, matcher, 0.1)
+    with pytest.raises(ValueError, match="eos_coef must be a finite number >= 0"):
+        SetCriterion(2, matcher, -0.1)
+
+
+def test_forward_validation():
+    criterion = SetCriterion(2, HungarianMatcher(), 0.1)
+    targets = [{"labels": torch.tensor([1]), "masks": torch.ones(1, 2, 2, dtype=torch.bool)}]
+    good = {"pred_logits": torch.zeros(1, 2, 3), "pred_masks": torch.zeros(1, 2, 2, 2)}
+    message = r"4 class scores per query, expected num_classes \+ 1 = 3"
+    with pytest.raises(ValueError, match=message):
+        criterion({"pred_logits": torch.zeros(1, 2, 4), "pred_masks": good["pred_masks"]}, targets)
+    with pytest.raises(KeyError, match=r"aux_outputs\[0\].*'pred_masks'"):
+        criterion(dict(good, aux_outputs=[{"pred_logits": good["pred_logits"]}]), targets)
+    with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\] must lie in \[0, 2\)"):
+        criterion(good, [{"labels": torch.tensor([2]), "masks": targets[0]["masks"]}])
+    with pytest.raises(ValueError, match=r"T = 1"):
+        criterion(good, [{"labels": torch.tensor([1]), "masks": torch.ones(2, 2, 2)}])
+
+
+def test_losses_are_float32_under_autocast():
+    generator = torch.Generator().manual_seed(6)
+    outputs = {
+        "pred_logits": torch.randn(1, 3, 3, generator=generator),
+        "pred_masks": torch.randn(1, 3, 4, 4, generator=generator),
+    }
+    targets = [random_targets(generator, [0, 1], 8, 8)]
+    indices = [([0, 2], [1, 0])]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = SetCriterion(2, FixedMatcher(indices), 0.1)(outputs, targets)
+    # 4 x 4 predictions upsampled 2x by the hand formula
+    expected = reference_losses(
+        outputs["pred_logits"].tolist(), outputs["pred_masks"].tolist(), as_lists(targets),
+        indices, 0.1, ["loss_mask", "loss_dice"], num_masks=2,
+    )
+    assert_losses(losses, expected)

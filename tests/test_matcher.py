@@ -1,0 +1,286 @@
+"""HungarianMatcher and the pairwise mask costs against plain-formula costs and brute force."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from mask_former.modeling.mask_losses import bce_cost, brier_cost, dice_cost, sigmoid_focal_cost
+from mask_former.modeling.matcher import HungarianMatcher
+
+
+# ---------------------------------------------------------------- plain per-pixel formulas
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def focal_pixel(x, y, alpha=0.25, gamma=2.0):
+    p = sigmoid(x)
+    if y == 1:
+        return alpha * (1 - p) ** gamma * -math.log(p)
+    return (1 - alpha) * p**gamma * -math.log(1 - p)
+
+
+def bce_pixel(x, y):
+    p = sigmoid(x)
+    return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+
+def brier_pixel(x, y):
+    return (sigmoid(x) - y) ** 2
+
+
+PIXEL_LOSSES = {"focal": focal_pixel, "bce": bce_pixel, "brier": brier_pixel}
+
+
+def dice_of(xs, ys):
+    ps = [sigmoid(x) for x in xs]
+    return 1 - (2 * sum(p * y for p, y in zip(ps, ys)) + 1) / (sum(ps) + sum(ys) + 1)
+
+
+def nearest_resize(mask, h, w):
+    """Nested list H x W -> h x w: output (i, j) reads (floor(i * H / h), floor(j * W / w))."""
+    H, W = len(mask), len(mask[0])
+    return [[mask[(i * H) // h][(j * W) // w] for j in range(w)] for i in range(h)]
+
+
+def flat(mask):
+    return [v for row in mask for v in row]
+
+
+def reference_cost(logits, pred_masks, labels, tgt_masks, w_class, w_mask, w_dice, kind):
+    """Q x T cost as nested lists, computed pixel by pixel from Python floats."""
+    h, w = len(pred_masks[0]), len(pred_masks[0][0])
+    cost = []
+    for q, row in enumerate(logits):
+        exps = [math.exp(v) for v in row]
+        probs = [e / sum(exps) for e in exps]
+        xs = flat(pred_masks[q])
+        cost_row = []
+        for label, tgt in zip(labels, tgt_masks):
+            ys = flat(nearest_resize(tgt, h, w))
+            total = 0.0
+            if w_class:
+                total += w_class * -probs[label]
+            if w_mask:
+                pixel = PIXEL_LOSSES[kind]
+                total += w_mask * sum(pixel(x, y) for x, y in zip(xs, ys)) / len(xs)
+            if w_dice:
+                total += w_dice * dice_of(xs, ys)
+            cost_row.append(total)
+        cost.append(cost_row)
+    return cost
+
+
+def brute_force(cost):
+    """Over all injective assignments: the minimal total cost and the list of optimal
+    assignments (each a set of (query, target) pairs)."""
+    num_queries, num_targets = len(cost), len(cost[0])
+    if num_targets <= num_queries:
+        assignments = [
+            set(zip(queries, range(num_targets)))
+            for queries in itertools.permutations(range(num_queries), num_targets)
+        ]
+    else:
+        assignments = [
+            set(zip(range(num_queries), tgts))
+            for tgts in itertools.permutations(range(num_targets), num_queries)
+        ]
+    totals = [sum(cost[q][t] for q, t in pairs) for pairs in assignments]
+    best = min(totals)
+    return best, [pairs for pairs, total in zip(assignments, totals) if total - best < 1e-9]
+
+
+def random_case(generator, batch_sizes_t, num_queries, num_classes, h, w, scale=2):
+    logits = torch.randn(len(batch_sizes_t), num_queries, num_classes + 1, generator=generator) * 2
+    masks = torch.randn(len(batch_sizes_t), num_queries, h, w, generator=generator) * 2
+    targets = []
+    for num_targets in batch_sizes_t:
+        labels = torch.randint(0, num_classes, (num_targets,), generator=generator)
+        size = (num_targets, int(h * scale), int(w * scale))
+        tgt = torch.rand(size, generator=generator) > 0.5
+        targets.append({"labels": labels, "masks": tgt})
+    return {"pred_logits": logits, "pred_masks": masks}, targets
+
+
+def check_against_brute_force(matcher, outputs, targets, weights, kind):
+    indices = matcher(outputs, targets)
+    assert len(indices) == len(targets)
+    for b, (target, (src, tgt)) in enumerate(zip(targets, indices)):
+        num_queries, num_targets = outputs["pred_logits"].shape[1], len(target["labels"])
+        assert src.dtype == torch.int64 and tgt.dtype == torch.int64
+        assert len(src) == len(tgt) == min(num_queries, num_targets)
+        assert len(set(src.tolist())) == len(src) and len(set(tgt.tolist())) == len(tgt)
+        cost = reference_cost(
+            outputs["pred_logits"][b].float().tolist(),
+            outputs["pred_masks"][b].float().tolist(),
+            target["labels"].tolist(),
+            target["masks"].int().tolist(),
+            *weights,
+            kind,
+        )
+        best_cost, optimal = brute_force(cost)
+        got_pairs = set(zip(src.tolist(), tgt.tolist()))
+        got_cost = sum(cost[q][t] for q, t in got_pairs)
+        assert got_cost == pytest.approx(best_cost, rel=1e-5, abs=1e-5), f"image {b}"
+        # several optima only in ties (class-only costs with repeated labels)
+        assert got_pairs in optimal, f"image {b}"
+
+
+@pytest.mark.parametrize("kind", ["focal", "bce", "brier"])
+@pytest.mark.parametrize(
+    "weights",
+    [(1.0, 20.0, 1.0), (1.0, 1.0, 1.0), (2.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)],
+)
+def test_matches_brute_force(kind, weights):
+    generator = torch.Generator()
+    matcher = HungarianMatcher(*weights, mask_cost_type=kind)
+    for seed in range(3):
+        generator.manual_seed(seed)
+        num_queries = 3 + seed  # 3..5, plus the 6-query case below
+        outputs, targets = random_case(generator, [2, 4, 1], num_queries, 3, 3, 4)
+        check_against_brute_force(matcher, outputs, targets, weights, kind)
+    generator.manual_seed(100)
+    outputs, targets = random_case(generator, [4, 3], 6, 5, 2, 2)
+    check_against_brute_force(matcher, outputs, targets, weights, kind)
+
+
+def test_more_targets_than_queries():
+    generator = torch.Generator().manual_seed(3)
+    outputs, targets = random_case(generator, [4, 3], 2, 3, 2, 3)
+    matcher = HungarianMatcher()
+    indices = matcher(outputs, targets)
+    assert [len(src) for src, _ in indices] == [2, 2]
+    check_against_brute_force(matcher, outputs, targets, (1.0, 20.0, 1.0), "focal")
+
+
+def test_non_integer_resize_ratio():
+    # targets 6 x 6 -> predictions 4 x 4: nearest reads rows/cols 0, 1, 3, 4
+    generator = torch.Generator().manual_seed(5)
+    outputs, targets = random_case(generator, [3], 4, 2, 4, 4, scale=1.5)
+    check_against_brute_force(HungarianMatcher(), outputs, targets, (1.0, 20.0, 1.0), "focal")
+
+
+def test_zero_targets_give_empty_indices():
+    generator = torch.Generator().manual_seed(0)
+    outputs, targets = random_case(generator, [0, 2], 4, 3, 2, 2)
+    indices = HungarianMatcher()(outputs, targets)
+    src, tgt = indices[0]
+    assert src.shape == (0,) and tgt.shape == (0,)
+    assert src.dtype == torch.int64 and tgt.dtype == torch.int64
+    assert len(indices[1][0]) == 2
+
+
+def test_half_inputs_match_in_float32():
+    generator = torch.Generator().manual_seed(11)
+    outputs, targets = random_case(generator, [3, 4], 5, 3, 3, 3)
+    half = {k: v.half() for k, v in outputs.items()}
+    targets = [{"labels": t["labels"], "masks": t["masks"].half()} for t in targets]
+    # the reference is computed from the half values, in double precision
+    check_against_brute_force(HungarianMatcher(), half, targets, (1.0, 20.0, 1.0), "focal")
+
+
+def test_bool_and_float_target_masks_agree():
+    generator = torch.Generator().manual_seed(2)
+    outputs, targets = random_case(generator, [3, 2], 5, 3, 3, 3)
+    float_targets = [{"labels": t["labels"], "masks": t["masks"].float()} for t in targets]
+    matcher = HungarianMatcher()
+    for (s1, t1), (s2, t2) in zip(matcher(outputs, targets), matcher(outputs, float_targets)):
+        assert s1.tolist() == s2.tolist() and t1.tolist() == t2.tolist()
+
+
+def test_class_only_matching_follows_labels():
+    # hand-made: query 2 is sure of class 0, query 0 of class 1, query 1 is "no object"
+    logits = torch.tensor([[[-5.0, 5.0, 0.0], [0.0, 0.0, 9.0], [5.0, -5.0, 0.0]]])
+    outputs = {"pred_logits": logits, "pred_masks": torch.zeros(1, 3, 2, 2)}
+    targets = [{"labels": torch.tensor([0, 1]), "masks": torch.zeros(2, 4, 4, dtype=torch.bool)}]
+    src, tgt = HungarianMatcher(1.0, 0.0, 0.0)(outputs, targets)[0]
+    assert sorted(zip(src.tolist(), tgt.tolist())) == [(0, 1), (2, 0)]
+
+
+@pytest.mark.parametrize(
+    "field,weights,term",
+    [
+        ("pred_logits", (1.0, 20.0, 1.0), "class"),
+        ("pred_masks", (1.0, 20.0, 1.0), "mask"),
+        ("pred_masks", (1.0, 0.0, 1.0), "dice"),
+    ],
+)
+def test_nan_raises_naming_image_and_term(field, weights, term):
+    generator = torch.Generator().manual_seed(1)
+    outputs, targets = random_case(generator, [2, 2, 2], 3, 3, 2, 2)
+    outputs[field][1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"'{term}' cost of image 1 in the batch"):
+        HungarianMatcher(*weights)(outputs, targets)
+
+
+def test_inf_mask_logit_raises_for_mask_cost():
+    generator = torch.Generator().manual_seed(1)
+    outputs, targets = random_case(generator, [1, 2], 3, 3, 2, 2)
+    outputs["pred_masks"][0, 2, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"'mask' cost of image 0"):
+        HungarianMatcher()(outputs, targets)
+
+
+def test_zero_weight_removes_term():
+    # NaN masks are never looked at when both mask weights are 0
+    generator = torch.Generator().manual_seed(1)
+    outputs, targets = random_case(generator, [2], 3, 3, 2, 2)
+    outputs["pred_masks"][:] = float("nan")
+    src, _ = HungarianMatcher(1.0, 0.0, 0.0)(outputs, targets)[0]
+    assert len(src) == 2
+
+
+@pytest.mark.parametrize(
+    "kind,cost_fn",
+    [("focal", sigmoid_focal_cost), ("bce", bce_cost), ("brier", brier_cost), ("dice", dice_cost)],
+)
+def test_pairwise_costs_against_pixel_loops(kind, cost_fn):
+    generator = torch.Generator().manual_seed(4)
+    inputs = torch.randn(4, 6, generator=generator, dtype=torch.float64) * 3
+    targets = (torch.rand(3, 6, generator=generator) > 0.4).double()
+    got = cost_fn(inputs, targets)
+    assert got.shape == (4, 3)
+    for q in range(4):
+        for t in range(3):
+            xs, ys = inputs[q].tolist(), targets[t].tolist()
+            if kind == "dice":
+                expected = dice_of(xs, ys)
+            else:
+                expected = sum(PIXEL_LOSSES[kind](x, y) for x, y in zip(xs, ys)) / len(xs)
+            assert got[q, t].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError, match="focal, bce, brier"):
+        HungarianMatcher(mask_cost_type="dice")
+    with pytest.raises(ValueError, match="'l1'"):
+        HungarianMatcher(mask_cost_type="l1")
+    with pytest.raises(ValueError, match="cost_mask must be a finite number >= 0"):
+        HungarianMatcher(cost_mask=-1.0)
+    with pytest.raises(ValueError, match="all 0"):
+        HungarianMatcher(0.0, 0.0, 0.0)
+
+
+def test_bad_targets_raise():
+    generator = torch.Generator().manual_seed(0)
+    outputs, targets = random_case(generator, [2, 1], 3, 3, 2, 2)
+    with pytest.raises(ValueError, match="1 target dicts for a batch of 2 images"):
+        HungarianMatcher()(outputs, targets[:1])
+    targets[1]["labels"] = torch.tensor([3])  # K = 3 classes: labels must be < 3
+    with pytest.raises(ValueError, match=r"targets\[1\]\['labels'\] must lie in \[0, 3\)"):
+        HungarianMatcher()(outputs, targets)
+    with pytest.raises(KeyError, match="pred_masks"):
+        HungarianMatcher()({"pred_logits": outputs["pred_logits"]}, targets)
+
+
+def test_matching_is_float32_under_autocast():
+    # query 1 beats query 0 by a margin that bfloat16 matrix products would round away (a tie
+    # that linear_sum_assignment would break in favor of query 0)
+    pred_masks = torch.ones(1, 2, 8, 8)
+    pred_masks[0, 1, 0, 0] = 1.05
+    outputs = {"pred_logits": torch.zeros(1, 2, 3), "pred_masks": pred_masks}
+    targets = [{"labels": torch.tensor([0]), "masks": torch.ones(1, 8, 8, dtype=torch.bool)}]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        src, tgt = HungarianMatcher()(outputs, targets)[0]
+    assert src.tolist() == [1] and tgt.tolist() == [0]
