@@ -15,3 +15,13 @@ def reference_dir() -> Path:
     if not REFERENCE_DIR.is_dir():
         pytest.fail(f"checkpoint layout references not found at {REFERENCE_DIR} (shared/reference)")
     return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_root(tmp_path_factory) -> Path:
+    """Root (for DETECTRON2_DATASETS) of a tiny synthetic dataset, registered as test_synthetic_*."""
+    from synthetic_utils import make_tiny_synthetic
+
+    root = tmp_path_factory.mktemp("datasets")
+    make_tiny_synthetic(root)
+    return root

@@ -2,6 +2,7 @@
 evaluators, CPU-friendly distributed training, atomic checkpoints and exact resumption."""
 import json
 import logging
+import math
 import os
 import weakref
 from collections import OrderedDict
@@ -29,6 +30,14 @@ def ddp_kwargs(cfg):
     if torch.device(cfg.MODEL.DEVICE).type == "cuda":
         return {"device_ids": [comm.get_local_rank()]}
     return {"device_ids": None}
+
+
+def _json_safe(value):
+    """Metrics as strict JSON: NaN (e.g. AP of a size range without objects) becomes null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    value = float(value)
+    return None if math.isnan(value) or math.isinf(value) else value
 
 
 class Trainer(DefaultTrainer):
@@ -106,7 +115,7 @@ class Trainer(DefaultTrainer):
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
             with open(os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE), "w") as f:
-                json.dump(results, f, indent=2, default=float)
+                json.dump(_json_safe(results), f, indent=2)
         return results
 
     @classmethod

@@ -1,0 +1,155 @@
+"""Helpers shared by the registrations of the standard datasets.
+
+- :func:`datasets_root`: where the standard datasets live (``$DETECTRON2_DATASETS``).
+- :func:`require_paths`: ``FileNotFoundError`` that names the missing path and the way to
+  prepare it.
+- :func:`load_sem_seg_checked`: detectron2's ``load_sem_seg`` behind that check.
+- :func:`load_panoptic_json`: COCO-format panoptic annotations -> dataset dicts with
+  ``pan_seg_file_name``, ``sem_seg_file_name`` and ``segments_info`` in contiguous ids.
+- :func:`fixed_palette`: reproducible colours for datasets that publish no palette.
+
+Nothing here touches the disk at import or registration time; only the loaders do.
+"""
+import json
+import logging
+import os
+
+import numpy as np
+from detectron2.data.datasets import load_sem_seg
+from detectron2.utils.file_io import PathManager
+
+__all__ = [
+    "datasets_root",
+    "require_paths",
+    "load_sem_seg_checked",
+    "load_panoptic_json",
+    "fixed_palette",
+]
+
+logger = logging.getLogger(__name__)
+
+README = "datasets/README.md"
+
+
+def datasets_root():
+    """The folder holding the standard datasets: ``$DETECTRON2_DATASETS``, default ``datasets``
+    (relative to the working directory), as in detectron2's own builtin registration."""
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+def require_paths(dataset_name, paths, how_to_prepare=None):
+    """
+    Raise ``FileNotFoundError`` for the first path in ``paths`` that does not exist.
+
+    Args:
+        dataset_name (str): registered name, quoted in the message.
+        paths (list[str]): files or directories the loader needs.
+        how_to_prepare (str or None): e.g. "run `python datasets/prepare_ade20k_sem_seg.py`".
+    """
+    for path in paths:
+        if not PathManager.exists(path):
+            hint = f" To create it, {how_to_prepare}." if how_to_prepare else ""
+            raise FileNotFoundError(
+                f"Dataset '{dataset_name}' needs '{path}', which does not exist.{hint} "
+                f"See {README} for the expected layout; standard datasets are looked up under "
+                f"$DETECTRON2_DATASETS (now '{datasets_root()}')."
+            )
+
+
+def load_sem_seg_checked(
+    dataset_name, gt_root, image_root, gt_ext="png", image_ext="jpg", how_to_prepare=None
+):
+    """detectron2's ``load_sem_seg(gt_root, image_root, gt_ext, image_ext)`` after checking that
+    both folders exist. Returns dicts with ``file_name`` and ``sem_seg_file_name``."""
+    require_paths(dataset_name, [image_root, gt_root], how_to_prepare)
+    return load_sem_seg(gt_root, image_root, gt_ext=gt_ext, image_ext=image_ext)
+
+
+def load_panoptic_json(
+    dataset_name,
+    json_file,
+    image_root,
+    panoptic_root,
+    sem_seg_root,
+    metadata,
+    image_ext=".jpg",
+    how_to_prepare=None,
+):
+    """
+    Load a panoptic dataset in COCO panoptic format.
+
+    Args:
+        dataset_name (str): registered name, used in error messages.
+        json_file (str): COCO panoptic JSON (``images``, ``annotations`` with ``segments_info``,
+            ``categories``).
+        image_root (str): folder of the images; an annotation ``X.png`` pairs with ``X`` +
+            ``image_ext``.
+        panoptic_root (str): folder of the panoptic PNGs (segment id = R + 256 G + 256^2 B).
+        sem_seg_root (str): folder of the semantic PNGs (contiguous ids, 255 = void), one per
+            panoptic PNG under the same file name.
+        metadata (dict): needs ``stuff_dataset_id_to_contiguous_id`` (every category, things
+            included) and ``thing_dataset_id_to_contiguous_id`` (things only).
+        image_ext (str): extension of the images.
+        how_to_prepare (str or None): hint for the missing-file error.
+
+    Returns:
+        list[dict]: one per image, with ``file_name``, ``image_id``, ``pan_seg_file_name``,
+        ``sem_seg_file_name`` and ``segments_info`` (each segment's ``category_id`` is contiguous
+        in [0, #categories) and ``isthing`` is set).
+    """
+    require_paths(
+        dataset_name, [json_file, image_root, panoptic_root, sem_seg_root], how_to_prepare
+    )
+    all_ids = metadata["stuff_dataset_id_to_contiguous_id"]
+    thing_ids = metadata["thing_dataset_id_to_contiguous_id"]
+
+    with PathManager.open(json_file) as f:
+        json_info = json.load(f)
+    if "annotations" not in json_info:
+        raise KeyError(f"{json_file} has no 'annotations' list; is it a COCO panoptic JSON?")
+
+    dataset_dicts = []
+    for ann in json_info["annotations"]:
+        segments_info = []
+        for segment in ann["segments_info"]:
+            dataset_id = segment["category_id"]
+            if dataset_id not in all_ids:
+                raise ValueError(
+                    f"{json_file}: image {ann['image_id']!r} has a segment of category_id "
+                    f"{dataset_id}, which is not one of the {len(all_ids)} categories of "
+                    f"'{dataset_name}'"
+                )
+            segments_info.append(
+                dict(segment, category_id=all_ids[dataset_id], isthing=dataset_id in thing_ids)
+            )
+        stem = os.path.splitext(ann["file_name"])[0]
+        dataset_dicts.append(
+            {
+                "file_name": os.path.join(image_root, stem + image_ext),
+                "image_id": ann["image_id"],
+                "pan_seg_file_name": os.path.join(panoptic_root, ann["file_name"]),
+                "sem_seg_file_name": os.path.join(sem_seg_root, ann["file_name"]),
+                "segments_info": segments_info,
+            }
+        )
+    if not dataset_dicts:
+        raise ValueError(f"{json_file} has no annotations (dataset '{dataset_name}')")
+    # Checking every file would stat 100k+ paths; the first record catches a wrong layout.
+    first = dataset_dicts[0]
+    require_paths(
+        dataset_name,
+        [first["file_name"], first["pan_seg_file_name"], first["sem_seg_file_name"]],
+        how_to_prepare,
+    )
+    logger.info(f"Loaded {len(dataset_dicts)} images with panoptic annotations from {json_file}")
+    return dataset_dicts
+
+
+def fixed_palette(num_colors, seed):
+    """
+    ``num_colors`` RGB colours (lists of 3 ints in [0, 255]) drawn from a fixed seed, for the
+    datasets that publish no palette. Only visualization uses them; numpy's legacy
+    ``RandomState`` keeps them the same across numpy versions.
+    """
+    rng = np.random.RandomState(seed)
+    return rng.randint(0, 256, size=(num_colors, 3)).tolist()
