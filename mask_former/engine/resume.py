@@ -46,9 +46,13 @@ class RandomStates:
         self.pending: Optional[Dict[str, Any]] = None
 
     def state_dict(self) -> Dict[str, Any]:
+        # Only tensors and plain Python values, so torch.load(weights_only=True) can read it.
+        version, python_state, gauss = random.getstate()
+        np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
         state = {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "python": [version, torch.tensor(python_state, dtype=torch.int64), gauss],
+            "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                      float(np_gauss)],
             "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -62,8 +66,10 @@ class RandomStates:
         if self.pending is None:
             return False
         state, self.pending = self.pending, None
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        version, python_state, gauss = state["python"]
+        random.setstate((version, tuple(python_state.tolist()), gauss))
+        np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+        np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])

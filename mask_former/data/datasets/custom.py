@@ -219,7 +219,7 @@ def panoptic_metadata_from_categories(categories):
     }
 
 
-def load_coco_panoptic_json(json_file, image_dir, gt_dir, meta, sem_seg_dir=None):
+def load_coco_panoptic_json(json_file, image_dir, gt_dir, meta, sem_seg_dir=None, image_ext=None):
     """
     Load a COCO panoptic dataset into detectron2's format.
 
@@ -232,6 +232,8 @@ def load_coco_panoptic_json(json_file, image_dir, gt_dir, meta, sem_seg_dir=None
             :func:`panoptic_metadata_from_categories`.
         sem_seg_dir (str or None): folder of semantic PNGs (contiguous ids) with the panoptic
             PNGs' names; adds "sem_seg_file_name" to each dict.
+        image_ext (str or None): for a JSON without an "images" list: the image of annotation
+            ``X.png`` is ``X`` + image_ext in image_dir (detectron2's COCO panoptic convention).
 
     Returns:
         list[dict]: one per annotation, with "file_name", "image_id", "height", "width" (when the
@@ -247,17 +249,20 @@ def load_coco_panoptic_json(json_file, image_dir, gt_dir, meta, sem_seg_dir=None
         _require_dir(sem_seg_dir, "Semantic PNG")
     with open(json_file) as f:
         json_info = json.load(f)
-    for key in ("images", "annotations"):
+    required = ("annotations",) if image_ext is not None else ("images", "annotations")
+    for key in required:
         if key not in json_info:
             raise ValueError(f"{json_file} has no '{key}' list (not a COCO panoptic json)")
 
     thing_ids = meta["thing_dataset_id_to_contiguous_id"]
     all_ids = meta["stuff_dataset_id_to_contiguous_id"]
-    images = {img["id"]: img for img in json_info["images"]}
+    images = {img["id"]: img for img in json_info.get("images", [])}
 
     dataset_dicts = []
     for ann in json_info["annotations"]:
         image_id = ann["image_id"]
+        if image_id not in images and image_ext is not None:
+            images[image_id] = {"file_name": os.path.splitext(ann["file_name"])[0] + image_ext}
         if image_id not in images:
             raise ValueError(
                 f"{json_file}: annotation {ann['file_name']} has image_id {image_id} "

@@ -82,14 +82,14 @@ def load_panoptic_json(
         dataset_name (str): registered name, used in error messages.
         json_file (str): COCO panoptic JSON (``images``, ``annotations`` with ``segments_info``,
             ``categories``).
-        image_root (str): folder of the images; an annotation ``X.png`` pairs with ``X`` +
-            ``image_ext``.
+        image_root (str): folder of the images named by the JSON's ``images`` entries (or, without
+            them, ``X`` + ``image_ext`` for the annotation ``X.png``).
         panoptic_root (str): folder of the panoptic PNGs (segment id = R + 256 G + 256^2 B).
         sem_seg_root (str): folder of the semantic PNGs (contiguous ids, 255 = void), one per
             panoptic PNG under the same file name.
         metadata (dict): needs ``stuff_dataset_id_to_contiguous_id`` (every category, things
             included) and ``thing_dataset_id_to_contiguous_id`` (things only).
-        image_ext (str): extension of the images.
+        image_ext (str): extension of the images when the JSON has no ``images`` list.
         how_to_prepare (str or None): hint for the missing-file error.
 
     Returns:
@@ -97,41 +97,14 @@ def load_panoptic_json(
         ``sem_seg_file_name`` and ``segments_info`` (each segment's ``category_id`` is contiguous
         in [0, #categories) and ``isthing`` is set).
     """
+    from .custom import load_coco_panoptic_json
+
     require_paths(
         dataset_name, [json_file, image_root, panoptic_root, sem_seg_root], how_to_prepare
     )
-    all_ids = metadata["stuff_dataset_id_to_contiguous_id"]
-    thing_ids = metadata["thing_dataset_id_to_contiguous_id"]
-
-    with PathManager.open(json_file) as f:
-        json_info = json.load(f)
-    if "annotations" not in json_info:
-        raise KeyError(f"{json_file} has no 'annotations' list; is it a COCO panoptic JSON?")
-
-    dataset_dicts = []
-    for ann in json_info["annotations"]:
-        segments_info = []
-        for segment in ann["segments_info"]:
-            dataset_id = segment["category_id"]
-            if dataset_id not in all_ids:
-                raise ValueError(
-                    f"{json_file}: image {ann['image_id']!r} has a segment of category_id "
-                    f"{dataset_id}, which is not one of the {len(all_ids)} categories of "
-                    f"'{dataset_name}'"
-                )
-            segments_info.append(
-                dict(segment, category_id=all_ids[dataset_id], isthing=dataset_id in thing_ids)
-            )
-        stem = os.path.splitext(ann["file_name"])[0]
-        dataset_dicts.append(
-            {
-                "file_name": os.path.join(image_root, stem + image_ext),
-                "image_id": ann["image_id"],
-                "pan_seg_file_name": os.path.join(panoptic_root, ann["file_name"]),
-                "sem_seg_file_name": os.path.join(sem_seg_root, ann["file_name"]),
-                "segments_info": segments_info,
-            }
-        )
+    dataset_dicts = load_coco_panoptic_json(
+        json_file, image_root, panoptic_root, metadata, sem_seg_dir=sem_seg_root, image_ext=image_ext
+    )
     if not dataset_dicts:
         raise ValueError(f"{json_file} has no annotations (dataset '{dataset_name}')")
     # Checking every file would stat 100k+ paths; the first record catches a wrong layout.
