@@ -77,14 +77,14 @@ class RandomStates:
 
 
 class RestoreRandomStatesHook(HookBase):
-    """Before the first resumed step: start the data loader iterator (which draws a seed), then
-    restore the random states of the checkpoint."""
+    """Restores the random states of the checkpoint right before the first resumed step.
+
+    The train loader must not draw from the global torch generator when it starts (give it a
+    seeded generator of its own), or the restored state would be shifted by that draw.
+    """
 
     def __init__(self, random_states: RandomStates):
         self.random_states = random_states
 
     def before_train(self):
-        if self.random_states.pending is None:
-            return
-        _ = self.trainer._trainer._data_loader_iter  # creates the iterator as the first step would
         self.random_states.apply_pending()

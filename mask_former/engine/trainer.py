@@ -98,7 +98,9 @@ class Trainer(DefaultTrainer):
         seed = cfg.SEED if cfg.SEED >= 0 else None
         sampler = ResumableTrainingSampler(len(dataset), seed=seed, start_sample=start_sample)
         return build_detection_train_loader(
-            cfg, dataset=dataset, mapper=build_dataset_mapper(cfg, is_train=True), sampler=sampler
+            cfg, dataset=dataset, mapper=build_dataset_mapper(cfg, is_train=True), sampler=sampler,
+            # the loader's own generator: starting it draws nothing from the global one (resume)
+            seed=seed,
         )
 
     @classmethod

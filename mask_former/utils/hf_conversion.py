@@ -364,8 +364,8 @@ def hf_config_to_d2(config: dict, preprocessor: Optional[dict] = None) -> dict:
              f"config.json fpn_feature_size={mf['fpn_feature_size']}: GroupNorm(32) needs a multiple of 32")
 
     mean, std = _normalization(preprocessor)
+    model = {"META_ARCHITECTURE": "MaskFormer", **model}
     model.update({
-        "META_ARCHITECTURE": "MaskFormer",
         "PIXEL_MEAN": mean,
         "PIXEL_STD": std,
         "SEM_SEG_HEAD": {
@@ -521,11 +521,13 @@ def _fused_rules() -> List[Tuple[re.Pattern, Tuple[str, str, str], object]]:
     attn = {"self_attn": "self_attn", "encoder_attn": "multihead_attn"}
     return [
         # DETR decoder: nn.MultiheadAttention keeps q, k, v stacked in in_proj_weight/bias.
-        (re.compile(rf"^{dec}layers\.(?P<l>\d+)\.(?P<a>self_attn|encoder_attn)\.(?P<part>[qkv])_proj\.(?P<p>weight|bias)$"),
+        (re.compile(rf"^{dec}layers\.(?P<l>\d+)\.(?P<a>self_attn|encoder_attn)\."
+                    r"(?P<part>[qkv])_proj\.(?P<p>weight|bias)$"),
          ("q", "k", "v"),
          lambda m: f"{_PREDICTOR}transformer.decoder.layers.{m['l']}.{attn[m['a']]}.in_proj_{m['p']}"),
         # Swin: one qkv Linear whose outputs are laid out (3, heads, head_dim).
-        (re.compile(rf"^{sw}encoder\.layers\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.attention\.self\.(?P<part>query|key|value)\.(?P<p>weight|bias)$"),
+        (re.compile(rf"^{sw}encoder\.layers\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.attention\.self\."
+                    r"(?P<part>query|key|value)\.(?P<p>weight|bias)$"),
          ("query", "key", "value"),
          lambda m: f"backbone.layers.{m['s']}.blocks.{m['b']}.attn.qkv.{m['p']}"),
     ]

@@ -133,6 +133,7 @@ class TaskPrediction:
         panoptic_seg: (panoptic) H x W int32 segment ids, 0 is void.
         segments_info: (panoptic) one dict per segment in ``panoptic_seg``.
         instances: (instance) Instances with pred_masks, pred_boxes, pred_classes, scores.
+        num_below_threshold: instances / thing segments dropped by the confidence threshold.
     """
 
     task: str
@@ -140,13 +141,17 @@ class TaskPrediction:
     panoptic_seg: Optional[torch.Tensor] = None
     segments_info: Optional[List[Dict]] = None
     instances: Optional[Instances] = None
+    num_below_threshold: int = 0
 
     def summary(self) -> str:
         if self.task == "semantic":
             return f"{len(torch.unique(self.sem_seg))} classes"
+        dropped = ""
+        if self.num_below_threshold:
+            dropped = f" ({self.num_below_threshold} more below the confidence threshold)"
         if self.task == "panoptic":
-            return f"{len(self.segments_info)} segments"
-        return f"{len(self.instances)} instances"
+            return f"{len(self.segments_info)} segments{dropped}"
+        return f"{len(self.instances)} instances{dropped}"
 
 
 def filter_instances(instances: Instances, threshold: float) -> Instances:
@@ -159,7 +164,7 @@ def filter_panoptic(
 ) -> Tuple[torch.Tensor, List[Dict]]:
     """
     Drop thing segments whose "score" is below ``threshold`` (their pixels become void, 0);
-    stuff segments have no score and are kept.
+    segments without a score (stuff) are kept.
 
     Args:
         panoptic_seg: H x W segment ids.
@@ -169,7 +174,7 @@ def filter_panoptic(
     """
     kept, dropped_ids = [], []
     for info in segments_info:
-        if info["isthing"] and info["score"] < threshold:
+        if info["isthing"] and "score" in info and info["score"] < threshold:
             dropped_ids.append(info["id"])
         else:
             kept.append(dict(info))
@@ -194,9 +199,11 @@ def to_task_prediction(outputs: Dict, task: str, confidence_threshold: float) ->
         return TaskPrediction(task, sem_seg=result.argmax(dim=0).cpu())
     if task == "panoptic":
         panoptic_seg, segments_info = result
-        panoptic_seg, segments_info = filter_panoptic(panoptic_seg.cpu(), segments_info, confidence_threshold)
-        return TaskPrediction(task, panoptic_seg=panoptic_seg, segments_info=segments_info)
-    return TaskPrediction(task, instances=filter_instances(result.to("cpu"), confidence_threshold))
+        kept_seg, kept_info = filter_panoptic(panoptic_seg.cpu(), segments_info, confidence_threshold)
+        return TaskPrediction(task, panoptic_seg=kept_seg, segments_info=kept_info,
+                              num_below_threshold=len(segments_info) - len(kept_info))
+    kept = filter_instances(result.to("cpu"), confidence_threshold)
+    return TaskPrediction(task, instances=kept, num_below_threshold=len(result) - len(kept))
 
 
 def _drawing_metadata(metadata):
