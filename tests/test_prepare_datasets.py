@@ -296,8 +296,11 @@ def test_coco_stuff_10k_reads_matlab_v73(tmp_path):
             prepare.read_label_map(str(path))
         return
     label_map = np.arange(6, dtype=np.uint8).reshape(2, 3) + 1
-    with h5py.File(path, "w") as f:
+    # a MATLAB v7.3 file: HDF5 behind a 512-byte user block that starts with MATLAB's header
+    with h5py.File(path, "w", userblock_size=512) as f:
         f["S"] = label_map.T  # MATLAB writes column-major
+    with open(path, "r+b") as f:
+        f.write(b"MATLAB 7.3 MAT-file".ljust(116, b" ") + b"\0" * 8 + b"\x00\x02" + b"IM")
     assert np.array_equal(prepare.read_label_map(str(path)), label_map)
 
 

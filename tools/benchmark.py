@@ -1,0 +1,319 @@
+#!/usr/bin/env python
+"""Speed and memory of a MaskFormer model on synthetic data (random weights, random images).
+
+    python tools/benchmark.py --config-file configs/ade20k-150/maskformer_R50_bs16_160k.yaml \
+        --input-size 512 512 --device cuda --batch-size 2 --runs 20 --json bench.json [KEY VALUE ...]
+
+Measures, each as the median (and mean, min) of --runs timed runs after --warmup untimed ones:
+
+* inference: one forward pass of a batch in eval mode, pre- and post-processing included;
+  images/s = batch size / median;
+* train_iteration: forward, backward and optimizer step on a batch of random images with a few
+  random ground-truth masks each; peak memory is ``torch.cuda.max_memory_allocated`` on GPU
+  and the process's peak resident set size (``resource.getrusage``, since process start) on CPU;
+* matcher: ``model.criterion.matcher`` on that batch's final-layer outputs and targets;
+* postprocessing: ``semantic_inference`` / ``panoptic_inference`` / ``instance_inference`` of
+  ``mask_former.modeling.postprocessing`` on one image's outputs (random weights: the panoptic
+  and instance costs depend on how many queries survive, so treat them as indicative).
+"""
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+from detectron2.utils.logger import setup_logger
+from tabulate import tabulate
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mask_former import add_mask_former_config  # noqa: E402
+from mask_former.modeling.postprocessing import (  # noqa: E402
+    instance_inference,
+    panoptic_inference,
+    semantic_inference,
+)
+from mask_former.solver import build_optimizer  # noqa: E402
+
+logger = logging.getLogger("mask_former.benchmark")
+
+REDUCED = {"runs": 2, "warmup": 0}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Benchmark a MaskFormer model on synthetic data")
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--input-size", nargs=2, type=int, required=True, metavar=("H", "W"))
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=10, help="timed runs of each measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs before them")
+    parser.add_argument("--num-gt-masks", type=int, default=5, help="ground-truth masks per training image")
+    parser.add_argument("--num-threads", type=int,
+                        help="CPU threads for torch (default: torch's choice); 1 gives steadier "
+                        "numbers on a busy machine")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--reduced", action="store_true",
+                        help=f"tiny run for tests: {REDUCED['runs']} runs, {REDUCED['warmup']} warm-up")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    height, width = args.input_size
+    if height < 1 or width < 1:
+        parser.error(f"--input-size must be positive, got {height} {width}")
+    if args.num_threads is not None and args.num_threads < 1:
+        parser.error(f"--num-threads must be >= 1, got {args.num_threads}")
+    for name in ("batch_size", "runs", "num_gt_masks"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+
+
+def setup_cfg(args):
+    cfg = get_cfg()
+    add_mask_former_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = args.device
+    cfg.MODEL.WEIGHTS = ""  # timings do not depend on the weights
+    cfg.freeze()
+    return cfg
+
+
+def time_runs(fn: Callable[[], object], runs: int, warmup: int, device: torch.device) -> Dict[str, float]:
+    """Seconds per call of ``fn``: median, mean and min of ``runs`` calls after ``warmup`` calls."""
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "min_s": min(times),
+            "runs": runs}
+
+
+def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, num_masks: int,
+                    seed: int = 0) -> List[Dict]:
+    """Random images (3 x H x W, 0..255) with ``num_masks`` random rectangles of random classes
+    as ground truth (``instances.gt_classes``, ``instances.gt_masks``), as a dataset mapper gives."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(batch_size):
+        image = torch.randint(0, 256, (3, height, width), generator=generator).float()
+        masks = torch.zeros((num_masks, height, width), dtype=torch.bool)
+        for mask in masks:
+            y0 = int(torch.randint(0, height, (1,), generator=generator))
+            x0 = int(torch.randint(0, width, (1,), generator=generator))
+            y1 = int(torch.randint(y0 + 1, height + 1, (1,), generator=generator))
+            x1 = int(torch.randint(x0 + 1, width + 1, (1,), generator=generator))
+            mask[y0:y1, x0:x1] = True
+        instances = Instances((height, width))
+        instances.gt_classes = torch.randint(0, num_classes, (num_masks,), generator=generator)
+        instances.gt_masks = masks
+        batch.append({"image": image, "instances": instances, "height": height, "width": width})
+    return batch
+
+
+def peak_memory_mb(device: torch.device) -> Dict[str, object]:
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "peak_memory_kind": "torch.cuda.max_memory_allocated"}
+    # ru_maxrss is in KiB on Linux
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_memory_kind": "process peak RSS (resource.getrusage, since process start)"}
+
+
+class _Capture:
+    """Records the arguments of one module call (a forward pre-hook) or its output (a forward hook)."""
+
+    def __init__(self):
+        self.args = None
+        self.output = None
+
+    def pre_hook(self, module, args):
+        self.args = args
+
+    def hook(self, module, args, output):
+        self.output = output
+
+
+def benchmark_inference(model, batch, runs, warmup) -> Dict[str, float]:
+    model.eval()
+    inputs = [{"image": x["image"], "height": x["height"], "width": x["width"]} for x in batch]
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
+    with torch.no_grad():
+        result = time_runs(lambda: model(inputs), runs, warmup, model.device)
+    result["images_per_s"] = len(batch) / result["median_s"]
+    if model.device.type == "cuda":
+        result.update(peak_memory_mb(model.device))
+    return result
+
+
+def benchmark_training(cfg, model, batch, runs, warmup) -> Dict[str, object]:
+    model.train()
+    optimizer = build_optimizer(cfg, model)
+
+    def step():
+        losses = model(batch)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
+    result = time_runs(step, runs, warmup, model.device)
+    result.update(peak_memory_mb(model.device))
+    return result
+
+
+def benchmark_matcher(model, batch, runs, warmup) -> Dict[str, float]:
+    """Time ``model.criterion.matcher`` on the final-layer outputs and targets the criterion gets."""
+    model.train()
+    capture = _Capture()
+    handle = model.criterion.register_forward_pre_hook(capture.pre_hook)
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        handle.remove()
+    outputs, targets = capture.args[:2]
+    outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+    result = time_runs(lambda: model.criterion.matcher(outputs, targets), runs, warmup, model.device)
+    result["num_targets_per_image"] = [int(t["labels"].numel()) for t in targets]
+    return result
+
+
+def benchmark_postprocessing(model, batch, runs, warmup) -> Dict[str, Dict]:
+    """Time each post-processing function on the first image's head outputs, resized to the image
+    size as the model does before calling them."""
+    model.eval()
+    capture = _Capture()
+    handle = model.sem_seg_head.register_forward_hook(capture.hook)
+    try:
+        with torch.no_grad():
+            model(batch[:1])
+    finally:
+        handle.remove()
+    height, width = batch[0]["height"], batch[0]["width"]
+    mask_cls = capture.output["pred_logits"][0]
+    mask_pred = capture.output["pred_masks"][:1]
+    padded = [-(-s // model.size_divisibility) * model.size_divisibility if model.size_divisibility > 1 else s
+              for s in (height, width)]
+    mask_pred = F.interpolate(mask_pred, size=padded, mode="bilinear", align_corners=False)
+    mask_pred = mask_pred[0, :, :height, :width]
+
+    num_classes = mask_cls.shape[-1] - 1
+    thing_ids = model.thing_ids
+    thing_ids_source = "metadata of DATASETS.TEST[0]"
+    if thing_ids is None:
+        thing_ids = set(range(num_classes))
+        thing_ids_source = "all classes (DATASETS.TEST[0] metadata has no thing_dataset_id_to_contiguous_id)"
+        logger.info(f"Panoptic / instance post-processing: thing classes = {thing_ids_source}")
+    steps = {
+        "semantic": lambda: semantic_inference(mask_cls, mask_pred),
+        "panoptic": lambda: panoptic_inference(
+            mask_cls, mask_pred, thing_ids, model.object_mask_threshold, model.overlap_threshold
+        ),
+        "instance": lambda: instance_inference(
+            mask_cls, mask_pred, num_classes, model.detections_per_image, thing_ids
+        ),
+    }
+    with torch.no_grad():
+        results = {name: time_runs(fn, runs, warmup, model.device) for name, fn in steps.items()}
+    results["thing_ids"] = thing_ids_source
+    return results
+
+
+def format_table(results: Dict) -> str:
+    def ms(entry):
+        return f"{entry['median_s'] * 1e3:.2f}"
+
+    rows = [
+        ["inference", ms(results["inference"]), f"{results['inference']['images_per_s']:.2f} images/s"],
+        ["train iteration", ms(results["train_iteration"]),
+         f"peak memory {results['train_iteration']['peak_memory_mb']:.0f} MB"],
+        ["matcher", ms(results["matcher"]), ""],
+    ]
+    for name in ("semantic", "panoptic", "instance"):
+        rows.append([f"{name} post-processing", ms(results["postprocessing"][name]), "1 image"])
+    header = (f"{results['config_file']}: {results['device']}, batch {results['batch_size']} of "
+              f"{results['input_size'][0]} x {results['input_size'][1]}, median of {results['runs']} runs, "
+              f"{results['num_parameters'] / 1e6:.2f}M parameters")
+    return header + "\n" + tabulate(rows, headers=["step", "median ms", ""], tablefmt="pipe")
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    """Returns the results (the JSON written with --json)."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.reduced:
+        args.runs, args.warmup = REDUCED["runs"], REDUCED["warmup"]
+    cfg = setup_cfg(args)
+    previous_threads = torch.get_num_threads()
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    try:
+        results = run_benchmarks(cfg, args)
+    finally:
+        torch.set_num_threads(previous_threads)
+    print(format_table(results))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        logger.info(f"Wrote {args.json}")
+    return results
+
+
+def run_benchmarks(cfg, args) -> Dict:
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    height, width = args.input_size
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    batch = synthetic_batch(args.batch_size, height, width, num_classes, args.num_gt_masks)
+    runs, warmup = args.runs, args.warmup
+    results = {
+        "config_file": args.config_file,
+        "device": str(model.device),
+        "input_size": [height, width],
+        "batch_size": args.batch_size,
+        "runs": runs,
+        "warmup": warmup,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "inference": benchmark_inference(model, batch, runs, warmup),
+        "train_iteration": benchmark_training(cfg, model, batch, runs, warmup),
+        "matcher": benchmark_matcher(model, batch, runs, warmup),
+        "postprocessing": benchmark_postprocessing(model, batch, runs, warmup),
+        "num_threads": torch.get_num_threads(),
+    }
+    return results
+
+
+if __name__ == "__main__":
+    setup_logger(name="mask_former")
+    main()
