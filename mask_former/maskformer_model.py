@@ -12,13 +12,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .modeling.criterion import SetCriterion
+from .modeling.mask_losses import MASK_LOSSES
 from .modeling.matcher import HungarianMatcher
 from .modeling.postprocessing import instance_inference, panoptic_inference, semantic_inference
 
 logger = logging.getLogger(__name__)
 
-# Config key under MODEL.MASK_FORMER that weights each loss, by the name the criterion gives it.
-_MASK_LOSS_NAMES = {"focal": "loss_mask", "bce": "loss_bce", "brier": "loss_brier", "dice": "loss_dice"}
+# Config key under MODEL.MASK_FORMER that weights each mask loss.
 _MASK_LOSS_WEIGHT_KEYS = {"focal": "MASK_WEIGHT", "bce": "BCE_WEIGHT", "brier": "BRIER_WEIGHT",
                           "dice": "DICE_WEIGHT"}
 
@@ -27,15 +27,15 @@ def build_loss_weights(cfg) -> Dict[str, float]:
     """Weights of the criterion's named losses, repeated with suffix ``_i`` for each of the
     DEC_LAYERS - 1 intermediate decoder layers when deep supervision is on."""
     mf = cfg.MODEL.MASK_FORMER
-    unknown = [n for n in mf.MASK_LOSSES if n not in _MASK_LOSS_NAMES]
+    unknown = [n for n in mf.MASK_LOSSES if n not in MASK_LOSSES]
     if unknown or not mf.MASK_LOSSES:
         raise ValueError(
             f"MODEL.MASK_FORMER.MASK_LOSSES={list(mf.MASK_LOSSES)}: expected a non-empty list of "
-            f"{sorted(_MASK_LOSS_NAMES)}"
+            f"{sorted(MASK_LOSSES)}"
         )
     weights = {"loss_ce": mf.CLASS_WEIGHT}
     for name in mf.MASK_LOSSES:
-        weights[_MASK_LOSS_NAMES[name]] = getattr(mf, _MASK_LOSS_WEIGHT_KEYS[name])
+        weights[MASK_LOSSES[name].loss_key] = getattr(mf, _MASK_LOSS_WEIGHT_KEYS[name])
     if mf.DEEP_SUPERVISION:
         last_layer = dict(weights)
         for i in range(mf.DEC_LAYERS - 1):
@@ -47,7 +47,7 @@ def build_matcher(cfg) -> HungarianMatcher:
     """The Hungarian matcher, with the same terms and weights as the loss: the first pointwise mask
     loss in MASK_LOSSES gives the mask cost, "dice" the dice cost."""
     mf = cfg.MODEL.MASK_FORMER
-    pointwise = [n for n in mf.MASK_LOSSES if n != "dice"]
+    pointwise = [n for n in mf.MASK_LOSSES if MASK_LOSSES[n].pointwise]
     mask_cost_type = pointwise[0] if pointwise else "focal"
     return HungarianMatcher(
         cost_class=mf.CLASS_WEIGHT,

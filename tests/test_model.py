@@ -196,3 +196,24 @@ def test_panoptic_without_thing_metadata_fails_clearly():
     cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = True
     with pytest.raises(ValueError, match="thing_dataset_id_to_contiguous_id"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("mask_losses,expected", [
+    (["focal", "dice"], ("focal", 20.0, 1.5)),
+    (["bce", "dice"], ("bce", 5.0, 1.5)),
+    (["dice", "brier"], ("brier", 7.0, 1.5)),
+    (["dice"], ("focal", 0.0, 1.5)),
+    (["bce"], ("bce", 5.0, 0.0)),
+])
+def test_matcher_costs_follow_the_configured_losses(mask_losses, expected):
+    from mask_former.maskformer_model import build_matcher
+
+    cfg = tiny_cfg()
+    cfg.MODEL.MASK_FORMER.MASK_LOSSES = mask_losses
+    cfg.MODEL.MASK_FORMER.BCE_WEIGHT = 5.0
+    cfg.MODEL.MASK_FORMER.BRIER_WEIGHT = 7.0
+    cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 1.5
+    cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0
+    matcher = build_matcher(cfg)
+    assert (matcher.mask_cost_type, matcher.cost_mask, matcher.cost_dice) == expected
+    assert matcher.cost_class == 2.0

@@ -121,7 +121,7 @@ def plot(losses: Series, learning_rates: Series, metrics: Series, metric_names: 
                 iterations, values = zip(*losses[name])
                 line, = ax.plot(iterations, moving_average(values, smooth), label=name)
                 ax.plot(iterations, values, color=line.get_color(), alpha=0.2, linewidth=0.8)
-            ax.set_ylabel(f"loss (moving average of {smooth})")
+            ax.set_ylabel(f"loss (moving average of {smooth} logged values)")
             finite = [v for name in main_loss_names(losses) for _, v in losses[name] if math.isfinite(v)]
             if finite and min(finite) > 0 and max(finite) / min(finite) > 100:
                 ax.set_yscale("log")
@@ -149,7 +149,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Plot loss, learning-rate and metric curves of metrics.json")
     parser.add_argument("metrics_json", help="detectron2's metrics.json (one JSON object per line)")
     parser.add_argument("--output", help="PNG to write (default: curves.png beside metrics.json)")
-    parser.add_argument("--smooth", type=int, default=20, help="moving-average window for the losses")
+    parser.add_argument("--smooth", type=int, default=5,
+                        help="moving-average window for the losses, in logged values (detectron2 "
+                        "logs the median of every 20 iterations)")
     parser.add_argument("--metrics", nargs="+",
                         help="evaluation keys to plot (default: those of " + ", ".join(DEFAULT_METRICS)
                         + " that are present)")

@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "synthetic" / "maskformer_panoptic_R18.yaml"
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left")
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # bundled with scikit-image (no download)
 TASKS = ("panoptic", "semantic", "instance")
 
 
