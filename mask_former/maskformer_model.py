@@ -8,12 +8,13 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_sem_seg_head
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
+from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .modeling.criterion import SetCriterion
 from .modeling.mask_losses import MASK_LOSSES
-from .modeling.matcher import HungarianMatcher
+from .modeling.matcher import HungarianMatcher, NonFiniteCostError
 from .modeling.postprocessing import instance_inference, panoptic_inference, semantic_inference
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,13 @@ def build_matcher(cfg) -> HungarianMatcher:
         cost_dice=mf.DICE_WEIGHT if "dice" in mf.MASK_LOSSES else 0.0,
         mask_cost_type=mask_cost_type,
     )
+
+
+def _current_iteration():
+    try:
+        return get_event_storage().iter
+    except AssertionError:  # not inside a training loop
+        return None
 
 
 def thing_ids_from_metadata(metadata) -> Optional[Set[int]]:
@@ -197,7 +205,14 @@ class MaskFormer(nn.Module):
 
         if self.training:
             targets = self.prepare_targets(batched_inputs, images)
-            losses = self.criterion(outputs, targets)
+            try:
+                losses = self.criterion(outputs, targets)
+            except NonFiniteCostError as e:
+                # Diverged predictions surface in the matcher before any loss is computed: say it
+                # the way detectron2 reports a non-finite loss, with the iteration.
+                raise FloatingPointError(
+                    f"Loss became infinite or NaN at iteration={_current_iteration()}: {e}"
+                ) from e
             return {k: v * self.loss_weights[k] for k, v in losses.items() if k in self.loss_weights}
 
         return self.inference(outputs, batched_inputs, images)

@@ -4,8 +4,10 @@ import itertools
 from typing import Any, Dict, List, Set, Type
 
 import torch
+from detectron2.solver import LRMultiplier, WarmupParamScheduler
+from detectron2.solver import build_lr_scheduler as build_d2_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping
-from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
+from fvcore.common.param_scheduler import ParamScheduler
 
 NORM_MODULE_TYPES = (
     torch.nn.BatchNorm1d,
@@ -90,6 +92,35 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     return optimizer
 
 
+class PolyParamScheduler(ParamScheduler):
+    """``(1 - where) ** power``, held at ``constant_ending`` once it falls below it (when > 0)."""
+
+    def __init__(self, power: float, constant_ending: float = 0.0):
+        self.power = power
+        self.constant_ending = constant_ending
+
+    def __call__(self, where: float) -> float:
+        value = max(1.0 - where, 0.0) ** self.power
+        if self.constant_ending > 0 and value < self.constant_ending:
+            return self.constant_ending
+        return value
+
+
 def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
-    """detectron2's schedulers plus WarmupPolyLR (detectron2's DeepLab project)."""
-    return build_deeplab_lr_scheduler(cfg, optimizer)
+    """detectron2's schedulers plus "WarmupPolyLR": ``BASE_LR * (1 - iter / MAX_ITER) ** POLY_LR_POWER``
+    after the warm-up, as in detectron2's DeepLab project.
+
+    Built on detectron2's LRMultiplier, which saves only the iteration in checkpoints: a run
+    resumed with a larger SOLVER.MAX_ITER follows the new schedule (DeepLab's WarmupPolyLR would
+    keep the old MAX_ITER from the checkpoint and fail past it).
+    """
+    solver = cfg.SOLVER
+    if solver.LR_SCHEDULER_NAME != "WarmupPolyLR":
+        return build_d2_lr_scheduler(cfg, optimizer)
+    schedule = WarmupParamScheduler(
+        PolyParamScheduler(solver.POLY_LR_POWER, solver.POLY_LR_CONSTANT_ENDING),
+        solver.WARMUP_FACTOR,
+        min(solver.WARMUP_ITERS / solver.MAX_ITER, 1.0),
+        solver.WARMUP_METHOD,
+    )
+    return LRMultiplier(optimizer, multiplier=schedule, max_iter=solver.MAX_ITER)

@@ -189,3 +189,35 @@ def test_tta_undoes_the_flip_and_averages_scales():
     # were a flip not undone, half of the brightness would show up on the right
     assert sem_seg[:, :, :8].mean() > 190
     assert sem_seg[:, :, -8:].max() < 1
+
+
+def test_poly_lr_warmup_and_resume_with_a_longer_schedule():
+    cfg = solver_cfg()
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR"
+    cfg.SOLVER.MAX_ITER = 10
+    cfg.SOLVER.WARMUP_ITERS = 2
+    cfg.SOLVER.WARMUP_FACTOR = 0.1
+    cfg.SOLVER.WARMUP_METHOD = "constant"
+    cfg.SOLVER.POLY_LR_POWER = 1.0
+    model = torch.nn.Linear(1, 1)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [1e-4, 1e-4] + [1e-3 * (1 - i / 10) for i in range(2, 10)]
+    assert lrs == pytest.approx(expected)
+    state = scheduler.state_dict()
+
+    # resumed with MAX_ITER 20: the schedule is the new one, from iteration 10
+    cfg.SOLVER.MAX_ITER = 20
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    scheduler.load_state_dict(state)
+    for group in optimizer.param_groups:  # what the checkpointer restores with the optimizer
+        group["lr"] = 1e-3 * (1 - 10 / 20)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * (1 - 11 / 20))

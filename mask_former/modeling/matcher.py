@@ -11,6 +11,11 @@ from .mask_losses import dice_cost, get_mask_loss
 __all__ = ["HungarianMatcher", "check_outputs", "check_targets"]
 
 
+
+
+class NonFiniteCostError(ValueError):
+    """A matching cost is NaN or infinite: the predictions (or targets) are not finite."""
+
 def check_outputs(outputs: Dict[str, Tensor], caller: str) -> None:
     """Raise a clear error unless ``outputs`` has ``pred_logits`` (B x Q x K+1) and
     ``pred_masks`` (B x Q x h x w) with matching B and Q."""
@@ -181,7 +186,7 @@ class HungarianMatcher(nn.Module):
     @staticmethod
     def _checked(cost: Tensor, index: int, term: str) -> Tensor:
         if not torch.isfinite(cost).all():
-            raise ValueError(
+            raise NonFiniteCostError(
                 f"HungarianMatcher: the {term!r} cost of image {index} in the batch has NaN or inf "
                 "values (non-finite predictions?); cannot solve the assignment"
             )
