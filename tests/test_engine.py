@@ -1,7 +1,6 @@
 """Optimizer groups, LR schedule, gradient clipping, atomic checkpoints, random-state round trip,
 MODEL.WEIGHTS checks and test-time augmentation."""
 import io
-import os
 import random
 
 import numpy as np

@@ -5,7 +5,6 @@ so the softmax / sigmoid the code applies gives back exactly the probabilities w
 """
 import json
 import math
-import os
 
 import numpy as np
 import pytest

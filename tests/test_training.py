@@ -2,11 +2,9 @@
 evaluation, --eval-only, exact resume after a kill, 2-process Gloo training, and faults."""
 import json
 import math
-import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch

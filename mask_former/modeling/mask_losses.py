@@ -20,7 +20,6 @@ target in [0, 1].
 from dataclasses import dataclass
 from typing import Callable, Dict
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

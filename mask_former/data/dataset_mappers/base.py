@@ -7,12 +7,18 @@ from typing import Iterable, List, Optional
 
 import numpy as np
 import torch
+from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
-from .augmentations import LabelAugInput, build_test_augmentations, padding_to_multiple
+from .augmentations import (
+    LabelAugInput,
+    build_test_augmentations,
+    build_train_augmentations,
+    padding_to_multiple,
+)
 from .build import DATASET_MAPPER_REGISTRY
 from .image_io import SUPPORTED_IMAGE_FORMATS, ImageReadError, read_image
 
@@ -124,9 +130,10 @@ class MaskFormerDatasetMapperBase:
     them. In inference the error propagates. Data bugs (wrong label values, sizes) always raise.
     """
 
+    @configurable
     def __init__(
         self,
-        is_train: bool,
+        is_train: bool = True,
         *,
         augmentations: List,
         image_format: str,
@@ -134,6 +141,15 @@ class MaskFormerDatasetMapperBase:
         ignore_label: int,
         size_divisibility: int = -1,
     ):
+        """
+        Args:
+            is_train: training (targets, augmentation) or inference (resize only, no targets).
+            augmentations: list of ``T.Augmentation`` / ``T.Transform``.
+            image_format: "RGB" or "BGR".
+            num_classes: class / category ids must be < num_classes.
+            ignore_label: label of unlabelled (void, crowd) pixels, also used for padding labels.
+            size_divisibility: pad height and width to a multiple of this (when > 0).
+        """
         if image_format not in SUPPORTED_IMAGE_FORMATS:
             raise ValueError(
                 f"INPUT.FORMAT={image_format!r} is not supported by {type(self).__name__}; "
@@ -162,6 +178,18 @@ class MaskFormerDatasetMapperBase:
             "ignore_label": resolve_ignore_label(cfg, dataset_names),
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
         }
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = cls.base_config(cfg, is_train)
+        if is_train:
+            ret["augmentations"] = cls.train_augmentations(cfg, ret["ignore_label"])
+        return ret
+
+    @staticmethod
+    def train_augmentations(cfg, ignore_label: int) -> List:
+        """Training augmentation (resize, category-area-constrained crop, colour, flip)."""
+        return build_train_augmentations(cfg, ignore_label)
 
     def __call__(self, dataset_dict: dict) -> Optional[dict]:
         """

@@ -1,7 +1,5 @@
 """Panoptic mapper with DETR's augmentation, used by the COCO panoptic configs."""
 
-from detectron2.config import configurable
-
 from .augmentations import build_detr_train_augmentations
 from .base import register_mapper
 from .mask_former_panoptic_dataset_mapper import MaskFormerPanopticDatasetMapper
@@ -18,30 +16,6 @@ class DETRPanopticDatasetMapper(MaskFormerPanopticDatasetMapper):
     so nothing is padded (the model pads its batch); a positive value is honoured.
     """
 
-    @configurable
-    def __init__(
-        self,
-        is_train: bool = True,
-        *,
-        augmentations,
-        image_format: str,
-        num_classes: int,
-        ignore_label: int,
-        size_divisibility: int = -1,
-    ):
-        """Arguments as in :class:`MaskFormerPanopticDatasetMapper`."""
-        super().__init__(
-            is_train,
-            augmentations=augmentations,
-            image_format=image_format,
-            num_classes=num_classes,
-            ignore_label=ignore_label,
-            size_divisibility=size_divisibility,
-        )
-
-    @classmethod
-    def from_config(cls, cfg, is_train: bool = True):
-        ret = cls.base_config(cfg, is_train)
-        if is_train:
-            ret["augmentations"] = build_detr_train_augmentations(cfg)
-        return ret
+    @staticmethod
+    def train_augmentations(cfg, ignore_label: int):
+        return build_detr_train_augmentations(cfg)

@@ -4,9 +4,7 @@ from typing import List
 
 import numpy as np
 import pycocotools.mask as mask_util
-from detectron2.config import configurable
 
-from .augmentations import build_train_augmentations
 from .base import MaskFormerDatasetMapperBase, check_label_values, register_mapper
 
 __all__ = ["MaskFormerInstanceDatasetMapper", "segmentation_to_mask"]
@@ -71,41 +69,6 @@ class MaskFormerInstanceDatasetMapper(MaskFormerDatasetMapperBase):
     crop are dropped.
     """
 
-    @configurable
-    def __init__(
-        self,
-        is_train: bool = True,
-        *,
-        augmentations,
-        image_format: str,
-        num_classes: int,
-        ignore_label: int,
-        size_divisibility: int = -1,
-    ):
-        """
-        Args:
-            is_train: training (targets, augmentation) or inference (resize only, no targets).
-            augmentations: list of ``T.Augmentation`` / ``T.Transform``.
-            image_format: "RGB" or "BGR".
-            num_classes: category ids must be < num_classes.
-            ignore_label: category of background pixels in the map the crop check sees.
-            size_divisibility: pad height and width to a multiple of this (when > 0).
-        """
-        super().__init__(
-            is_train,
-            augmentations=augmentations,
-            image_format=image_format,
-            num_classes=num_classes,
-            ignore_label=ignore_label,
-            size_divisibility=size_divisibility,
-        )
-
-    @classmethod
-    def from_config(cls, cfg, is_train: bool = True):
-        ret = cls.base_config(cfg, is_train)
-        if is_train:
-            ret["augmentations"] = build_train_augmentations(cfg, ret["ignore_label"])
-        return ret
 
     def category_map(self, classes: List[int], masks: List[np.ndarray], shape) -> np.ndarray:
         """H x W category of the last mask covering each pixel; ``ignore_label`` elsewhere."""

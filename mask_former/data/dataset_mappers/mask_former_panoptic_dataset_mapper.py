@@ -4,10 +4,8 @@
 from typing import List, Tuple
 
 import numpy as np
-from detectron2.config import configurable
 from panopticapi.utils import rgb2id
 
-from .augmentations import build_train_augmentations
 from .base import MaskFormerDatasetMapperBase, check_label_values, check_same_size, register_mapper
 from .image_io import read_panoptic_png
 
@@ -28,41 +26,6 @@ class MaskFormerPanopticDatasetMapper(MaskFormerDatasetMapperBase):
     Void pixels, crowd segments and padding belong to no mask.
     """
 
-    @configurable
-    def __init__(
-        self,
-        is_train: bool = True,
-        *,
-        augmentations,
-        image_format: str,
-        num_classes: int,
-        ignore_label: int,
-        size_divisibility: int = -1,
-    ):
-        """
-        Args:
-            is_train: training (targets, augmentation) or inference (resize only, no targets).
-            augmentations: list of ``T.Augmentation`` / ``T.Transform``.
-            image_format: "RGB" or "BGR".
-            num_classes: segment category ids must be < num_classes.
-            ignore_label: category of void/crowd pixels in the map the crop check sees.
-            size_divisibility: pad height and width to a multiple of this (when > 0).
-        """
-        super().__init__(
-            is_train,
-            augmentations=augmentations,
-            image_format=image_format,
-            num_classes=num_classes,
-            ignore_label=ignore_label,
-            size_divisibility=size_divisibility,
-        )
-
-    @classmethod
-    def from_config(cls, cfg, is_train: bool = True):
-        ret = cls.base_config(cfg, is_train)
-        if is_train:
-            ret["augmentations"] = build_train_augmentations(cfg, ret["ignore_label"])
-        return ret
 
     def read_panoptic(
         self, dataset_dict: dict, image: np.ndarray

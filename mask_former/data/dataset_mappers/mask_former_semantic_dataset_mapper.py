@@ -2,9 +2,7 @@
 
 import numpy as np
 import torch
-from detectron2.config import configurable
 
-from .augmentations import build_train_augmentations
 from .base import (
     MaskFormerDatasetMapperBase,
     check_label_values,
@@ -29,41 +27,6 @@ class MaskFormerSemanticDatasetMapper(MaskFormerDatasetMapperBase):
       (K x H x W bool, disjoint; ignored and padded pixels are in none).
     """
 
-    @configurable
-    def __init__(
-        self,
-        is_train: bool = True,
-        *,
-        augmentations,
-        image_format: str,
-        num_classes: int,
-        ignore_label: int,
-        size_divisibility: int = -1,
-    ):
-        """
-        Args:
-            is_train: training (targets, augmentation) or inference (resize only, no targets).
-            augmentations: list of ``T.Augmentation`` / ``T.Transform``.
-            image_format: "RGB" or "BGR".
-            num_classes: label values must be < num_classes or equal ``ignore_label``.
-            ignore_label: label of unlabelled pixels, also used for padding.
-            size_divisibility: pad height and width to a multiple of this (when > 0).
-        """
-        super().__init__(
-            is_train,
-            augmentations=augmentations,
-            image_format=image_format,
-            num_classes=num_classes,
-            ignore_label=ignore_label,
-            size_divisibility=size_divisibility,
-        )
-
-    @classmethod
-    def from_config(cls, cfg, is_train: bool = True):
-        ret = cls.base_config(cfg, is_train)
-        if is_train:
-            ret["augmentations"] = build_train_augmentations(cfg, ret["ignore_label"])
-        return ret
 
     def map_for_training(self, dataset_dict: dict) -> dict:
         if "sem_seg_file_name" not in dataset_dict:

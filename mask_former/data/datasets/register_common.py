@@ -10,7 +10,6 @@
 
 Nothing here touches the disk at import or registration time; only the loaders do.
 """
-import json
 import logging
 import os
 
