@@ -11,9 +11,9 @@
 """
 import os
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 
-from .register_common import load_panoptic_json
+from .register_common import register_panoptic_with_sem_seg
 
 __all__ = [
     "ADE20K_150_CATEGORIES",
@@ -234,29 +234,16 @@ def register_ade20k_panoptic(
             :func:`register_common.load_panoptic_json`.
         instances_json (str): COCO instance JSON of the same images (``json_file`` for mask AP).
     """
-    DatasetCatalog.register(
+    register_panoptic_with_sem_seg(
         name,
-        lambda: load_panoptic_json(
-            name,
-            panoptic_json,
-            image_root,
-            panoptic_root,
-            sem_seg_root,
-            metadata,
-            image_ext=".jpg",
-            how_to_prepare=_PREPARE_HINT,
-        ),
-    )
-    MetadataCatalog.get(name).set(
-        image_root=image_root,
-        panoptic_root=panoptic_root,
-        panoptic_json=panoptic_json,
-        sem_seg_root=sem_seg_root,
-        json_file=instances_json,
+        metadata,
+        image_root,
+        panoptic_root,
+        panoptic_json,
+        sem_seg_root,
+        instances_json,
         evaluator_type="ade20k_panoptic_seg",
-        ignore_label=255,
-        label_divisor=1000,
-        **metadata,
+        how_to_prepare=_PREPARE_HINT,
     )
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 
 import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg
 from detectron2.utils.file_io import PathManager
 
@@ -125,3 +126,58 @@ def fixed_palette(num_colors, seed):
     """
     rng = np.random.RandomState(seed)
     return rng.randint(0, 256, size=(num_colors, 3)).tolist()
+
+
+def register_panoptic_with_sem_seg(
+    name,
+    metadata,
+    image_root,
+    panoptic_root,
+    panoptic_json,
+    sem_seg_root,
+    instances_json,
+    *,
+    evaluator_type,
+    how_to_prepare=None,
+):
+    """
+    Register a COCO-format panoptic dataset whose dicts also carry ``sem_seg_file_name`` and
+    whose metadata names the instance JSON, so one model is scored on PQ, mIoU and mask AP.
+    A registration of the same name (e.g. detectron2's own) is replaced.
+
+    Args:
+        name (str): the dataset name.
+        metadata (dict): class names, colours and the thing/stuff id maps.
+        image_root, panoptic_root, panoptic_json, sem_seg_root (str): see
+            :func:`load_panoptic_json`.
+        instances_json (str): COCO instance JSON of the same images (``json_file``, for mask AP).
+        evaluator_type (str): e.g. "coco_panoptic_seg".
+        how_to_prepare (str or None): hint for the missing-file error.
+    """
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(
+        name,
+        lambda: load_panoptic_json(
+            name,
+            panoptic_json,
+            image_root,
+            panoptic_root,
+            sem_seg_root,
+            metadata,
+            image_ext=".jpg",
+            how_to_prepare=how_to_prepare,
+        ),
+    )
+    MetadataCatalog.get(name).set(
+        image_root=image_root,
+        panoptic_root=panoptic_root,
+        panoptic_json=panoptic_json,
+        sem_seg_root=sem_seg_root,
+        json_file=instances_json,
+        evaluator_type=evaluator_type,
+        ignore_label=255,
+        label_divisor=1000,
+        **metadata,
+    )
