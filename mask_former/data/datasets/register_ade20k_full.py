@@ -8,9 +8,7 @@ for training id ``i``; the object id is the class value decoded from an ADE20K `
 """
 import os
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
-from .register_common import fixed_palette, load_sem_seg_checked
+from .register_common import fixed_palette, register_sem_seg_checked
 
 __all__ = [
     "ADE20K_FULL_CATEGORIES",
@@ -902,21 +900,13 @@ def register_all_ade20k_full(root):
     metadata = get_ade20k_full_metadata()
     for name, (image_dir, gt_dir) in ADE20K_FULL_SEM_SEG_SPLITS.items():
         image_root, gt_root = os.path.join(root, image_dir), os.path.join(root, gt_dir)
-        DatasetCatalog.register(
+        register_sem_seg_checked(
             name,
-            lambda name=name, x=image_root, y=gt_root: load_sem_seg_checked(
-                name,
-                y,
-                x,
-                gt_ext="tif",
-                image_ext="jpg",
-                how_to_prepare="run `python datasets/prepare_ade20k_full_sem_seg.py`",
-            ),
-        )
-        MetadataCatalog.get(name).set(
-            image_root=image_root,
-            sem_seg_root=gt_root,
-            evaluator_type="sem_seg",
+            image_root,
+            gt_root,
+            metadata,
             ignore_label=ADE20K_FULL_IGNORE_LABEL,
-            **metadata,
+            gt_ext="tif",
+            image_ext="jpg",
+            how_to_prepare="run `python datasets/prepare_ade20k_full_sem_seg.py`",
         )

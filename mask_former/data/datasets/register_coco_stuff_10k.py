@@ -6,10 +6,9 @@ PNGs made by ``datasets/prepare_coco_stuff_10k_sem_seg.py`` (void = 255).
 """
 import os
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from .register_common import fixed_palette, load_sem_seg_checked
+from .register_common import fixed_palette, register_sem_seg_checked
 
 __all__ = [
     "COCO_STUFF_171_CATEGORIES",
@@ -92,21 +91,13 @@ def register_all_coco_stuff_10k(root):
     metadata = get_coco_stuff_10k_metadata()
     for name, (image_dir, gt_dir) in COCO_STUFF_10K_SEM_SEG_SPLITS.items():
         image_root, gt_root = os.path.join(root, image_dir), os.path.join(root, gt_dir)
-        DatasetCatalog.register(
+        register_sem_seg_checked(
             name,
-            lambda name=name, x=image_root, y=gt_root: load_sem_seg_checked(
-                name,
-                y,
-                x,
-                gt_ext="png",
-                image_ext="jpg",
-                how_to_prepare="run `python datasets/prepare_coco_stuff_10k_sem_seg.py`",
-            ),
-        )
-        MetadataCatalog.get(name).set(
-            image_root=image_root,
-            sem_seg_root=gt_root,
-            evaluator_type="sem_seg",
+            image_root,
+            gt_root,
+            metadata,
             ignore_label=255,
-            **metadata,
+            gt_ext="png",
+            image_ext="jpg",
+            how_to_prepare="run `python datasets/prepare_coco_stuff_10k_sem_seg.py`",
         )

@@ -65,6 +65,25 @@ def load_sem_seg_checked(
     return load_sem_seg(gt_root, image_root, gt_ext=gt_ext, image_ext=image_ext)
 
 
+def register_sem_seg_checked(
+    name, image_root, gt_root, metadata, *, ignore_label, gt_ext="png", image_ext="jpg",
+    how_to_prepare=None,
+):
+    """Register a semantic segmentation dataset of images + label maps of the same names,
+    loaded with :func:`load_sem_seg_checked`; ``metadata`` holds the class names and colours."""
+    DatasetCatalog.register(
+        name,
+        lambda: load_sem_seg_checked(name, gt_root, image_root, gt_ext, image_ext, how_to_prepare),
+    )
+    MetadataCatalog.get(name).set(
+        image_root=image_root,
+        sem_seg_root=gt_root,
+        evaluator_type="sem_seg",
+        ignore_label=ignore_label,
+        **metadata,
+    )
+
+
 def load_panoptic_json(
     dataset_name,
     json_file,

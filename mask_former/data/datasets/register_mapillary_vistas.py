@@ -7,9 +7,7 @@ classes below (in the order of the dataset's ``config.json``) and 65 is "unlabel
 """
 import os
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
-from .register_common import load_sem_seg_checked
+from .register_common import register_sem_seg_checked
 
 __all__ = [
     "MAPILLARY_VISTAS_65_CATEGORIES",
@@ -115,21 +113,13 @@ def register_all_mapillary_vistas(root):
     metadata = get_mapillary_vistas_metadata()
     for name, (image_dir, gt_dir) in MAPILLARY_VISTAS_SEM_SEG_SPLITS.items():
         image_root, gt_root = os.path.join(root, image_dir), os.path.join(root, gt_dir)
-        DatasetCatalog.register(
+        register_sem_seg_checked(
             name,
-            lambda name=name, x=image_root, y=gt_root: load_sem_seg_checked(
-                name,
-                y,
-                x,
-                gt_ext="png",
-                image_ext="jpg",
-                how_to_prepare="download Mapillary Vistas v1.2 (no conversion is needed)",
-            ),
-        )
-        MetadataCatalog.get(name).set(
-            image_root=image_root,
-            sem_seg_root=gt_root,
-            evaluator_type="sem_seg",
+            image_root,
+            gt_root,
+            metadata,
             ignore_label=MAPILLARY_VISTAS_IGNORE_LABEL,
-            **metadata,
+            gt_ext="png",
+            image_ext="jpg",
+            how_to_prepare="download Mapillary Vistas v1.2 (no conversion is needed)",
         )
