@@ -164,3 +164,21 @@ def test_missing_weights_fail_before_training(tiny_synthetic_root, tmp_path):
     assert proc.returncode != 0
     assert "MODEL.WEIGHTS" in proc.stderr and "nope.pkl" in proc.stderr
     assert "Starting training" not in proc.stderr + proc.stdout
+
+
+def test_amp_on_cpu_is_refused_with_a_clear_error(tiny_synthetic_root, tmp_path):
+    proc = run_train_net(tiny_synthetic_root, check=False, opts=[
+        "SOLVER.AMP.ENABLED", "True", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path)])
+    assert proc.returncode != 0
+    assert "SOLVER.AMP.ENABLED=True needs a CUDA device" in proc.stderr
+
+
+def test_eval_only_with_test_time_augmentation(tiny_synthetic_root, tmp_path):
+    """A model from scratch (no MODEL.WEIGHTS) evaluated with and without multi-scale + flip."""
+    run_train_net(tiny_synthetic_root, "--eval-only", opts=TASK_OPTS["semantic"] + [
+        "MODEL.WEIGHTS", "", "TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(48, 64)",
+        "TEST.AUG.MAX_SIZE", "256", "OUTPUT_DIR", str(tmp_path)])
+    results = json.loads((tmp_path / "eval_results.json").read_text())
+    assert set(results) == {"sem_seg", "sem_seg_TTA"}
+    assert 0 <= results["sem_seg_TTA"]["mIoU"] <= 100
+    assert (tmp_path / "inference_TTA").is_dir()

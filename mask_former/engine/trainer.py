@@ -40,6 +40,21 @@ def _json_safe(value):
     return None if math.isnan(value) or math.isinf(value) else value
 
 
+def _save_results(cfg, results, add_to_existing=False):
+    """Write the evaluation results to OUTPUT_DIR/eval_results.json (main process only)."""
+    if not comm.is_main_process() or not cfg.OUTPUT_DIR:
+        return
+    path = os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE)
+    saved = {}
+    if add_to_existing and os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+    saved.update(_json_safe(results))
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(saved, f, indent=2)
+
+
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         # DefaultTrainer.__init__ with two changes: DDP without device_ids on CPU, and a
@@ -49,6 +64,11 @@ class Trainer(DefaultTrainer):
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type != "cuda":
+            raise ValueError(
+                f"SOLVER.AMP.ENABLED=True needs a CUDA device, but MODEL.DEVICE={cfg.MODEL.DEVICE!r}; "
+                "set SOLVER.AMP.ENABLED False to train on the CPU"
+            )
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -114,10 +134,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg, model, evaluators=None):
         results = super().test(cfg, model, evaluators)
-        if comm.is_main_process() and cfg.OUTPUT_DIR:
-            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-            with open(os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE), "w") as f:
-                json.dump(_json_safe(results), f, indent=2)
+        _save_results(cfg, results)
         return results
 
     @classmethod
@@ -131,5 +148,6 @@ class Trainer(DefaultTrainer):
                                                output_dir=os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))])
             for name in cfg.DATASETS.TEST
         ]
-        results = super().test(cfg, model, evaluators)
-        return OrderedDict({k + "_TTA": v for k, v in results.items()})
+        results = OrderedDict({k + "_TTA": v for k, v in super().test(cfg, model, evaluators).items()})
+        _save_results(cfg, results, add_to_existing=True)  # next to the results without TTA
+        return results
