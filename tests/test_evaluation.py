@@ -113,8 +113,9 @@ def test_instance_evaluator_maps_interleaved_thing_ids(tmp_path):
     json_file.write_text(json.dumps(coco))
     name = "_test_interleaved_things"
     DatasetCatalog.register(name, lambda: [])
-    # contiguous ids 3 and 1: things among stuff
-    MetadataCatalog.get(name).set(json_file=str(json_file), thing_classes=["seven", "nine"],
+    # contiguous ids 3 and 1: things among stuff; thing_classes names every contiguous id, as the
+    # ADE20K and COCO panoptic metadata do for the visualizer
+    MetadataCatalog.get(name).set(json_file=str(json_file), thing_classes=["wall", "nine", "sky", "seven"],
                                   thing_dataset_id_to_contiguous_id={7: 3, 9: 1}, evaluator_type="coco")
     evaluator = InstanceSegEvaluator(name, output_dir=str(tmp_path), distributed=False)
     evaluator.reset()
@@ -128,6 +129,8 @@ def test_instance_evaluator_maps_interleaved_thing_ids(tmp_path):
                       [{"instances": instances}])
     results = evaluator.evaluate()
     assert results["segm"]["AP"] == pytest.approx(100.0)
+    assert results["segm"]["AP-seven"] == pytest.approx(100.0)
+    assert results["segm"]["AP-nine"] == pytest.approx(100.0)
 
     # a stuff class (contiguous id 0) predicted as an instance is an error that names it
     evaluator.reset()

@@ -26,7 +26,9 @@ class InstanceSegEvaluator(COCOEvaluator):
     detectron2's COCOEvaluator requires thing classes to have contiguous ids 0..T-1, but a model
     trained on a panoptic dataset numbers things and stuff together (ADE20K interleaves them).
     This evaluator maps predicted contiguous ids back to dataset category ids itself and rejects
-    a prediction of a non-thing class with a clear error.
+    a prediction of a non-thing class with a clear error. Per-category APs are named after the
+    instance JSON's categories: metadata ``thing_classes`` may list all classes (indexed by
+    contiguous id, as the visualizer wants for ADE20K), which COCOEvaluator cannot use.
     """
 
     def __init__(self, dataset_name, output_dir=None, *, distributed=True, max_dets_per_image=100):
@@ -59,3 +61,8 @@ class InstanceSegEvaluator(COCOEvaluator):
             super()._eval_predictions(predictions, img_ids=img_ids)
         finally:
             self._metadata = metadata
+
+    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        category_ids = sorted(self._coco_api.getCatIds())  # the order of COCOeval's class axis
+        class_names = [category["name"] for category in self._coco_api.loadCats(category_ids)]
+        return super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
