@@ -138,6 +138,12 @@ class MaskFormer(nn.Module):
                 "inference would produce nothing"
             )
         self.thing_ids = thing_ids_from_metadata(metadata)
+        if instance_on and self.thing_ids is None:
+            logger.warning(
+                "MODEL.MASK_FORMER.TEST.INSTANCE_ON: the metadata of DATASETS.TEST[0] "
+                f"({getattr(metadata, 'name', None)!r}) names no thing classes; instances of every "
+                "class will be predicted"
+            )
         if panoptic_on and self.thing_ids is None:
             raise ValueError(
                 "MODEL.MASK_FORMER.TEST.PANOPTIC_ON needs to know the thing classes, but the metadata "
