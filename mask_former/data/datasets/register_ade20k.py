@@ -13,7 +13,7 @@ import os
 
 from detectron2.data import MetadataCatalog
 
-from .register_common import register_panoptic_with_sem_seg
+from .register_common import panoptic_metadata_over_all_classes, register_panoptic_with_sem_seg
 
 __all__ = [
     "ADE20K_150_CATEGORIES",
@@ -205,20 +205,7 @@ def get_ade20k_panoptic_metadata():
     (detectron2's visualizer indexes either by the contiguous id), the thing map holds the 100
     things and the stuff map every category (what ``SemSegEvaluator`` needs).
     """
-    names = [c["name"] for c in ADE20K_150_CATEGORIES]
-    colors = [c["color"] for c in ADE20K_150_CATEGORIES]
-    return {
-        "thing_classes": names,
-        "thing_colors": colors,
-        "stuff_classes": names,
-        "stuff_colors": colors,
-        "thing_dataset_id_to_contiguous_id": {
-            c["id"]: i for i, c in enumerate(ADE20K_150_CATEGORIES) if c["isthing"]
-        },
-        "stuff_dataset_id_to_contiguous_id": {
-            c["id"]: i for i, c in enumerate(ADE20K_150_CATEGORIES)
-        },
-    }
+    return panoptic_metadata_over_all_classes(ADE20K_150_CATEGORIES)
 
 
 def register_ade20k_panoptic(

@@ -6,9 +6,7 @@ MaskFormer paper evaluates on, in training-id order: entry ``i`` is ``(ADE20K ob
 for training id ``i``; the object id is the class value decoded from an ADE20K ``*_seg.png``
 (``R // 10 * 256 + G``).
 """
-import os
-
-from .register_common import fixed_palette, register_sem_seg_checked
+from .register_common import fixed_palette, register_sem_seg_splits
 
 __all__ = [
     "ADE20K_FULL_CATEGORIES",
@@ -898,15 +896,12 @@ def get_ade20k_full_metadata():
 def register_all_ade20k_full(root):
     """Register ``ade20k_full_sem_seg_{train,val}`` under ``root``."""
     metadata = get_ade20k_full_metadata()
-    for name, (image_dir, gt_dir) in ADE20K_FULL_SEM_SEG_SPLITS.items():
-        image_root, gt_root = os.path.join(root, image_dir), os.path.join(root, gt_dir)
-        register_sem_seg_checked(
-            name,
-            image_root,
-            gt_root,
-            metadata,
-            ignore_label=ADE20K_FULL_IGNORE_LABEL,
-            gt_ext="tif",
-            image_ext="jpg",
-            how_to_prepare="run `python datasets/prepare_ade20k_full_sem_seg.py`",
-        )
+    register_sem_seg_splits(
+        root,
+        ADE20K_FULL_SEM_SEG_SPLITS,
+        metadata,
+        ignore_label=ADE20K_FULL_IGNORE_LABEL,
+        gt_ext="tif",
+        image_ext="jpg",
+        how_to_prepare="run `python datasets/prepare_ade20k_full_sem_seg.py`",
+    )

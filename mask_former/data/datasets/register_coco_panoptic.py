@@ -13,7 +13,7 @@ import os
 
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from .register_common import register_panoptic_with_sem_seg
+from .register_common import panoptic_metadata_over_all_classes, register_panoptic_with_sem_seg
 
 __all__ = [
     "COCO_PANOPTIC_SPLITS",
@@ -50,18 +50,7 @@ def get_coco_panoptic_metadata():
     """
     if [c["id"] for c in COCO_CATEGORIES] != sorted(c["id"] for c in COCO_CATEGORIES):
         raise RuntimeError("detectron2's COCO_CATEGORIES are expected in increasing id order")
-    names = [c["name"] for c in COCO_CATEGORIES]
-    colors = [c["color"] for c in COCO_CATEGORIES]
-    return {
-        "thing_classes": names,
-        "thing_colors": colors,
-        "stuff_classes": names,
-        "stuff_colors": colors,
-        "thing_dataset_id_to_contiguous_id": {
-            c["id"]: i for i, c in enumerate(COCO_CATEGORIES) if c["isthing"]
-        },
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(COCO_CATEGORIES)},
-    }
+    return panoptic_metadata_over_all_classes(COCO_CATEGORIES)
 
 
 def register_coco_panoptic_with_sem_seg(

@@ -4,11 +4,9 @@ The 171 classes are the 80 COCO things (COCO ids 1..90 with gaps) followed by th
 stuff classes (ids 92..182), in id order; training id ``i`` is the ``i``-th of them. Labels are
 PNGs made by ``datasets/prepare_coco_stuff_10k_sem_seg.py`` (void = 255).
 """
-import os
-
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from .register_common import fixed_palette, register_sem_seg_checked
+from .register_common import fixed_palette, register_sem_seg_splits
 
 __all__ = [
     "COCO_STUFF_171_CATEGORIES",
@@ -89,15 +87,12 @@ def get_coco_stuff_10k_metadata():
 def register_all_coco_stuff_10k(root):
     """Register ``coco_2017_{train,test}_stuff_10k_sem_seg`` under ``root``."""
     metadata = get_coco_stuff_10k_metadata()
-    for name, (image_dir, gt_dir) in COCO_STUFF_10K_SEM_SEG_SPLITS.items():
-        image_root, gt_root = os.path.join(root, image_dir), os.path.join(root, gt_dir)
-        register_sem_seg_checked(
-            name,
-            image_root,
-            gt_root,
-            metadata,
-            ignore_label=255,
-            gt_ext="png",
-            image_ext="jpg",
-            how_to_prepare="run `python datasets/prepare_coco_stuff_10k_sem_seg.py`",
-        )
+    register_sem_seg_splits(
+        root,
+        COCO_STUFF_10K_SEM_SEG_SPLITS,
+        metadata,
+        ignore_label=255,
+        gt_ext="png",
+        image_ext="jpg",
+        how_to_prepare="run `python datasets/prepare_coco_stuff_10k_sem_seg.py`",
+    )

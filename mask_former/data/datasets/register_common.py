@@ -65,6 +65,34 @@ def load_sem_seg_checked(
     return load_sem_seg(gt_root, image_root, gt_ext=gt_ext, image_ext=image_ext)
 
 
+def register_sem_seg_splits(root, splits, metadata, **kwargs):
+    """:func:`register_sem_seg_checked` for each ``name -> (image dir, label dir)`` of ``splits``,
+    the directories relative to ``root``; ``kwargs`` as for that function."""
+    for name, (image_dir, gt_dir) in splits.items():
+        register_sem_seg_checked(
+            name, os.path.join(root, image_dir), os.path.join(root, gt_dir), metadata, **kwargs
+        )
+
+
+def panoptic_metadata_over_all_classes(categories):
+    """Metadata of a panoptic dataset whose contiguous ids run over all ``categories`` (dicts with
+    id, name, color, isthing) in the given order: ``thing_classes`` and ``stuff_classes`` both list
+    every name (detectron2's visualizer indexes either by contiguous id), the thing map holds the
+    things and the stuff map every category (what ``SemSegEvaluator`` needs)."""
+    names = [c["name"] for c in categories]
+    colors = [c["color"] for c in categories]
+    return {
+        "thing_classes": names,
+        "thing_colors": colors,
+        "stuff_classes": names,
+        "stuff_colors": colors,
+        "thing_dataset_id_to_contiguous_id": {
+            c["id"]: i for i, c in enumerate(categories) if c["isthing"]
+        },
+        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(categories)},
+    }
+
+
 def register_sem_seg_checked(
     name, image_root, gt_root, metadata, *, ignore_label, gt_ext="png", image_ext="jpg",
     how_to_prepare=None,

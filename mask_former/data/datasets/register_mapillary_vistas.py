@@ -5,9 +5,7 @@ The dataset's own ``labels/*.png`` are used as they are: values 0..64 are the 65
 classes below (in the order of the dataset's ``config.json``) and 65 is "unlabeled", hence
 ``ignore_label = 65``. No preparation is needed.
 """
-import os
-
-from .register_common import register_sem_seg_checked
+from .register_common import register_sem_seg_splits
 
 __all__ = [
     "MAPILLARY_VISTAS_65_CATEGORIES",
@@ -111,15 +109,12 @@ def get_mapillary_vistas_metadata():
 def register_all_mapillary_vistas(root):
     """Register ``mapillary_vistas_sem_seg_{train,val}`` under ``root``."""
     metadata = get_mapillary_vistas_metadata()
-    for name, (image_dir, gt_dir) in MAPILLARY_VISTAS_SEM_SEG_SPLITS.items():
-        image_root, gt_root = os.path.join(root, image_dir), os.path.join(root, gt_dir)
-        register_sem_seg_checked(
-            name,
-            image_root,
-            gt_root,
-            metadata,
-            ignore_label=MAPILLARY_VISTAS_IGNORE_LABEL,
-            gt_ext="png",
-            image_ext="jpg",
-            how_to_prepare="download Mapillary Vistas v1.2 (no conversion is needed)",
-        )
+    register_sem_seg_splits(
+        root,
+        MAPILLARY_VISTAS_SEM_SEG_SPLITS,
+        metadata,
+        ignore_label=MAPILLARY_VISTAS_IGNORE_LABEL,
+        gt_ext="png",
+        image_ext="jpg",
+        how_to_prepare="download Mapillary Vistas v1.2 (no conversion is needed)",
+    )
