@@ -12,7 +12,8 @@ Inputs (under the datasets root, i.e. ``$DETECTRON2_DATASETS``):
 
 Outputs: ``ADE20K_2021_17_01/images_detectron2/{training,validation}/<stem>.jpg`` and
 ``ADE20K_2021_17_01/annotations_detectron2/{training,validation}/<stem>.tif`` (uint16 training
-ids 0..846 of ``ADE20K_FULL_CATEGORIES``; every other class, and 0 = unlabeled, becomes 65535).
+ids 0..846 of the class table ``mask_former/data/datasets/classes/ade20k_full_847.json``; every
+other class, and 0 = unlabeled, becomes its ignore label 65535).
 Images whose filename has ``val`` as its second ``_``-separated token go to ``validation``, the
 others to ``training``. Images whose shorter side exceeds ``--max-size`` (512) are resized so that
 it equals 512 (bilinear for the image, nearest for the labels), as for the MaskFormer paper;
@@ -37,12 +38,14 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from mask_former.data.datasets.register_ade20k_full import (  # noqa: E402
-    ADE20K_FULL_CATEGORIES,
-    ADE20K_FULL_IGNORE_LABEL,
-)
+from mask_former.data.datasets.class_tables import load_class_table  # noqa: E402
 
 ADE_FULL_DIRNAME = "ADE20K_2021_17_01"
+# The 847 classes, as the dataset registration reads them: (ADE20K object id, name) per
+# training id, and the 16-bit void value.
+_TABLE = load_class_table("ade20k_full_847")
+ADE20K_FULL_CATEGORIES = [(c["id"], c["name"]) for c in _TABLE.categories]
+ADE20K_FULL_IGNORE_LABEL = _TABLE.ignore_label
 
 
 def decode_ade20k_class_mask(seg_rgb):

@@ -5,7 +5,7 @@ Inputs (under ``ADEChallengeData2016``):
 
 - ``images/{training,validation}/*.jpg``
 - ``annotations/{training,validation}/*.png``: SceneParsing semantic labels, 0 = void,
-  k = 1..150 = class k - 1 of ``ADE20K_150_CATEGORIES``;
+  k = 1..150 = class k - 1 of the class table ``mask_former/data/datasets/classes/ade20k_150.json``;
 - ``annotations_instance/{training,validation}/*.png`` (Places Challenge 2017 instance
   annotations): R = instance class 1..100 (0 = none), G = instance id (0 = none; unique per
   image whatever the class).
@@ -49,8 +49,9 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from mask_former.data.datasets.register_ade20k import ADE20K_150_CATEGORIES  # noqa: E402
+from mask_former.data.datasets.class_tables import load_class_table  # noqa: E402
 
+ADE20K_150_CATEGORIES = load_class_table("ade20k_150").categories
 ADE20K_PANOPTIC_SPLITS = (("train", "training"), ("val", "validation"))
 LABEL_DIVISOR = 1000
 THING_IDS = [c["id"] for c in ADE20K_150_CATEGORIES if c["isthing"]]

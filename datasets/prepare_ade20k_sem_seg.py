@@ -11,14 +11,23 @@ Usage::
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 import tqdm
 from PIL import Image
 
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from mask_former.data.datasets.class_tables import load_class_table  # noqa: E402
+
 ADE20K_SPLITS = ("training", "validation")
-NUM_CLASSES = 150
-IGNORE_LABEL = 255
+# the 150 classes and the void value of the class table the registration reads
+_TABLE = load_class_table("ade20k_150")
+NUM_CLASSES = len(_TABLE.categories)
+IGNORE_LABEL = _TABLE.ignore_label
 
 
 def convert_ade20k_label(label):

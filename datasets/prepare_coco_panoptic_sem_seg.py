@@ -28,9 +28,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from mask_former.data.datasets.register_coco_panoptic import (  # noqa: E402
-    get_coco_panoptic_metadata,
-)
+from mask_former.data.datasets.standard import get_coco_panoptic_metadata  # noqa: E402
 
 COCO_PANOPTIC_SPLITS = ("train2017", "val2017")
 IGNORE_LABEL = 255

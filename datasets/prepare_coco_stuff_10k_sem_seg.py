@@ -7,7 +7,8 @@ with MATLAB indexing: 1 = unlabeled, 2..81 = the 80 things, 82..172 = the 91 stu
 
 Outputs: ``images_detectron2/{train,test}/<stem>.jpg`` (copies) and
 ``annotations_detectron2/{train,test}/<stem>.png`` with training ids ``S - 2`` (0..170, in the
-order of ``COCO_STUFF_171_CATEGORIES``) and 255 for unlabeled.
+order of the class table ``mask_former/data/datasets/classes/coco_stuff_171.json``) and 255 for
+unlabeled.
 
 The v1.0 ``.mat`` files are MATLAB v7.3 (HDF5) files, read with ``h5py`` (``pip install h5py``);
 older-format ``.mat`` files are read with scipy.
@@ -20,15 +21,24 @@ Usage::
 import argparse
 import os
 import shutil
+import sys
 
 import numpy as np
 import scipy.io
 import tqdm
 from PIL import Image
 
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from mask_former.data.datasets.class_tables import load_class_table  # noqa: E402
+
 COCO_STUFF_SPLITS = ("train", "test")
-NUM_CLASSES = 171
-IGNORE_LABEL = 255
+# the 171 classes and the void value of the class table the registration reads
+_TABLE = load_class_table("coco_stuff_171")
+NUM_CLASSES = len(_TABLE.categories)
+IGNORE_LABEL = _TABLE.ignore_label
 
 
 def read_label_map(mat_path):

@@ -18,7 +18,7 @@ if os.path.isdir(os.path.join(_REPO_ROOT, "mask_former")):
     # run from a checkout without `pip install -e .`
     sys.path.insert(0, _REPO_ROOT)
 
-from mask_former.data.datasets.synthetic import generate_synthetic_dataset  # noqa: E402
+from mask_former.data.datasets.synthetic.generator import generate_synthetic_dataset  # noqa: E402
 
 
 def parse_args(argv=None):

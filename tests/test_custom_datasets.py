@@ -6,19 +6,18 @@ import uuid
 
 import numpy as np
 import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from panopticapi.utils import id2rgb
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
 from mask_former.data.datasets.custom import (
-    load_coco_panoptic_json,
     panoptic_metadata_from_categories,
     register_coco_instance_json,
     register_coco_panoptic_json,
     register_semantic_folder,
 )
+from mask_former.data.datasets.registration import load_coco_panoptic_json
 
 # categories in no particular order, ids with gaps, one without a colour
 CATEGORIES = [

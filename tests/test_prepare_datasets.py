@@ -195,7 +195,7 @@ def _ade_seg_png(object_ids):
 
 def test_ade20k_full_sem_seg(tmp_path):
     prepare = _load_script("prepare_ade20k_full_sem_seg")
-    from mask_former.data.datasets.register_ade20k_full import ADE20K_FULL_CATEGORIES
+    from prepare_ade20k_full_sem_seg import ADE20K_FULL_CATEGORIES  # loaded by _load_script
 
     assert 5 not in {object_id for object_id, _ in ADE20K_FULL_CATEGORIES}  # used as "unknown"
     wall, adding_machine, unknown = 2978, 3148, 5  # training ids 0 and 846; not a class

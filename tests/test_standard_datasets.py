@@ -10,16 +10,13 @@ from detectron2.data.datasets import builtin
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
 from mask_former.data.datasets import standard
-from mask_former.data.datasets.register_ade20k import (
+from mask_former.data.datasets.registration import datasets_root, load_sem_seg_checked
+from mask_former.data.datasets.standard import (
     get_ade20k_panoptic_metadata,
-    register_ade20k_panoptic,
-)
-from mask_former.data.datasets.register_coco_panoptic import (
     get_coco_panoptic_metadata,
+    register_ade20k_panoptic,
     register_coco_panoptic_with_sem_seg,
 )
-from mask_former.data.datasets.register_common import datasets_root, load_sem_seg_checked
-
 
 # name -> (number of classes, ignore_label, evaluator_type), from the MaskFormer paper / configs.
 EXPECTED = {

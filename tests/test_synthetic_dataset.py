@@ -10,12 +10,11 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import Boxes, Instances
 from panopticapi.utils import rgb2id
 from PIL import Image
 from pycocotools import mask as mask_util
-
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.structures import Boxes, Instances
 
 from mask_former.data.datasets.synthetic import (
     MARKER_FILE,
@@ -186,7 +185,7 @@ def test_scenes_have_something_to_learn(dataset_dir):
     num_things, adjacent_pairs, seen = [], 0, set()
     for split in ("train", "val"):
         _, _, images = _read_split(dataset_dir, split)
-        for pan, segments_info, sem, _ in images:
+        for pan, segments_info, _sem, _ in images:
             stuff = [s for s in segments_info if s["category_id"] > 100]
             things = [s for s in segments_info if s["category_id"] < 100]
             assert len({s["category_id"] for s in stuff}) >= 2
