@@ -1,18 +1,32 @@
 # `make demo` and `make test` do all set-up on a fresh machine.
-PYTHON ?= python3
+# The virtual environment gets the first of these Pythons that runs and is a supported version
+# (the pins of requirements.txt install on CPython 3.11 and 3.12 only, see pyproject.toml);
+# `make PYTHON=/path/to/python3.12 install` chooses one.
+PYTHON_VERSIONS := 3.11 3.12
+PYTHON ?= $(addprefix python,$(PYTHON_VERSIONS)) python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # pytest workers are not used: the suite is sized for 2 cores run sequentially.
 PYTEST_ARGS ?= -q
 
-.PHONY: install test demo clean-demo
+.PHONY: install test demo lint clean-demo
 
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	@py=; for candidate in $(PYTHON); do \
+	    if "$$candidate" -c 'import sys; sys.exit("%d.%d" % sys.version_info[:2] not in "$(PYTHON_VERSIONS)".split())' 2>/dev/null; \
+	    then py=$$candidate; break; fi; \
+	done; \
+	if [ -z "$$py" ]; then \
+	    echo "error: no supported Python found. mask_former needs CPython $(subst $() , or ,$(PYTHON_VERSIONS)) (with venv);" >&2; \
+	    echo "tried: $(PYTHON). Install one, or name it: make PYTHON=/path/to/python3.11 $(MAKECMDGOALS)" >&2; \
+	    exit 1; \
+	fi; \
+	echo "$(PY): creating with $$py ($$("$$py" --version 2>&1))"; \
+	"$$py" -m venv $(VENV)
 
-$(STAMP): requirements.txt setup.py scripts/install_detectron2.sh | $(PY)
-	$(PY) -m pip install -r requirements.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py scripts/install_detectron2.sh | $(PY)
+	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
 	bash scripts/install_detectron2.sh $(PY)
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -24,6 +38,10 @@ test: install
 
 demo: install
 	$(PY) tools/run_demo.py --output output/demo
+
+# ruff's settings are in pyproject.toml
+lint: install
+	$(VENV)/bin/ruff check .
 
 clean-demo:
 	rm -rf output/demo

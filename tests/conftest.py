@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# shared/ lies beside the checkout (CI clones main with shared/ beside it).
-REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+# State-dict layouts of the published checkpoints, kept in the repository (tests/reference/README.md)
+# so that a plain clone with nothing beside it runs every test.
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 
 os.environ.setdefault("DETECTRON2_DATASETS", str(REPO_ROOT / "datasets"))
 
@@ -13,7 +14,7 @@ os.environ.setdefault("DETECTRON2_DATASETS", str(REPO_ROOT / "datasets"))
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not REFERENCE_DIR.is_dir():
-        pytest.fail(f"checkpoint layout references not found at {REFERENCE_DIR} (shared/reference)")
+        pytest.fail(f"checkpoint layout references not found at {REFERENCE_DIR}")
     return REFERENCE_DIR
 
 

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
+from torch import nn
 
 from mask_former.config import add_mask_former_config
 from mask_former.modeling.backbone.swin import (
@@ -28,7 +27,7 @@ from mask_former.modeling.backbone.swin import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 CONVERTER = REPO_ROOT / "tools" / "convert-pretrained-swin-model-to-d2.py"
 
 
@@ -55,7 +54,7 @@ def build_swin(cfg):
 def read_reference_backbone(filename):
     path = REFERENCE_DIR / filename
     if not path.is_file():
-        raise FileNotFoundError(f"reference layout {path} not found (shared/ beside the checkout)")
+        raise FileNotFoundError(f"reference layout {path} not found (tests/reference, copies of the published layouts)")
     layout = {}
     for line in path.read_text().splitlines():
         if not line.startswith("backbone."):
