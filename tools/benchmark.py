@@ -14,7 +14,20 @@ Measures, each as the median (and mean, min) of --runs timed runs after --warmup
 * matcher: ``model.criterion.matcher`` on that batch's final-layer outputs and targets;
 * postprocessing: ``semantic_inference`` / ``panoptic_inference`` / ``instance_inference`` of
   ``mask_former.modeling.postprocessing`` on one image's outputs (random weights: the panoptic
-  and instance costs depend on how many queries survive, so treat them as indicative).
+  and instance costs depend on how many queries survive, so treat them as indicative);
+* postprocessing_many_kept: the same functions plus the mask-wise panoptic merge
+  (``mask_wise_panoptic_inference``) on constructed confident outputs at --input-size with the
+  config's Q queries and K classes, as a trained model gives them: the image is cut into one
+  region per query, each query's mask logit is +4 on its region and -4 elsewhere (plus noise) and
+  its class logit +8 on one real class, so nearly every query is kept (every other class is a
+  thing); the thresholds are the config's;
+* assignment: ``linear_sum_assignment_torch`` against ``scipy.optimize.linear_sum_assignment``
+  (including the copy of the cost to the CPU, as the matcher does) on random costs of 100
+  queries x T targets, T in 1, 10, 50, 100, for one image and for a batch of 8 (one batched
+  call against 8 scipy calls).
+
+``--parts`` picks what to run (default: all): ``model`` (the first four, which build the model),
+``postprocessing`` (postprocessing_many_kept) and ``assignment`` (these two build no model).
 """
 import argparse
 import json
@@ -24,6 +37,7 @@ import resource
 import statistics
 import sys
 import time
+from functools import partial
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -31,11 +45,14 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.logger import setup_logger
+from scipy.optimize import linear_sum_assignment
 from tabulate import tabulate
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mask_former import add_mask_former_config  # noqa: E402
+from mask_former.modeling import postprocessing  # noqa: E402
+from mask_former.modeling.assignment import linear_sum_assignment_torch  # noqa: E402
 from mask_former.modeling.postprocessing import (  # noqa: E402
     instance_inference,
     panoptic_inference,
@@ -46,6 +63,10 @@ from mask_former.solver import build_optimizer  # noqa: E402
 logger = logging.getLogger("mask_former.benchmark")
 
 REDUCED = {"runs": 2, "warmup": 0}
+PARTS = ("model", "postprocessing", "assignment")
+ASSIGNMENT_QUERIES = 100
+ASSIGNMENT_TARGETS = (1, 10, 50, 100)
+ASSIGNMENT_BATCH = 8
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -62,6 +83,11 @@ def get_parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch (default: torch's choice); 1 gives steadier "
                         "numbers on a busy machine")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what to measure (default: all): model = inference, training "
+                        "iteration, matcher and post-processing on the model's outputs; "
+                        "postprocessing = post-processing on constructed confident outputs; "
+                        "assignment = the PyTorch assignment solver against scipy")
     parser.add_argument("--reduced", action="store_true",
                         help=f"tiny run for tests: {REDUCED['runs']} runs, {REDUCED['warmup']} warm-up")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
@@ -246,22 +272,134 @@ def benchmark_postprocessing(model, batch, runs, warmup) -> Dict[str, Dict]:
     return results
 
 
-def format_table(results: Dict) -> str:
-    def ms(entry):
-        return f"{entry['median_s'] * 1e3:.2f}"
+def confident_predictions(num_queries: int, num_classes: int, height: int, width: int, device,
+                          seed: int = 0):
+    """Class logits Q x (K+1) and mask logits Q x H x W as a trained model gives them: the image
+    is cut into one region per query (the nearest of random centres), each query's mask logit is
+    +4 on its region and -4 elsewhere plus N(0, 1) noise, its class logit +8 on one real class."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.rand(num_queries, 2, generator=generator) * torch.tensor([height, width])
+    ys, xs = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
+    nearest = torch.full((height, width), -1, dtype=torch.long)
+    best = torch.full((height, width), float("inf"))
+    for query, (cy, cx) in enumerate(centres.tolist()):  # one H x W map at a time: little memory
+        distance = (ys - cy) ** 2 + (xs - cx) ** 2
+        closer = distance < best
+        best = torch.where(closer, distance, best)
+        nearest = torch.where(closer, query, nearest)
+    region = nearest == torch.arange(num_queries)[:, None, None]
+    mask_pred = torch.where(region, 4.0, -4.0) + torch.randn(num_queries, height, width, generator=generator)
+    mask_cls = torch.randn(num_queries, num_classes + 1, generator=generator)
+    labels = torch.randint(0, num_classes, (num_queries,), generator=generator)
+    mask_cls[torch.arange(num_queries), labels] += 8
+    return mask_cls.to(device), mask_pred.to(device)
 
-    rows = [
-        ["inference", ms(results["inference"]), f"{results['inference']['images_per_s']:.2f} images/s"],
-        ["train iteration", ms(results["train_iteration"]),
-         f"peak memory {results['train_iteration']['peak_memory_mb']:.0f} MB"],
-        ["matcher", ms(results["matcher"]), ""],
-    ]
-    for name in ("semantic", "panoptic", "instance"):
-        rows.append([f"{name} post-processing", ms(results["postprocessing"][name]), "1 image"])
-    header = (f"{results['config_file']}: {results['device']}, batch {results['batch_size']} of "
-              f"{results['input_size'][0]} x {results['input_size'][1]}, median of {results['runs']} runs, "
-              f"{results['num_parameters'] / 1e6:.2f}M parameters")
-    return header + "\n" + tabulate(rows, headers=["step", "median ms", ""], tablefmt="pipe")
+
+def benchmark_postprocessing_many_kept(cfg, height: int, width: int, device: torch.device, runs: int,
+                                       warmup: int, functions=postprocessing) -> Dict[str, object]:
+    """Time the post-processing functions of ``functions`` (a module; another version of
+    ``mask_former.modeling.postprocessing`` can be passed to compare) on :func:`confident_predictions`
+    with the config's queries, classes and thresholds. Every other class is a thing."""
+    num_queries = cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    mask_cls, mask_pred = confident_predictions(num_queries, num_classes, height, width, device)
+    thing_ids = set(range(0, num_classes, 2))
+    object_mask_threshold = cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD
+    overlap_threshold = cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD
+    topk = cfg.TEST.DETECTIONS_PER_IMAGE
+    steps = {
+        "semantic": lambda: functions.semantic_inference(mask_cls, mask_pred),
+        "panoptic_pixel_wise": lambda: functions.panoptic_inference(
+            mask_cls, mask_pred, thing_ids, object_mask_threshold, overlap_threshold
+        ),
+        "instance": lambda: functions.instance_inference(mask_cls, mask_pred, num_classes, topk, thing_ids),
+    }
+    if hasattr(functions, "mask_wise_panoptic_inference"):
+        steps["panoptic_mask_wise"] = lambda: functions.mask_wise_panoptic_inference(mask_cls, mask_pred, thing_ids)
+    with torch.no_grad():
+        results = {name: time_runs(fn, runs, warmup, device) for name, fn in steps.items()}
+        probs = F.softmax(mask_cls, dim=-1)
+        labels = probs.argmax(-1)
+        scores = probs.gather(1, labels[:, None])[:, 0]
+        kept = (labels != num_classes) & (scores > object_mask_threshold)
+        results["kept_queries"] = int(kept.sum())
+        results["pixel_wise_segments"] = len(steps["panoptic_pixel_wise"]()[1])
+        if "panoptic_mask_wise" in steps:
+            results["mask_wise_segments"] = len(steps["panoptic_mask_wise"]()[1])
+    results.update({"num_queries": num_queries, "num_classes": num_classes, "input_size": [height, width],
+                    "object_mask_threshold": object_mask_threshold, "overlap_threshold": overlap_threshold,
+                    "detections_per_image": topk})
+    return results
+
+
+def benchmark_assignment(device: torch.device, runs: int, warmup: int) -> Dict[str, Dict]:
+    """``linear_sum_assignment_torch`` against scipy on uniform random float32 costs of
+    ASSIGNMENT_QUERIES queries x T targets, for one image and for a batch of ASSIGNMENT_BATCH."""
+    def scipy_each(costs):
+        for cost in costs.cpu().numpy():
+            linear_sum_assignment(cost)
+
+    generator = torch.Generator().manual_seed(0)
+    results = {}
+    for num_targets in ASSIGNMENT_TARGETS:
+        costs = torch.rand(ASSIGNMENT_BATCH, ASSIGNMENT_QUERIES, num_targets, generator=generator).to(device)
+        steps = {
+            "torch": partial(linear_sum_assignment_torch, costs[0]),
+            "scipy": partial(scipy_each, costs[:1]),
+            "torch_batch": partial(linear_sum_assignment_torch, costs),
+            "scipy_batch": partial(scipy_each, costs),
+        }
+        results[f"T={num_targets}"] = {"num_targets": num_targets}
+        results[f"T={num_targets}"].update({name: time_runs(fn, runs, warmup, device) for name, fn in steps.items()})
+    results["num_queries"] = ASSIGNMENT_QUERIES
+    results["batch"] = ASSIGNMENT_BATCH
+    return results
+
+
+def _ms(entry) -> str:
+    return f"{entry['median_s'] * 1e3:.2f}"
+
+
+def format_table(results: Dict) -> str:
+    size = f"{results['input_size'][0]} x {results['input_size'][1]}"
+    header = f"{results['config_file']}: {results['device']}, median of {results['runs']} runs"
+    tables = []
+    if "inference" in results:
+        header += (f", batch {results['batch_size']} of {size}, "
+                   f"{results['num_parameters'] / 1e6:.2f}M parameters")
+        rows = [
+            ["inference", _ms(results["inference"]), f"{results['inference']['images_per_s']:.2f} images/s"],
+            ["train iteration", _ms(results["train_iteration"]),
+             f"peak memory {results['train_iteration']['peak_memory_mb']:.0f} MB"],
+            ["matcher", _ms(results["matcher"]), ""],
+        ]
+        for name in ("semantic", "panoptic", "instance"):
+            rows.append([f"{name} post-processing", _ms(results["postprocessing"][name]),
+                         "1 image, the model's outputs (random weights)"])
+        tables.append(tabulate(rows, headers=["step", "median ms", ""], tablefmt="pipe"))
+    if "postprocessing_many_kept" in results:
+        many = results["postprocessing_many_kept"]
+        note = (f"1 image of {size}, {many['num_queries']} queries ({many['kept_queries']} kept) x "
+                f"{many['num_classes']} classes")
+        rows = [["semantic", _ms(many["semantic"]), note],
+                ["panoptic, pixel-wise merge", _ms(many["panoptic_pixel_wise"]),
+                 f"{many['pixel_wise_segments']} segments"]]
+        if "panoptic_mask_wise" in many:
+            rows.append(["panoptic, mask-wise merge", _ms(many["panoptic_mask_wise"]),
+                         f"{many['mask_wise_segments']} segments"])
+        rows.append(["instance", _ms(many["instance"]), f"top {many['detections_per_image']}"])
+        tables.append(tabulate(rows, headers=["post-processing, confident outputs", "median ms", ""],
+                               tablefmt="pipe"))
+    if "assignment" in results:
+        assignment = results["assignment"]
+        rows = [[f"{assignment['num_queries']} x {entry['num_targets']}", _ms(entry["torch"]), _ms(entry["scipy"]),
+                 _ms(entry["torch_batch"]), _ms(entry["scipy_batch"])]
+                for key, entry in assignment.items() if key.startswith("T=")]
+        batch = assignment["batch"]
+        tables.append(tabulate(rows, headers=["assignment, queries x targets", "torch ms", "scipy ms",
+                                              f"torch, batch {batch}", f"scipy, {batch} calls"],
+                               tablefmt="pipe"))
+    return header + "\n" + "\n\n".join(tables)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -292,25 +430,37 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 def run_benchmarks(cfg, args) -> Dict:
     torch.manual_seed(0)
-    model = build_model(cfg)
     height, width = args.input_size
-    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    batch = synthetic_batch(args.batch_size, height, width, num_classes, args.num_gt_masks)
     runs, warmup = args.runs, args.warmup
+    device = torch.device(cfg.MODEL.DEVICE)
     results = {
         "config_file": args.config_file,
-        "device": str(model.device),
+        "device": str(device),
         "input_size": [height, width],
         "batch_size": args.batch_size,
         "runs": runs,
         "warmup": warmup,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "inference": benchmark_inference(model, batch, runs, warmup),
-        "train_iteration": benchmark_training(cfg, model, batch, runs, warmup),
-        "matcher": benchmark_matcher(model, batch, runs, warmup),
-        "postprocessing": benchmark_postprocessing(model, batch, runs, warmup),
+        "parts": list(args.parts),
         "num_threads": torch.get_num_threads(),
     }
+    if "model" in args.parts:
+        model = build_model(cfg)
+        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        batch = synthetic_batch(args.batch_size, height, width, num_classes, args.num_gt_masks)
+        results.update({
+            "device": str(model.device),
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "inference": benchmark_inference(model, batch, runs, warmup),
+            "train_iteration": benchmark_training(cfg, model, batch, runs, warmup),
+            "matcher": benchmark_matcher(model, batch, runs, warmup),
+            "postprocessing": benchmark_postprocessing(model, batch, runs, warmup),
+        })
+    if "postprocessing" in args.parts:
+        results["postprocessing_many_kept"] = benchmark_postprocessing_many_kept(
+            cfg, height, width, device, runs, warmup
+        )
+    if "assignment" in args.parts:
+        results["assignment"] = benchmark_assignment(device, runs, warmup)
     return results
 
 
