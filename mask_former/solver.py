@@ -4,6 +4,7 @@ import itertools
 from typing import Any, Dict, List, Set, Type
 
 import torch
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.solver import LRMultiplier, WarmupParamScheduler
 from detectron2.solver import build_lr_scheduler as build_d2_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping
@@ -24,14 +25,15 @@ NORM_MODULE_TYPES = (
 
 # Parameters that are positional tables, not weights: never decayed.
 NO_DECAY_PARAM_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+# Layers that place the sampling points of deformable attention (Deformable DETR trains them slower).
+SAMPLING_OFFSET_MODULE_NAMES = ("sampling_offsets", "reference_points")
 
 
 def get_param_groups(cfg, model: torch.nn.Module) -> List[Dict[str, Any]]:
     """One group per parameter with its own lr and weight decay:
-    backbone parameters get ``BASE_LR * BACKBONE_MULTIPLIER``; normalization parameters get
-    ``WEIGHT_DECAY_NORM``, embeddings ``WEIGHT_DECAY_EMBED`` and positional tables 0."""
-    from detectron2.layers import FrozenBatchNorm2d
-
+    backbone parameters get ``BASE_LR * BACKBONE_MULTIPLIER``, the sampling offsets and reference
+    points of deformable attention ``BASE_LR * SAMPLING_OFFSET_MULTIPLIER``; normalization
+    parameters get ``WEIGHT_DECAY_NORM``, embeddings ``WEIGHT_DECAY_EMBED`` and positional tables 0."""
     norm_types = NORM_MODULE_TYPES + (FrozenBatchNorm2d,)
     solver = cfg.SOLVER
     defaults = {"lr": solver.BASE_LR, "weight_decay": solver.WEIGHT_DECAY}
@@ -45,6 +47,8 @@ def get_param_groups(cfg, model: torch.nn.Module) -> List[Dict[str, Any]]:
             group = copy.copy(defaults)
             if module_name == "backbone" or module_name.startswith("backbone.") or ".backbone." in module_name:
                 group["lr"] = group["lr"] * solver.BACKBONE_MULTIPLIER
+            if module_name.rsplit(".", 1)[-1] in SAMPLING_OFFSET_MODULE_NAMES:
+                group["lr"] = group["lr"] * solver.SAMPLING_OFFSET_MULTIPLIER
             if param_name in NO_DECAY_PARAM_NAMES:
                 group["weight_decay"] = 0.0
             if isinstance(module, norm_types):

@@ -505,6 +505,21 @@ def test_semantic_invalid_label_value(tmp_path):
     assert "bad_sem.png" in str(e.value) and "7, 200" in str(e.value)
 
 
+def test_semantic_labels_numbered_from_1_get_a_hint(tmp_path):
+    label = np.where(semantic_label() == IGNORE, IGNORE, semantic_label() + 1).astype(np.uint8)
+    label[label == 3] = 2
+    label[0, 1:4] = [1, 3, 4]
+    label[0, 4] = NUM_CLASSES  # classes 1..5 for NUM_CLASSES 5
+    record = {
+        "file_name": save(tmp_path / "img.png", random_rgb()),
+        "sem_seg_file_name": save(tmp_path / "from_one.png", label),
+    }
+    with pytest.raises(ValueError) as e:
+        build_dataset_mapper(make_cfg(), is_train=True)(record)
+    message = str(e.value)
+    assert "from_one.png" in message and "value(s) 5 " in message and "numbered 1..5" in message
+
+
 def test_semantic_label_size_mismatch(tmp_path):
     record = {
         "file_name": save(tmp_path / "img.png", random_rgb()),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from mask_former.checkpoint import AtomicDetectionCheckpointer, check_weights_available
+from mask_former.checkpoint import MaskFormerCheckpointer, check_weights_available
 from mask_former.engine.resume import RandomStates, ResumableTrainingSampler
 from mask_former.solver import build_lr_scheduler, build_optimizer
 from mask_former.test_time_augmentation import SemanticSegmentorWithTTA
@@ -102,7 +102,7 @@ def test_warmup_poly_lr():
 
 def test_atomic_checkpoint_never_replaces_the_last_good_one(tmp_path, monkeypatch):
     model = torch.nn.Linear(2, 2)
-    checkpointer = AtomicDetectionCheckpointer(model, str(tmp_path))
+    checkpointer = MaskFormerCheckpointer(model, str(tmp_path))
     checkpointer.save("model_0000001")
     good = torch.load(tmp_path / "model_0000001.pth", weights_only=False)["model"]
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BitMasks, Instances
-from PIL import Image
 from panopticapi.utils import rgb2id
+from PIL import Image
 
 from mask_former.evaluation import InstanceSegEvaluator, build_evaluator
 from model_utils import tiny_cfg
@@ -59,7 +59,7 @@ def test_ground_truth_scores_100_on_pq_miou_and_mask_ap(tiny_synthetic_root, tmp
     cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = True
     evaluator = build_evaluator(cfg, name, str(tmp_path))
     kinds = sorted(type(e).__name__ for e in evaluator._evaluators)
-    assert kinds == ["COCOPanopticEvaluator", "InstanceSegEvaluator", "SemSegEvaluator"]
+    assert kinds == ["COCOPanopticEvaluator", "CheckedSemSegEvaluator", "InstanceSegEvaluator"]
 
     thing_contiguous = set(meta.thing_dataset_id_to_contiguous_id.values())
     results = run_evaluator(
@@ -145,7 +145,7 @@ def test_evaluator_choice_follows_enabled_tasks(tiny_synthetic_root, tmp_path):
     cfg = tiny_cfg(num_classes=8)
     cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = True
     evaluator = build_evaluator(cfg, f"{TEST_PREFIX}_panoptic_val", str(tmp_path))
-    assert [type(e).__name__ for e in evaluator._evaluators] == ["SemSegEvaluator"]
+    assert [type(e).__name__ for e in evaluator._evaluators] == ["CheckedSemSegEvaluator"]
     cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = True
     evaluator = build_evaluator(cfg, f"{TEST_PREFIX}_instance_val", str(tmp_path))
     assert [type(e).__name__ for e in evaluator._evaluators] == ["InstanceSegEvaluator"]

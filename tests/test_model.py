@@ -206,7 +206,7 @@ def test_panoptic_without_thing_metadata_fails_clearly():
     (["bce"], ("bce", 5.0, 0.0)),
 ])
 def test_matcher_costs_follow_the_configured_losses(mask_losses, expected):
-    from mask_former.maskformer_model import build_matcher
+    from mask_former.modeling.criterion import build_matcher
 
     cfg = tiny_cfg()
     cfg.MODEL.MASK_FORMER.MASK_LOSSES = mask_losses

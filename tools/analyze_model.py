@@ -24,7 +24,7 @@ from detectron2.utils.logger import setup_logger
 from fvcore.nn import flop_count_table, parameter_count, parameter_count_table
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mask_former import add_mask_former_config  # noqa: E402
+from mask_former.config import add_mask_former_config, merge_config_file  # noqa: E402
 
 TASKS = ("parameter", "flop", "activation")
 
@@ -45,7 +45,7 @@ def get_parser() -> argparse.ArgumentParser:
 def setup_cfg(config_file: str, opts: List[str], semantic_only: bool):
     cfg = get_cfg()
     add_mask_former_config(cfg)
-    cfg.merge_from_file(config_file)
+    merge_config_file(cfg, config_file)
     cfg.merge_from_list(opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""  # counts do not depend on the weights

@@ -1,28 +1,33 @@
 #!/usr/bin/env python
 """
-Convert an official Swin Transformer ImageNet checkpoint into a detectron2 pickle that
-``MODEL.WEIGHTS`` can point at for a MaskFormer model with the ``D2SwinTransformer`` backbone.
+Convert an official Swin Transformer ImageNet checkpoint into a detectron2 pickle (or, for an
+output name ending in ``.safetensors``, a safetensors file) that ``MODEL.WEIGHTS`` can point at
+for a MaskFormer model with the ``D2SwinTransformer`` backbone.
 
 Usage:
     python tools/convert-pretrained-swin-model-to-d2.py swin_tiny_patch4_window7_224.pth \
-        swin_tiny_patch4_window7_224.pkl
+        swin_tiny_patch4_window7_224.pkl      # or swin_tiny_patch4_window7_224.safetensors
 
 Input: a torch file ``{"model": state_dict}`` as released by the Swin authors (keys
 ``patch_embed.*``, ``layers.*``, ``norm.*``, ``head.*``).
 Output: ``{"model": {"backbone." + key: numpy array}, "__author__": "third_party",
 "matching_heuristics": True}``, the format detectron2's ``DetectionCheckpointer`` reads from
-``.pkl`` files. Dropped: the classification head ``head.*``, the final ``norm.*`` (the backbone
-has one norm per output stage instead, ``norm0..norm3``, trained from scratch) and the
+``.pkl`` files (a .safetensors output holds the arrays, with ``__author__`` and
+``matching_heuristics`` in its metadata). Dropped: the classification head ``head.*``, the final
+``norm.*`` (the backbone has one norm per output stage instead, ``norm0..norm3``, trained from scratch) and the
 ``*.attn_mask`` buffers of the classification model, which are fixed to the pre-training
 resolution (the backbone computes its masks for each input size).
 """
 import argparse
-import pickle
+import os
 import sys
 from typing import Dict
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mask_former.checkpoint.checkpointer import save_weights_file  # noqa: E402
 
 REQUIRED_KEYS = ("patch_embed.proj.weight",)
 REQUIRED_PREFIXES = ("layers.",)
@@ -76,18 +81,16 @@ def load_official_checkpoint(path: str) -> Dict[str, torch.Tensor]:
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Convert an official Swin Transformer checkpoint (.pth) to a detectron2 "
-        "pickle (.pkl) for D2SwinTransformer."
+        "pickle (.pkl) or .safetensors file for D2SwinTransformer."
     )
     parser.add_argument(
         "input", help="official Swin checkpoint, e.g. swin_tiny_patch4_window7_224.pth"
     )
-    parser.add_argument("output", help="output .pkl file")
+    parser.add_argument("output", help="output file: .safetensors, or a .pkl pickle")
     args = parser.parse_args(argv)
 
     weights = convert_swin_state_dict(load_official_checkpoint(args.input), source=args.input)
-    result = {"model": weights, "__author__": "third_party", "matching_heuristics": True}
-    with open(args.output, "wb") as f:
-        pickle.dump(result, f)
+    save_weights_file(weights, args.output, author="third_party", matching_heuristics=True)
     num_params = sum(int(np.prod(v.shape)) for v in weights.values())
     print(f"Wrote {len(weights)} tensors ({num_params} values) to {args.output}")
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """
-Convert torchvision ImageNet ResNet weights into a detectron2 pickle for ``MODEL.WEIGHTS``.
+Convert torchvision ImageNet ResNet weights into a detectron2 pickle (or, for an output name
+ending in ``.safetensors``, a safetensors file) for ``MODEL.WEIGHTS``.
 
     wget https://download.pytorch.org/models/resnet50-0676ba61.pth
     python tools/convert-torchvision-to-d2.py resnet50-0676ba61.pth R-50-torchvision.pkl
+    python tools/convert-torchvision-to-d2.py resnet50-0676ba61.pth R-50-torchvision.safetensors
 
 Key mapping (torchvision -> detectron2 ResNet):
 
@@ -16,7 +18,8 @@ Key mapping (torchvision -> detectron2 ResNet):
     fc.*, *.num_batches_tracked dropped
 
 The output is ``{"model": {key: numpy array}, "__author__": "torchvision",
-"matching_heuristics": True}``; the heuristics let detectron2's checkpointer find the keys under
+"matching_heuristics": True}`` (in a .safetensors file: the arrays, with ``__author__`` and
+``matching_heuristics`` in its metadata); the heuristics let detectron2's checkpointer find the keys under
 the model's ``backbone.`` prefix. torchvision's models differ from detectron2's MSRA defaults, so
 use them with::
 
@@ -26,12 +29,16 @@ use them with::
     INPUT.FORMAT RGB
 """
 import argparse
-import pickle
+import os
 import re
+import sys
 from typing import Dict, Mapping
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mask_former.checkpoint.checkpointer import save_weights_file  # noqa: E402
 
 _DROPPED = re.compile(r"(^fc\.|\.num_batches_tracked$)")
 
@@ -99,15 +106,15 @@ def load_torchvision_checkpoint(path: str) -> Mapping[str, torch.Tensor]:
 
 def main(argv=None) -> Dict[str, np.ndarray]:
     parser = argparse.ArgumentParser(
-        description="Convert torchvision ResNet ImageNet weights (.pth) to a detectron2 pickle (.pkl)"
+        description="Convert torchvision ResNet ImageNet weights (.pth) to a detectron2 pickle (.pkl) "
+        "or a .safetensors file"
     )
     parser.add_argument("input", help="torchvision ResNet state dict, e.g. resnet50-0676ba61.pth")
-    parser.add_argument("output", help="output .pkl file")
+    parser.add_argument("output", help="output file: .safetensors, or a .pkl pickle")
     args = parser.parse_args(argv)
 
     weights = convert_state_dict(load_torchvision_checkpoint(args.input), source=args.input)
-    with open(args.output, "wb") as f:
-        pickle.dump({"model": weights, "__author__": "torchvision", "matching_heuristics": True}, f)
+    save_weights_file(weights, args.output, author="torchvision", matching_heuristics=True)
     print(f"Wrote {len(weights)} tensors to {args.output}. Use it with MODEL.RESNETS.STRIDE_IN_1X1 False, "
           "MODEL.PIXEL_MEAN [123.675, 116.280, 103.530], MODEL.PIXEL_STD [58.395, 57.120, 57.375], "
           "INPUT.FORMAT RGB")

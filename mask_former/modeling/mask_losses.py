@@ -7,7 +7,9 @@ Two families of functions, one per kind of mask loss:
   brier) are averaged over the pixels of each mask; every loss is summed over the masks and
   divided by ``num_masks`` (the number of target masks in the batch, averaged over processes).
 - ``*_cost(inputs, targets)``: the same quantity for every (query, target) pair, as a Q x T
-  matrix, without the division by ``num_masks``. ``inputs`` is Q x P, ``targets`` is T x P.
+  matrix, without the division by ``num_masks``. ``inputs`` is Q x P, ``targets`` is T x P. The
+  matcher maps a cost over the images of a batch with ``torch.vmap``, so a cost must be a plain
+  tensor function (no ``.item()``, no branching on values).
 
 ``inputs`` are mask logits (before the sigmoid) and ``targets`` are binary masks as float in
 {0, 1}. The costs are computed with matrix products; the focal cost relies on the targets being
@@ -15,7 +17,9 @@ binary (the focal weighting is not linear in soft targets), the others are exact
 target in [0, 1].
 
 ``MASK_LOSSES`` maps the names used by ``MODEL.MASK_FORMER.MASK_LOSSES`` ("focal", "bce",
-"brier", "dice") to these functions and to the key of the loss in the criterion's output.
+"brier", "dice") to a :class:`MaskLossType`: these functions, the key of the loss in the
+criterion's output and the config key of its weight. A new mask loss is one call of
+:func:`register_mask_loss` (plus its weight key in the config).
 """
 from dataclasses import dataclass
 from typing import Callable, Dict
@@ -34,7 +38,7 @@ __all__ = [
     "dice_cost",
     "MaskLossType",
     "MASK_LOSSES",
-    "POINTWISE_MASK_LOSSES",
+    "register_mask_loss",
     "get_mask_loss",
 ]
 
@@ -193,7 +197,8 @@ def dice_cost(inputs: Tensor, targets: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class MaskLossType:
-    """One kind of mask loss: its matched-pair loss, its pairwise cost and its output key."""
+    """One kind of mask loss: its matched-pair loss, its pairwise cost, its output key and the
+    config key of its weight."""
 
     loss: Callable[[Tensor, Tensor, float], Tensor]
     cost: Callable[[Tensor, Tensor], Tensor]
@@ -201,16 +206,41 @@ class MaskLossType:
     loss_key: str
     # True for per-pixel losses (usable as the matcher's mask cost); False for dice
     pointwise: bool
+    # key under MODEL.MASK_FORMER of this loss's weight (also its matching-cost weight)
+    weight_key: str
 
 
-MASK_LOSSES: Dict[str, MaskLossType] = {
-    "focal": MaskLossType(sigmoid_focal_loss, sigmoid_focal_cost, "loss_mask", True),
-    "bce": MaskLossType(bce_loss, bce_cost, "loss_bce", True),
-    "brier": MaskLossType(brier_loss, brier_cost, "loss_brier", True),
-    "dice": MaskLossType(dice_loss, dice_cost, "loss_dice", False),
-}
+# Every mask loss, by the name MODEL.MASK_FORMER.MASK_LOSSES uses. Add one with register_mask_loss.
+MASK_LOSSES: Dict[str, MaskLossType] = {}
 
-POINTWISE_MASK_LOSSES = tuple(name for name, kind in MASK_LOSSES.items() if kind.pointwise)
+
+def register_mask_loss(name: str, loss_type: MaskLossType) -> MaskLossType:
+    """
+    Make a mask loss available to MODEL.MASK_FORMER.MASK_LOSSES under ``name``.
+
+    Args:
+        name: the name configs use.
+        loss_type: its functions, output key and weight key (the weight key must exist under
+            MODEL.MASK_FORMER when a model is built with this loss; add it to the config first).
+    Raises:
+        ValueError: when the name or the output key is already taken.
+    """
+    if name in MASK_LOSSES:
+        raise ValueError(f"A mask loss named {name!r} is already registered")
+    taken = {kind.loss_key: other for other, kind in MASK_LOSSES.items()}
+    if loss_type.loss_key in taken or loss_type.loss_key == "loss_ce":
+        raise ValueError(
+            f"Mask loss {name!r}: loss_key {loss_type.loss_key!r} is already used by "
+            f"{taken.get(loss_type.loss_key, 'the classification loss')!r}"
+        )
+    MASK_LOSSES[name] = loss_type
+    return loss_type
+
+
+register_mask_loss("focal", MaskLossType(sigmoid_focal_loss, sigmoid_focal_cost, "loss_mask", True, "MASK_WEIGHT"))
+register_mask_loss("bce", MaskLossType(bce_loss, bce_cost, "loss_bce", True, "BCE_WEIGHT"))
+register_mask_loss("brier", MaskLossType(brier_loss, brier_cost, "loss_brier", True, "BRIER_WEIGHT"))
+register_mask_loss("dice", MaskLossType(dice_loss, dice_cost, "loss_dice", False, "DICE_WEIGHT"))
 
 
 def get_mask_loss(
@@ -219,14 +249,14 @@ def get_mask_loss(
     """Look up a mask loss by name.
 
     Args:
-        name: one of ``MASK_LOSSES`` ("focal", "bce", "brier", "dice").
+        name: a name of ``MASK_LOSSES`` ("focal", "bce", "brier", "dice" and any registered one).
         pointwise_only: accept only per-pixel losses (all but "dice").
         where: what asked for it, for the error message (e.g. "HungarianMatcher mask_cost_type").
 
     Raises:
         ValueError: naming the value and listing the valid names.
     """
-    valid = POINTWISE_MASK_LOSSES if pointwise_only else tuple(MASK_LOSSES)
+    valid = tuple(n for n, kind in MASK_LOSSES.items() if kind.pointwise or not pointwise_only)
     if not isinstance(name, str) or name not in valid:
         raise ValueError(f"{where}: unknown mask loss {name!r}; valid names: {', '.join(valid)}")
     return MASK_LOSSES[name]

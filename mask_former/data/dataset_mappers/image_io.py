@@ -8,6 +8,8 @@ Two kinds of failure are kept apart:
   floating-point image) raises ``ValueError``: that is a data bug and is never skipped.
 """
 
+from typing import Optional
+
 import numpy as np
 from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageOps
@@ -28,7 +30,24 @@ _LABEL_MODES = ("L", "P", "1", "I") + _16_BIT_MODES
 
 
 class ImageReadError(OSError):
-    """An image or label file is missing, truncated or cannot be decoded."""
+    """An image or label file is missing, truncated or cannot be decoded.
+
+    Attributes:
+        file_name: the file that could not be read (None when made from a message alone).
+        reason: why, e.g. "FileNotFoundError: ...".
+    """
+
+    def __init__(self, file_name: str, reason: Optional[str] = None):
+        if reason is None:  # from a whole message, as a DataLoader re-raises a worker's error
+            super().__init__(file_name)
+            self.file_name, self.reason = None, file_name
+            return
+        super().__init__(f"cannot read {file_name!r}: {reason}")
+        self.file_name = file_name
+        self.reason = reason
+
+    def __reduce__(self):  # picklable, so that data-loader workers can report it
+        return type(self), (self.file_name, self.reason)
 
 
 def _open(file_name: str) -> Image.Image:
@@ -42,7 +61,7 @@ def _open(file_name: str) -> Image.Image:
     # FileNotFoundError, PIL.UnidentifiedImageError and "image file is truncated" are OSErrors;
     # some PIL decoders report corrupt data as SyntaxError or EOFError
     except (OSError, SyntaxError, EOFError) as e:
-        raise ImageReadError(f"cannot read {file_name!r}: {type(e).__name__}: {e}") from e
+        raise ImageReadError(file_name, f"{type(e).__name__}: {e}") from e
 
 
 def _16_bit_to_8_bit(array: np.ndarray, file_name: str) -> np.ndarray:

@@ -3,14 +3,7 @@
 import numpy as np
 import torch
 
-from .base import (
-    MaskFormerDatasetMapperBase,
-    check_label_values,
-    check_same_size,
-    pad_bottom_right,
-    register_mapper,
-)
-from .image_io import read_label_map
+from .base import MaskFormerDatasetMapperBase, pad_bottom_right, read_semantic_label, register_mapper
 
 __all__ = ["MaskFormerSemanticDatasetMapper"]
 
@@ -36,9 +29,9 @@ class MaskFormerSemanticDatasetMapper(MaskFormerDatasetMapperBase):
             )
         label_file = dataset_dict["sem_seg_file_name"]
         image = self.read_image(dataset_dict)
-        label = read_label_map(label_file)
-        check_same_size(image, label, dataset_dict["file_name"], label_file)
-        check_label_values(label, self.num_classes, self.ignore_label, repr(label_file))
+        label = read_semantic_label(
+            label_file, dataset_dict["file_name"], image.shape[:2], self.num_classes, self.ignore_label
+        )
 
         image, label, _ = self.augment(image, label)
 

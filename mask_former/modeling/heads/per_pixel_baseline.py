@@ -10,35 +10,25 @@ from torch.nn import functional as F
 
 from ..pixel_decoder import build_pixel_decoder
 from ..transformer_decoder import build_transformer_decoder
-from .mask_former_head import check_num_classes, remap_flat_pixel_decoder_keys
+from .mask_former_head import check_num_classes, run_pixel_and_transformer_decoders, transformer_in_channels
 
 
-@SEM_SEG_HEADS_REGISTRY.register()
-class PerPixelBaselineHead(nn.Module):
-    """Pixel decoder + a 1x1 conv classifier: K logits per pixel, trained with cross-entropy."""
+class _PerPixelClassificationHead(nn.Module):
+    """K logits per pixel from a pixel decoder and a ``predictor``, trained with cross-entropy;
+    subclasses say what the predictor is (:meth:`layers`)."""
 
-    @configurable
-    def __init__(self, *, num_classes: int, pixel_decoder: nn.Module, loss_weight: float = 1.0,
-                 ignore_value: int = -1, common_stride: int = 4):
-        """
-        Args:
-            num_classes: K.
-            pixel_decoder: makes per-pixel embeddings of ``pixel_decoder.mask_dim`` channels.
-            loss_weight: weight of the cross-entropy loss.
-            ignore_value: label ignored by the loss.
-            common_stride: stride of the per-pixel embeddings (predictions are upsampled by it).
-        """
+    def __init__(self, *, num_classes: int, pixel_decoder: nn.Module, predictor: nn.Module,
+                 loss_weight: float, ignore_value: int, common_stride: int):
         super().__init__()
         self.num_classes = check_num_classes(num_classes)
         self.pixel_decoder = pixel_decoder
+        self.predictor = predictor
         self.loss_weight = loss_weight
         self.ignore_value = ignore_value
         self.common_stride = common_stride
-        self.predictor = Conv2d(pixel_decoder.mask_dim, num_classes, kernel_size=1)
-        weight_init.c2_msra_fill(self.predictor)
 
-    @classmethod
-    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+    @staticmethod
+    def _common_config(cfg, input_shape: Dict[str, ShapeSpec]) -> Dict[str, object]:
         return {
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             "pixel_decoder": build_pixel_decoder(cfg, input_shape),
@@ -48,8 +38,8 @@ class PerPixelBaselineHead(nn.Module):
         }
 
     def layers(self, features: Dict[str, Tensor]) -> Dict[str, object]:
-        mask_features, _ = self.pixel_decoder.forward_features(features)
-        return {"pred_masks": self.predictor(mask_features)}
+        """Returns "pred_masks" B x K x H_4 x W_4 logits (and "aux_outputs" with deep supervision)."""
+        raise NotImplementedError
 
     def forward(self, features: Dict[str, Tensor], targets: Optional[Tensor] = None):
         """
@@ -75,48 +65,67 @@ class PerPixelBaselineHead(nn.Module):
         return F.cross_entropy(logits, targets, reduction="mean",
                                ignore_index=self.ignore_value) * self.loss_weight
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        remap_flat_pixel_decoder_keys(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class PerPixelBaselineHead(_PerPixelClassificationHead):
+    """Pixel decoder + a 1x1 conv classifier over its per-pixel embeddings."""
+
+    @configurable
+    def __init__(self, *, num_classes: int, pixel_decoder: nn.Module, loss_weight: float = 1.0,
+                 ignore_value: int = -1, common_stride: int = 4):
+        """
+        Args:
+            num_classes: K.
+            pixel_decoder: makes per-pixel embeddings of ``pixel_decoder.mask_dim`` channels.
+            loss_weight: weight of the cross-entropy loss.
+            ignore_value: label ignored by the loss.
+            common_stride: stride of the per-pixel embeddings (predictions are upsampled by it).
+        """
+        classifier = Conv2d(pixel_decoder.mask_dim, num_classes, kernel_size=1)
+        weight_init.c2_msra_fill(classifier)
+        super().__init__(num_classes=num_classes, pixel_decoder=pixel_decoder, predictor=classifier,
+                         loss_weight=loss_weight, ignore_value=ignore_value, common_stride=common_stride)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        return cls._common_config(cfg, input_shape)
+
+    def layers(self, features: Dict[str, Tensor]) -> Dict[str, object]:
+        mask_features, _ = self.pixel_decoder.forward_features(features)
+        return {"pred_masks": self.predictor(mask_features)}
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class PerPixelBaselinePlusHead(PerPixelBaselineHead):
-    """The "+" baseline: a query decoder with one query per class and no class head; each query's
-    mask is that class's per-pixel logit map. Deep supervision applies the loss to every layer."""
+class PerPixelBaselinePlusHead(_PerPixelClassificationHead):
+    """The "+" baseline: a transformer decoder with one query per class and no class head; each
+    query's mask is that class's per-pixel logit map. Deep supervision applies the loss to every
+    layer."""
 
     @configurable
     def __init__(self, *, num_classes: int, pixel_decoder: nn.Module, transformer_predictor: nn.Module,
                  transformer_in_feature: str, loss_weight: float = 1.0, ignore_value: int = -1,
                  common_stride: int = 4):
-        super().__init__(num_classes=num_classes, pixel_decoder=pixel_decoder, loss_weight=loss_weight,
-                         ignore_value=ignore_value, common_stride=common_stride)
-        del self.predictor
-        self.predictor = transformer_predictor
-        self.transformer_in_feature = transformer_in_feature
         if transformer_predictor.num_queries != num_classes:
             raise ValueError(
                 "PerPixelBaselinePlusHead needs one query per class: MODEL.MASK_FORMER."
                 f"NUM_OBJECT_QUERIES={transformer_predictor.num_queries} must equal "
                 f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes}"
             )
+        super().__init__(num_classes=num_classes, pixel_decoder=pixel_decoder,
+                         predictor=transformer_predictor, loss_weight=loss_weight,
+                         ignore_value=ignore_value, common_stride=common_stride)
+        self.transformer_in_feature = transformer_in_feature
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        ret = super().from_config(cfg, input_shape)
+        ret = cls._common_config(cfg, input_shape)
         in_feature = cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE
-        if in_feature == "transformer_encoder":
-            in_channels = cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM
-        else:
-            in_channels = input_shape[in_feature].channels
+        in_channels = transformer_in_channels(in_feature, ret["pixel_decoder"], input_shape)
         ret["transformer_predictor"] = build_transformer_decoder(cfg, in_channels, mask_classification=False)
         ret["transformer_in_feature"] = in_feature
         return ret
 
     def layers(self, features: Dict[str, Tensor]) -> Dict[str, object]:
-        mask_features, encoder_features = self.pixel_decoder.forward_features(features)
-        if self.transformer_in_feature == "transformer_encoder":
-            query_input = encoder_features
-        else:
-            query_input = features[self.transformer_in_feature]
-        return self.predictor(query_input, mask_features)
+        return run_pixel_and_transformer_decoders(
+            self.pixel_decoder, self.predictor, self.transformer_in_feature, features
+        )

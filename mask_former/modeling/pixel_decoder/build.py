@@ -7,9 +7,16 @@ from ...utils.registry import lookup
 PIXEL_DECODER_REGISTRY = Registry("PIXEL_DECODER")
 PIXEL_DECODER_REGISTRY.__doc__ = """
 Pixel decoders for MaskFormer heads. A registered class is ``@configurable`` with
-``from_config(cls, cfg, input_shape)``, has a ``mask_dim`` attribute and a method
-``forward_features(features) -> (mask_features, transformer_encoder_features)``.
+``from_config(cls, cfg, input_shape)``, a method
+``forward_features(features) -> (mask_features, transformer_encoder_features)`` and two attributes
+the heads read:
+
+* ``mask_dim``: channels of ``mask_features`` (the per-pixel embeddings);
+* ``transformer_encoder_channels``: channels of ``transformer_encoder_features``, or None when the
+  decoder returns none (then MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE cannot be
+  "transformer_encoder").
 """
+REQUIRED_ATTRIBUTES = ("mask_dim", "transformer_encoder_channels")
 
 
 def build_pixel_decoder(cfg, input_shape):
@@ -25,5 +32,11 @@ def build_pixel_decoder(cfg, input_shape):
         raise ValueError(
             f"Pixel decoder {name} must define forward_features(features) -> "
             "(mask_features, transformer_encoder_features)"
+        )
+    missing = [attr for attr in REQUIRED_ATTRIBUTES if not hasattr(model, attr)]
+    if missing:
+        raise ValueError(
+            f"Pixel decoder {name} must declare the attribute(s) {', '.join(missing)} "
+            "(see PIXEL_DECODER_REGISTRY's documentation)"
         )
     return model

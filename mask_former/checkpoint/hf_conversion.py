@@ -1,12 +1,15 @@
 """Conversion of HuggingFace ``transformers`` MaskFormer checkpoints to this project.
 
 A directory written by ``MaskFormerForInstanceSegmentation.save_pretrained`` (or downloaded from the
-hub) holds ``config.json`` and the weights (``model.safetensors``, sharded safetensors or
+hub; :func:`resolve_hf_checkpoint` finds a hub id's snapshot, in the HuggingFace cache when offline)
+holds ``config.json`` and the weights (``model.safetensors``, sharded safetensors or
 ``pytorch_model.bin``), and may hold ``preprocessor_config.json``. This module turns it into
 
 * a detectron2 state dict in the layout of the published MaskFormer checkpoints (pixel decoder
   weights directly under ``sem_seg_head.``, see ``/reference/*.txt``), and
-* the config values of the matching architecture, as a nested dict that dumps to plain YAML.
+* the config values of the matching architecture, as a nested dict that dumps to plain YAML,
+  with the class names of ``id2label`` as ``MODEL.CLASS_NAMES`` (what the predictor and the demo
+  label classes with when ``DATASETS.TEST`` names no dataset).
 
 Neither ``transformers`` nor ``torch.nn`` modules of HuggingFace are needed: the weights are read
 under the names they have ON DISK. In transformers 5.x those differ from some in-memory module
@@ -14,7 +17,7 @@ names (the DETR decoder saves ``out_proj``/``fc1``/``fc2`` where the module has 
 ``mlp.fc1``/``mlp.fc2``); both spellings are accepted.
 
 Supported: Swin (``swin`` / ``maskformer-swin``) and ResNet (``resnet``) backbones, the FPN pixel
-decoder and the DETR query decoder of HF MaskFormer. Everything else fails with a ``ValueError``
+decoder and the DETR transformer decoder of HF MaskFormer. Everything else fails with a ``ValueError``
 that says what is not supported.
 """
 import json
@@ -27,10 +30,19 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
+from safetensors.torch import load_file
+
+from ..config import add_mask_former_config
+from ..modeling.backbone.swin import relative_position_index
+from .published_layout import remap_published_keys
 
 __all__ = [
     "HF_DROPPED_KEYS",
+    "resolve_hf_checkpoint",
     "load_hf_maskformer",
+    "hf_class_names",
     "hf_config_to_d2",
     "convert_hf_state_dict",
     "check_against_model",
@@ -92,6 +104,69 @@ _PREDICTOR = "sem_seg_head.predictor."
 
 
 # ----------------------------------------------------------------------------- reading
+# The files a conversion reads from a hub snapshot (config, preprocessor config, weights).
+_HUB_FILES = ["config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json",
+              "model-*.safetensors"]
+_HUB_LEGACY_WEIGHTS = ["pytorch_model.bin"]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_hf_checkpoint(name_or_path: str, *, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                          offline: Optional[bool] = None) -> str:
+    """
+    The local directory of a HuggingFace checkpoint.
+
+    Args:
+        name_or_path: a directory written by ``save_pretrained``, or a hub id (``owner/name``,
+            e.g. ``facebook/maskformer-swin-base-ade``).
+        revision: the hub revision (branch, tag or commit); None: "main".
+        cache_dir: the HuggingFace cache; None: huggingface_hub's default (``HF_HUB_CACHE``,
+            ``HF_HOME``, ``~/.cache/huggingface/hub``).
+        offline: look only in the cache (``huggingface_hub.snapshot_download(...,
+            local_files_only=True)``); None: offline when ``HF_HUB_OFFLINE`` is set. Online, the
+            files are downloaded (the cache is used when the hub cannot be reached).
+    Returns:
+        a directory holding config.json and the weights (for a hub id, its snapshot in the cache).
+    Raises:
+        FileNotFoundError: not a directory, and not a hub id found on the hub or in the cache.
+    """
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path) or not _HUB_ID.fullmatch(name_or_path):
+        raise FileNotFoundError(
+            f"{name_or_path}: not a directory written by save_pretrained"
+            + ("" if os.path.exists(name_or_path) else ", and not a HuggingFace hub id (owner/name)")
+        )
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    except ImportError as e:
+        raise ImportError(f"{name_or_path!r} is not a local directory; reading it from the HuggingFace hub or "
+                          "its cache needs `pip install huggingface_hub`") from e
+    if offline is None:
+        offline = bool(constants.HF_HUB_OFFLINE)
+    where = cache_dir or constants.HF_HUB_CACHE
+    try:
+        if offline:
+            directory = snapshot_download(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        else:
+            directory = snapshot_download(name_or_path, revision=revision, cache_dir=cache_dir,
+                                          allow_patterns=_HUB_FILES)
+            if not any(name.endswith(".safetensors") for name in os.listdir(directory)):
+                directory = snapshot_download(name_or_path, revision=revision, cache_dir=cache_dir,
+                                              allow_patterns=_HUB_FILES + _HUB_LEGACY_WEIGHTS)
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{name_or_path!r} is not a local directory and{' revision ' + repr(revision) if revision else ''} is "
+            f"not in the HuggingFace cache {where} ({'offline' if offline else 'the hub cannot be reached'}). "
+            f"Download it where the hub can be reached (`hf download {name_or_path}`, with the same "
+            "HF_HOME / --cache-dir) or pass the directory of a save_pretrained copy"
+        ) from e
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise FileNotFoundError(f"{name_or_path!r}: no such model (or revision) on the HuggingFace hub, or it is "
+                                f"private: {type(e).__name__}: {e}") from e
+    return directory
+
 def _read_json(path: str) -> dict:
     try:
         with open(path) as f:
@@ -106,8 +181,6 @@ def _load_weights(directory: str) -> Dict[str, torch.Tensor]:
     index = os.path.join(directory, "model.safetensors.index.json")
     legacy = os.path.join(directory, "pytorch_model.bin")
     if os.path.isfile(single) or os.path.isfile(index):
-        from safetensors.torch import load_file
-
         if os.path.isfile(single):
             return load_file(single)
         shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
@@ -316,6 +389,17 @@ def _test_sizes(preprocessor: Optional[dict]) -> dict:
     return out
 
 
+def hf_class_names(config: dict) -> Optional[List[str]]:
+    """The class names of a HF config (``id2label``, ids 0..K-1), or None when it has none."""
+    id2label = config.get("id2label")
+    if not id2label:
+        return None
+    labels = {int(k): str(v) for k, v in id2label.items()}
+    if sorted(labels) != list(range(len(labels))):
+        raise ValueError(f"config.json id2label has ids {sorted(labels)}; expected 0..{len(labels) - 1}")
+    return [labels[i] for i in range(len(labels))]
+
+
 def _num_classes(config: dict) -> int:
     if config.get("id2label"):
         return len(config["id2label"])
@@ -355,7 +439,7 @@ def hf_config_to_d2(config: dict, preprocessor: Optional[dict] = None) -> dict:
     dec = _with_defaults(decoder, _DETR_DEFAULTS)
     _require(dec["activation_function"] == "relu",
              f"config.json decoder_config.activation_function={dec['activation_function']!r}: the "
-             "query decoder's feed-forward uses ReLU")
+             "transformer decoder's feed-forward uses ReLU")
     _require(not dec["auxiliary_loss"],
              "config.json decoder_config.auxiliary_loss=True: with it HF's DETR decoder feeds the "
              "LayerNorm-ed output of each layer into the next one, which MaskFormer's (and DETR's) "
@@ -364,6 +448,7 @@ def hf_config_to_d2(config: dict, preprocessor: Optional[dict] = None) -> dict:
              f"config.json fpn_feature_size={mf['fpn_feature_size']}: GroupNorm(32) needs a multiple of 32")
 
     mean, std = _normalization(preprocessor)
+    class_names = hf_class_names(config)
     model = {"META_ARCHITECTURE": "MaskFormer", **model}
     model.update({
         "PIXEL_MEAN": mean,
@@ -380,7 +465,7 @@ def hf_config_to_d2(config: dict, preprocessor: Optional[dict] = None) -> dict:
             "TRANSFORMER_ENC_LAYERS": 0,
         },
         "MASK_FORMER": {
-            # HF's query decoder attends to the coarsest backbone feature
+            # HF's transformer decoder attends to the coarsest backbone feature
             "TRANSFORMER_IN_FEATURE": out_features[-1],
             "TRANSFORMER_DECODER_NAME": "StandardTransformerDecoder",
             "HIDDEN_DIM": int(dec["d_model"]),
@@ -398,6 +483,8 @@ def hf_config_to_d2(config: dict, preprocessor: Optional[dict] = None) -> dict:
             "MASK_WEIGHT": float(mf["mask_weight"]),
         },
     })
+    if class_names is not None:
+        model["CLASS_NAMES"] = class_names  # the predictor and the demo label classes with them
     return {"MODEL": model, "INPUT": {"FORMAT": "RGB", **_test_sizes(preprocessor)}}
 
 
@@ -631,8 +718,6 @@ def convert_hf_state_dict(state_dict: Dict[str, torch.Tensor], d2_config: dict,
 def _fill_derived(weights: Dict[str, np.ndarray], d2_config: dict) -> List[str]:
     """Add the buffers that follow from the config when a checkpoint lacks them (older
     transformers versions did not always save them). Returns the keys added."""
-    from ..modeling.backbone.swin import relative_position_index
-
     model_cfg, added = d2_config["MODEL"], []
     if "criterion.empty_weight" not in weights:
         empty_weight = np.ones(model_cfg["SEM_SEG_HEAD"]["NUM_CLASSES"] + 1, dtype=np.float32)
@@ -661,12 +746,6 @@ def check_against_model(weights: Dict[str, np.ndarray], d2_config: dict) -> None
     Raises:
         KeyError: listing missing and unexpected keys; ValueError: listing shape mismatches.
     """
-    from detectron2.config import CfgNode, get_cfg
-    from detectron2.modeling import build_model
-
-    from ..config import add_mask_former_config
-    from ..modeling.heads.mask_former_head import remap_flat_pixel_decoder_keys
-
     cfg = get_cfg()
     add_mask_former_config(cfg)
     cfg.merge_from_other_cfg(CfgNode(d2_config))
@@ -676,7 +755,7 @@ def check_against_model(weights: Dict[str, np.ndarray], d2_config: dict) -> None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     converted = {k: v for k, v in weights.items()}
-    remap_flat_pixel_decoder_keys(converted, _HEAD)
+    remap_published_keys(converted, expected)
     missing = sorted(set(expected) - set(converted))
     unexpected = sorted(set(converted) - set(expected))
     if missing or unexpected:
@@ -696,8 +775,6 @@ def check_against_model(weights: Dict[str, np.ndarray], d2_config: dict) -> None
 def _check_swin_index(weights: Dict[str, np.ndarray]) -> None:
     """HF and this project compute the relative position index the same way; refuse a checkpoint
     whose stored index says otherwise (its bias table would be read in another order)."""
-    from ..modeling.backbone.swin import relative_position_index
-
     for key, value in weights.items():
         if key.endswith("attn.relative_position_index"):
             window = int(round(math.sqrt(value.shape[0])))

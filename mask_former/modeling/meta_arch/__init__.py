@@ -1,0 +1,2 @@
+from .maskformer import MaskFormer
+from .panoptic_segformer import PanopticSegFormer
