@@ -1,0 +1,312 @@
+"""The Panoptic SegFormer meta-architecture (Li et al., CVPR 2022): backbone -> encoder (neck +
+deformable encoder) -> location decoder (thing queries, boxes) -> mask decoder (thing queries and
+class-fixed stuff queries, masks from attention maps) -> losses | mask-wise merging.
+
+Inference returns the same three outputs as MaskFormer (``sem_seg``, ``panoptic_seg``,
+``instances``), switched by ``MODEL.MASK_FORMER.TEST.{SEMANTIC,PANOPTIC,INSTANCE}_ON``.
+"""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.ops import box_convert
+
+from ...tasks import enabled_tasks, get_task
+from ..panoptic_segformer import (
+    LocationDecoder,
+    PanopticSegFormerCriterion,
+    build_psf_encoder,
+    build_psf_mask_decoder,
+)
+from ..postprocessing import mask_wise_merge
+
+SEMANTIC, PANOPTIC, INSTANCE = (get_task(name) for name in ("semantic", "panoptic", "instance"))
+
+
+def thing_and_stuff_ids(cfg) -> Tuple[List[int], List[int]]:
+    """Contiguous ids of the thing classes and of the stuff classes (all others in [0, K)), from
+    the metadata of the first training (else test) dataset."""
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    if not names:
+        raise ValueError("PanopticSegFormer needs DATASETS.TRAIN or DATASETS.TEST to know its thing classes")
+    metadata = MetadataCatalog.get(names[0])
+    mapping = metadata.get("thing_dataset_id_to_contiguous_id", None)
+    if mapping is None:
+        raise ValueError(
+            f"PanopticSegFormer needs the thing classes, but the metadata of {names[0]!r} has no "
+            "thing_dataset_id_to_contiguous_id; register the dataset with panoptic metadata"
+        )
+    thing_ids = sorted(set(mapping.values()))
+    bad = [i for i in thing_ids if not 0 <= i < num_classes]
+    if bad:
+        raise ValueError(
+            f"The thing classes of {names[0]!r} have contiguous ids {bad} outside "
+            f"[0, MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes})"
+        )
+    stuff_ids = [i for i in range(num_classes) if i not in set(thing_ids)]
+    return thing_ids, stuff_ids
+
+
+@META_ARCH_REGISTRY.register()
+class PanopticSegFormer(nn.Module):
+    """Thing queries located by a deformable DETR decoder and one class-fixed query per stuff
+    class, decoded into masks from attention maps; trained with deep supervision, merged mask-wise."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        encoder: nn.Module,
+        location_decoder: LocationDecoder,
+        mask_decoder: nn.Module,
+        criterion: PanopticSegFormerCriterion,
+        loss_weights: Dict[str, float],
+        thing_ids: Sequence[int],
+        stuff_ids: Sequence[int],
+        size_divisibility: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        semantic_on: bool,
+        panoptic_on: bool,
+        instance_on: bool,
+        num_test_things: int = 100,
+        merge_params: Dict[str, float] = None,
+    ):
+        """
+        Args:
+            backbone: a detectron2 Backbone.
+            encoder: backbone features -> multi-level tokens (PSF_ENCODER_REGISTRY).
+            location_decoder: the thing queries' decoder with box refinement.
+            mask_decoder: thing and stuff queries -> class and mask logits per layer
+                (PSF_MASK_DECODER_REGISTRY).
+            criterion: the losses; ``loss_weights`` weights them.
+            thing_ids, stuff_ids: contiguous ids of the thing classes (in thing-index order) and of
+                the stuff classes (stuff query k is stuff class ``stuff_ids[k]``).
+            size_divisibility: images are padded to a multiple of this (0 or less: the backbone's).
+            pixel_mean, pixel_std: per-channel normalization of the input image.
+            semantic_on, panoptic_on, instance_on: which results inference returns.
+            num_test_things: (query, class) pairs of the location decoder kept at inference.
+            merge_params: keyword arguments of ``mask_wise_merge`` (alpha, beta, thresholds).
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = encoder
+        self.location_decoder = location_decoder
+        hidden_dim = location_decoder.hidden_dim
+        # one query per stuff class: positional part (first C channels) and content (last C)
+        self.stuff_query = nn.Embedding(len(stuff_ids), 2 * hidden_dim)
+        self.mask_decoder = mask_decoder
+        self.criterion = criterion
+        self.loss_weights = loss_weights
+        self.thing_ids = list(thing_ids)
+        self.stuff_ids = list(stuff_ids)
+        self.num_classes = len(self.thing_ids) + len(self.stuff_ids)
+        self.size_divisibility = size_divisibility if size_divisibility > 0 else backbone.size_divisibility
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        # contiguous id -> (is thing, index among things / stuff)
+        self.register_buffer("_thing_index", torch.full((self.num_classes,), -1, dtype=torch.long), False)
+        self.register_buffer("_stuff_index", torch.full((self.num_classes,), -1, dtype=torch.long), False)
+        self._thing_index[self.thing_ids] = torch.arange(len(self.thing_ids))
+        self._stuff_index[self.stuff_ids] = torch.arange(len(self.stuff_ids))
+        self.semantic_on, self.panoptic_on, self.instance_on = semantic_on, panoptic_on, instance_on
+        if not (semantic_on or panoptic_on or instance_on):
+            raise ValueError(
+                "MODEL.MASK_FORMER.TEST.{SEMANTIC_ON,PANOPTIC_ON,INSTANCE_ON} are all False: "
+                "inference would produce nothing"
+            )
+        self.num_test_things = num_test_things
+        self.merge_params = dict(merge_params or {})
+
+    @classmethod
+    def from_config(cls, cfg):
+        psf = cfg.MODEL.PANOPTIC_SEGFORMER
+        thing_ids, stuff_ids = thing_and_stuff_ids(cfg)
+        backbone = build_backbone(cfg)
+        encoder = build_psf_encoder(cfg, backbone.output_shape())
+        location_decoder = LocationDecoder(
+            num_queries=psf.NUM_THING_QUERIES, hidden_dim=psf.HIDDEN_DIM, num_layers=psf.DEC_LAYERS,
+            num_classes=len(thing_ids), nheads=psf.NHEADS, dim_feedforward=psf.DIM_FEEDFORWARD,
+            dropout=psf.DROPOUT, num_levels=psf.NUM_FEATURE_LEVELS, n_points=psf.N_POINTS,
+        )
+        criterion = PanopticSegFormerCriterion(
+            class_weight=psf.CLASS_WEIGHT, l1_weight=psf.BOX_L1_WEIGHT, giou_weight=psf.GIOU_WEIGHT,
+            dice_weight=psf.DICE_WEIGHT, alpha=psf.FOCAL_ALPHA, gamma=psf.FOCAL_GAMMA,
+        )
+        tasks = cls.output_tasks(cfg)
+        test = psf.TEST
+        return {
+            "backbone": backbone,
+            "encoder": encoder,
+            "location_decoder": location_decoder,
+            "mask_decoder": build_psf_mask_decoder(cfg, len(thing_ids)),
+            "criterion": criterion,
+            "loss_weights": criterion.weight_dict(psf.DEC_LAYERS, psf.THING_MASK_DEC_LAYERS,
+                                                  psf.STUFF_MASK_DEC_LAYERS),
+            "thing_ids": thing_ids,
+            "stuff_ids": stuff_ids,
+            "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "semantic_on": SEMANTIC.name in tasks,
+            "panoptic_on": PANOPTIC.name in tasks,
+            "instance_on": INSTANCE.name in tasks,
+            "num_test_things": test.NUM_THINGS,
+            "merge_params": {
+                "alpha": test.ALPHA, "beta": test.BETA, "mask_threshold": test.MASK_THRESHOLD,
+                "thing_quality_threshold": test.THING_QUALITY_THRESHOLD,
+                "stuff_quality_threshold": test.STUFF_QUALITY_THRESHOLD,
+                "thing_overlap_threshold": test.THING_OVERLAP_THRESHOLD,
+                "stuff_overlap_threshold": test.STUFF_OVERLAP_THRESHOLD,
+            },
+        }
+
+    @classmethod
+    def output_tasks(cls, cfg) -> Tuple[str, ...]:
+        """Names of the tasks (``mask_former.tasks``) whose results inference returns under ``cfg``."""
+        return tuple(task.name for task in enabled_tasks(cfg))
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def forward(self, batched_inputs: List[Dict[str, object]]):
+        """
+        Args:
+            batched_inputs: what the dataset mappers return ("image"; "instances" with gt_classes
+                and gt_masks in training; optional "height", "width").
+        Returns:
+            training: dict of weighted losses; inference: per image "sem_seg", "panoptic_seg"
+            and/or "instances", as MaskFormer returns them.
+        """
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        padding_mask = torch.ones(images.tensor.shape[0], *images.tensor.shape[-2:], dtype=torch.bool,
+                                  device=self.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            padding_mask[i, :h, :w] = False
+        features = self.backbone(images.tensor)
+        memory = self.encoder(features, padding_mask)
+        location = self.location_decoder(memory)
+        batch = images.tensor.shape[0]
+        stuff_pos, stuff_query = self.stuff_query.weight.split(location["hidden"].shape[-1], dim=1)
+        stuff_pos = stuff_pos[None].expand(batch, -1, -1)
+        stuff_query = stuff_query[None].expand(batch, -1, -1)
+
+        if self.training:
+            masks = self.mask_decoder(location["hidden"], location["query_pos"], stuff_query, stuff_pos, memory)
+            targets = self.prepare_targets(batched_inputs, images)
+            losses = self.criterion({"location": location, "masks": masks}, targets)
+            return {k: v * self.loss_weights[k] for k, v in losses.items() if k in self.loss_weights}
+
+        scores, query_idx, thing_classes = self.select_things(location["pred_logits"][-1])
+        hidden = torch.gather(location["hidden"], 1, query_idx[..., None].expand(-1, -1, location["hidden"].shape[-1]))
+        query_pos = torch.gather(location["query_pos"], 1,
+                                 query_idx[..., None].expand(-1, -1, location["query_pos"].shape[-1]))
+        masks = self.mask_decoder(hidden, query_pos, stuff_query, stuff_pos, memory)
+        return self.inference(scores, thing_classes, masks, batched_inputs, images)
+
+    def select_things(self, thing_logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The top-k (query, thing class) pairs by sigmoid score.
+
+        Args:
+            thing_logits: B x N x C_thing.
+        Returns:
+            scores B x k, query indices B x k, thing-class indices B x k (k = min(NUM_THINGS, N C)).
+        """
+        batch, num_queries, num_classes = thing_logits.shape
+        k = min(self.num_test_things, num_queries * num_classes)
+        scores, flat = thing_logits.sigmoid().flatten(1).topk(k, dim=1)
+        return scores, flat // num_classes, flat % num_classes
+
+    def prepare_targets(self, batched_inputs, images: ImageList) -> List[Dict[str, Tensor]]:
+        """Split each image's segments into things (with boxes from their masks, normalized
+        cx, cy, w, h) and stuff, masks zero-padded to the batch's padded size."""
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError("PanopticSegFormer training needs 'instances' in every input (gt_classes and "
+                             "gt_masks from the dataset mapper); check INPUT.DATASET_MAPPER_NAME")
+        h_pad, w_pad = images.tensor.shape[-2:]
+        targets = []
+        for x, (h, w) in zip(batched_inputs, images.image_sizes):
+            gt = x["instances"].to(self.device)
+            gt_masks = gt.gt_masks if isinstance(gt.gt_masks, Tensor) else gt.gt_masks.tensor
+            masks = torch.zeros((gt_masks.shape[0], h_pad, w_pad), dtype=torch.bool, device=self.device)
+            masks[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks.bool()
+            classes = gt.gt_classes.long()
+            if classes.numel() and (classes.min() < 0 or classes.max() >= self.num_classes):
+                raise ValueError(f"gt_classes {classes.tolist()} outside [0, {self.num_classes}) in "
+                                 f"{x.get('file_name', 'an input')}")
+            is_thing = self._thing_index[classes] >= 0
+            thing_masks = masks[is_thing]
+            boxes = BitMasks(thing_masks).get_bounding_boxes().tensor
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            boxes = box_convert(boxes / scale, "xyxy", "cxcywh")
+            targets.append({
+                "labels": self._thing_index[classes[is_thing]],
+                "boxes": boxes,
+                "masks": thing_masks,
+                "stuff_labels": self._stuff_index[classes[~is_thing]],
+                "stuff_masks": masks[~is_thing],
+            })
+        return targets
+
+    def inference(self, thing_scores: Tensor, thing_classes: Tensor, masks: Dict[str, List[Dict[str, Tensor]]],
+                  batched_inputs, images: ImageList) -> List[Dict[str, object]]:
+        """Per image: mask probabilities at the output size, then the enabled outputs."""
+        thing_masks = masks["things"][-1]["pred_masks"]
+        stuff_masks = masks["stuff"][-1]["pred_masks"]
+        stuff_scores = masks["stuff"][-1]["pred_logits"][..., 0].sigmoid()
+        thing_ids = torch.as_tensor(self.thing_ids, device=self.device)
+        stuff_ids = torch.as_tensor(self.stuff_ids, device=self.device)
+        results = []
+        for i, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
+            height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
+            logits = torch.cat([thing_masks[i], stuff_masks[i]]).float()
+            logits = F.interpolate(logits[None], size=images.tensor.shape[-2:], mode="bilinear",
+                                   align_corners=False)[0]
+            probs = sem_seg_postprocess(logits, image_size, height, width).sigmoid()
+            labels = torch.cat([thing_ids[thing_classes[i]], stuff_ids])
+            scores = torch.cat([thing_scores[i], stuff_scores[i]]).float()
+            result: Dict[str, object] = {}
+            if self.semantic_on:
+                result[SEMANTIC.output_key] = self.semantic_scores(labels, scores, probs)
+            if self.panoptic_on:
+                result[PANOPTIC.output_key] = mask_wise_merge(labels, scores, probs, self.thing_ids,
+                                                              **self.merge_params)
+            if self.instance_on:
+                num_things = thing_classes.shape[1]
+                result[INSTANCE.output_key] = self.instances(labels[:num_things], scores[:num_things],
+                                                             probs[:num_things])
+            results.append(result)
+        return results
+
+    def semantic_scores(self, labels: Tensor, scores: Tensor, probs: Tensor) -> Tensor:
+        """K x H x W: for each class, the highest ``score * probability`` among its masks (0 where
+        the class has none)."""
+        weighted = scores[:, None, None] * probs
+        sem_seg = probs.new_zeros((self.num_classes,) + probs.shape[1:])
+        index = labels[:, None, None].expand_as(weighted)
+        return sem_seg.scatter_reduce(0, index, weighted, reduce="amax", include_self=True)
+
+    def instances(self, labels: Tensor, scores: Tensor, probs: Tensor) -> Instances:
+        """The thing masks as instances, scored by the mask-wise merging confidence
+        ``p ** alpha * q ** beta`` and sorted by it."""
+        params = self.merge_params
+        binary = probs > params.get("mask_threshold", 0.5)
+        quality = (probs * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1)
+        confidence = scores ** params.get("alpha", 1.0) * quality ** params.get("beta", 2.0)
+        order = confidence.argsort(descending=True)
+        result = Instances(probs.shape[-2:])
+        result.pred_masks = binary[order]
+        result.pred_boxes = Boxes(BitMasks(result.pred_masks).get_bounding_boxes().tensor.to(probs.device))
+        result.scores = confidence[order]
+        result.pred_classes = labels[order]
+        return result

@@ -1,0 +1,241 @@
+"""Panoptic SegFormer's matching and losses.
+
+* Location decoder, every layer: thing queries matched to the ground-truth things by the Hungarian
+  algorithm on ``class_weight * focal class cost + l1_weight * L1 + giou_weight * (-GIoU)``;
+  losses: sigmoid focal class loss (all queries, one-hot targets of the matched ones), box L1 and
+  GIoU of the matched pairs.
+* Mask decoder, things: one assignment per image (class and box costs of the location decoder's
+  last layer + ``dice_weight`` * dice cost of the mask decoder's last layer), used for all its
+  layers; losses: focal class loss and dice loss of the matched queries (unmatched thing queries
+  get no mask loss).
+* Mask decoder, stuff: query k is assigned to stuff class k (no matching); class target 1 when the
+  class is in the image, 0 otherwise (focal loss); dice loss for the present classes only.
+
+Every loss is normalized by the number of ground-truth things (or stuff segments) per image in the
+batch, averaged over processes. Losses come back unweighted; ``weight_dict`` holds the weights.
+"""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from detectron2.utils import comm
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+from ..mask_losses import dice_cost, dice_loss
+
+__all__ = ["focal_class_cost", "BoxMaskMatcher", "PanopticSegFormerCriterion"]
+
+
+def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Deformable DETR's focal classification cost of every (query, target) pair.
+
+    Args:
+        logits: Q x C class logits (sigmoid scores).
+        labels: T target classes in [0, C).
+    Returns:
+        Q x T: focal loss of predicting the target class minus that of not predicting it.
+    """
+    prob = logits.sigmoid()
+    neg = (1 - alpha) * prob ** gamma * F.softplus(logits)  # -log(1 - p) = softplus(x)
+    pos = alpha * (1 - prob) ** gamma * F.softplus(-logits)  # -log(p) = softplus(-x)
+    return pos[:, labels] - neg[:, labels]
+
+
+class BoxMaskMatcher(nn.Module):
+    """Hungarian matching of thing queries to ground-truth things on class, box and (optionally)
+    dice costs; a weight of 0 removes its term."""
+
+    def __init__(self, class_weight: float, l1_weight: float, giou_weight: float, dice_weight: float = 0.0,
+                 alpha: float = 0.25, gamma: float = 2.0):
+        super().__init__()
+        self.class_weight, self.l1_weight = class_weight, l1_weight
+        self.giou_weight, self.dice_weight = giou_weight, dice_weight
+        self.alpha, self.gamma = alpha, gamma
+
+    def cost_matrix(self, logits: Tensor, boxes: Tensor, target: Dict[str, Tensor],
+                    masks: Tensor = None) -> Tensor:
+        """
+        Args:
+            logits: Q x C; boxes: Q x 4 (cx, cy, w, h) in [0, 1].
+            target: "labels" (T,), "boxes" T x 4 (cx, cy, w, h) in [0, 1] and, with a dice cost,
+                "masks" T x H x W.
+            masks: Q x h x w mask logits (for the dice cost).
+        Returns:
+            Q x T cost (float32).
+        """
+        logits, boxes = logits.float(), boxes.float()
+        cost = self.class_weight * focal_class_cost(logits, target["labels"], self.alpha, self.gamma)
+        cost = cost + self.l1_weight * torch.cdist(boxes, target["boxes"], p=1)
+        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
+                                   box_convert(target["boxes"], "cxcywh", "xyxy"))
+        cost = cost - self.giou_weight * giou
+        if self.dice_weight > 0 and masks is not None:
+            tgt = F.interpolate(target["masks"][:, None].float(), size=masks.shape[-2:], mode="nearest")
+            cost = cost + self.dice_weight * dice_cost(masks.float().flatten(1), tgt.flatten(1))
+        return cost
+
+    @torch.no_grad()
+    def forward(self, logits: Tensor, boxes: Tensor, targets: Sequence[Dict[str, Tensor]],
+                masks: Tensor = None) -> List[Tuple[Tensor, Tensor]]:
+        """
+        Args:
+            logits: B x Q x C; boxes: B x Q x 4; masks: optional B x Q x h x w.
+        Returns:
+            per image (query indices, target indices), int64 CPU tensors of length min(Q, T).
+        """
+        indices = []
+        for i, target in enumerate(targets):
+            if len(target["labels"]) == 0 or logits.shape[1] == 0:
+                empty = torch.empty(0, dtype=torch.int64)
+                indices.append((empty, empty.clone()))
+                continue
+            cost = self.cost_matrix(logits[i], boxes[i], target, None if masks is None else masks[i])
+            if not torch.isfinite(cost).all():
+                raise FloatingPointError(f"BoxMaskMatcher: non-finite matching cost in image {i} of the batch")
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices
+
+
+def _gather(indices: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    return batch, torch.cat([src for src, _ in indices])
+
+
+def _average_over_processes(count: float, device) -> float:
+    value = torch.tensor([count], dtype=torch.float32, device=device)
+    if comm.get_world_size() > 1:
+        torch.distributed.all_reduce(value)
+    return torch.clamp(value / comm.get_world_size(), min=1).item()
+
+
+class PanopticSegFormerCriterion(nn.Module):
+    """Detection, thing-mask and stuff-mask losses of Panoptic SegFormer (see the module docstring).
+
+    Output keys (unweighted): ``loss_loc_class_i``, ``loss_loc_l1_i``, ``loss_loc_giou_i`` for
+    location-decoder layer i, ``loss_thing_class_i``, ``loss_thing_dice_i`` for thing mask-decoder
+    layer i, ``loss_stuff_class_i``, ``loss_stuff_dice_i`` for stuff mask-decoder layer i.
+    """
+
+    def __init__(self, *, class_weight: float, l1_weight: float, giou_weight: float, dice_weight: float,
+                 alpha: float = 0.25, gamma: float = 2.0):
+        super().__init__()
+        self.alpha, self.gamma = alpha, gamma
+        self.box_matcher = BoxMaskMatcher(class_weight, l1_weight, giou_weight, 0.0, alpha, gamma)
+        self.mask_matcher = BoxMaskMatcher(class_weight, l1_weight, giou_weight, dice_weight, alpha, gamma)
+        self.weights = {"class": class_weight, "l1": l1_weight, "giou": giou_weight, "dice": dice_weight}
+
+    def weight_dict(self, num_loc_layers: int, num_thing_layers: int, num_stuff_layers: int) -> Dict[str, float]:
+        w = self.weights
+        weights = {}
+        for i in range(num_loc_layers):
+            weights.update({f"loss_loc_class_{i}": w["class"], f"loss_loc_l1_{i}": w["l1"],
+                            f"loss_loc_giou_{i}": w["giou"]})
+        for i in range(num_thing_layers):
+            weights.update({f"loss_thing_class_{i}": w["class"], f"loss_thing_dice_{i}": w["dice"]})
+        for i in range(num_stuff_layers):
+            weights.update({f"loss_stuff_class_{i}": w["class"], f"loss_stuff_dice_{i}": w["dice"]})
+        return weights
+
+    def focal_class_loss(self, logits: Tensor, target_classes: Tensor, num: float) -> Tensor:
+        """Sigmoid focal loss summed over queries and classes, divided by ``num``.
+
+        Args:
+            logits: B x Q x C; target_classes: B x Q int64, C for "no class" (all-zero target).
+        """
+        onehot = F.one_hot(target_classes, logits.shape[-1] + 1)[..., :-1].to(logits.dtype)
+        return sigmoid_focal_loss(logits, onehot, alpha=self.alpha, gamma=self.gamma, reduction="sum") / num
+
+    def _masks_at(self, pred_masks: Tensor, targets: Sequence[Dict[str, Tensor]], key: str) -> Tensor:
+        """Predicted masks upsampled to the padded target size (bilinear)."""
+        height = max(t[key].shape[-2] for t in targets)
+        width = max(t[key].shape[-1] for t in targets)
+        if pred_masks.shape[-2:] == (height, width):
+            return pred_masks
+        return F.interpolate(pred_masks, size=(height, width), mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def _padded(masks: Tensor, height: int, width: int) -> Tensor:
+        return F.pad(masks.float(), (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
+
+    def forward(self, outputs: Dict[str, object], targets: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """
+        Args:
+            outputs: "location" (the LocationDecoder's outputs: lists "pred_logits", "pred_boxes")
+                and "masks" (the mask decoder's: "things" and "stuff", lists of per-layer dicts).
+            targets: per image "labels" (T,) thing classes in [0, thing classes), "boxes" T x 4,
+                "masks" T x H x W (things); "stuff_labels" (U,) stuff indices, "stuff_masks"
+                U x H x W.
+        Returns:
+            the unweighted losses (see the class docstring), float32.
+        """
+        location, mask_outputs = outputs["location"], outputs["masks"]
+        device = location["pred_logits"][-1].device
+        num_things = _average_over_processes(sum(len(t["labels"]) for t in targets), device)
+        num_stuff = _average_over_processes(sum(len(t["stuff_labels"]) for t in targets), device)
+        losses: Dict[str, Tensor] = {}
+        with torch.autocast(device_type=device.type, enabled=False):
+            for i, (logits, boxes) in enumerate(zip(location["pred_logits"], location["pred_boxes"])):
+                logits, boxes = logits.float(), boxes.float()
+                indices = self.box_matcher(logits, boxes, targets)
+                losses.update(self._location_losses(i, logits, boxes, targets, indices, num_things))
+            things = mask_outputs["things"]
+            indices = self.mask_matcher(location["pred_logits"][-1].float(), location["pred_boxes"][-1].float(),
+                                        targets, things[-1]["pred_masks"].float())
+            for i, layer in enumerate(things):
+                losses.update(self._thing_mask_losses(i, layer, targets, indices, num_things))
+            for i, layer in enumerate(mask_outputs["stuff"]):
+                losses.update(self._stuff_losses(i, layer, targets, num_stuff))
+        return losses
+
+    def _location_losses(self, i, logits, boxes, targets, indices, num):
+        batch_idx, query_idx = _gather(indices)
+        target_classes = torch.full(logits.shape[:2], logits.shape[-1], dtype=torch.int64, device=logits.device)
+        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        target_classes[batch_idx, query_idx] = matched_labels
+        src_boxes = boxes[batch_idx, query_idx]
+        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
+        giou = torch.diag(generalized_box_iou(box_convert(src_boxes, "cxcywh", "xyxy"),
+                                              box_convert(tgt_boxes, "cxcywh", "xyxy")))
+        return {
+            f"loss_loc_class_{i}": self.focal_class_loss(logits, target_classes, num),
+            f"loss_loc_l1_{i}": F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num,
+            f"loss_loc_giou_{i}": (1 - giou).sum() / num,
+        }
+
+    def _thing_mask_losses(self, i, layer, targets, indices, num):
+        logits = layer["pred_logits"].float()
+        batch_idx, query_idx = _gather(indices)
+        target_classes = torch.full(logits.shape[:2], logits.shape[-1], dtype=torch.int64, device=logits.device)
+        target_classes[batch_idx, query_idx] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        losses = {f"loss_thing_class_{i}": self.focal_class_loss(logits, target_classes, num)}
+        pred_masks = layer["pred_masks"]
+        if batch_idx.numel() == 0:
+            losses[f"loss_thing_dice_{i}"] = pred_masks.float().sum() * 0.0
+            return losses
+        src = self._masks_at(pred_masks[batch_idx, query_idx][None].float(), targets, "masks")[0]
+        height, width = src.shape[-2:]
+        tgt = torch.cat([self._padded(t["masks"][j], height, width) for t, (_, j) in zip(targets, indices)])
+        losses[f"loss_thing_dice_{i}"] = dice_loss(src.flatten(1), tgt.flatten(1), num)
+        return losses
+
+    def _stuff_losses(self, i, layer, targets, num):
+        logits = layer["pred_logits"].float()[..., 0]  # B x Ns
+        present = torch.zeros_like(logits)
+        for b, t in enumerate(targets):
+            present[b, t["stuff_labels"]] = 1.0
+        losses = {f"loss_stuff_class_{i}": sigmoid_focal_loss(logits, present, alpha=self.alpha, gamma=self.gamma,
+                                                              reduction="sum") / num}
+        batch_idx = torch.cat([torch.full_like(t["stuff_labels"], b) for b, t in enumerate(targets)])
+        query_idx = torch.cat([t["stuff_labels"] for t in targets])
+        pred_masks = layer["pred_masks"]
+        if batch_idx.numel() == 0:
+            losses[f"loss_stuff_dice_{i}"] = pred_masks.float().sum() * 0.0
+            return losses
+        src = self._masks_at(pred_masks[batch_idx, query_idx][None].float(), targets, "stuff_masks")[0]
+        height, width = src.shape[-2:]
+        tgt = torch.cat([self._padded(t["stuff_masks"], height, width) for t in targets])
+        losses[f"loss_stuff_dice_{i}"] = dice_loss(src.flatten(1), tgt.flatten(1), num)
+        return losses

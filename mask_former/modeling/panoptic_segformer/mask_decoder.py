@@ -1,0 +1,183 @@
+"""Panoptic SegFormer's mask decoder: queries cross-attend to the encoder's tokens of the levels
+of strides 8, 16 and 32, and each layer's attention logits, read as maps, give every query's mask.
+
+Per layer: the per-head attention logits (before the softmax) are split by level; each level's
+heads go through a Linear(heads, heads) + ReLU, the coarser maps are bilinearly upsampled to the
+finest level (stride 8), the three are concatenated (3 x heads channels) and a Linear(3 x heads, 1)
+gives the mask logit of every pixel at stride 8. Thing queries pass ``THING_MASK_DEC_LAYERS``
+layers of cross-attention; stuff queries pass ``STUFF_MASK_DEC_LAYERS`` layers of self-attention
+among them + cross-attention. Every layer has a light class head: Linear(C, thing classes) for
+things, Linear(C, 1) for stuff (the stuff query's own class). All layers are supervised.
+
+One difference from the published description, deliberate: the last Linear(3 x heads, 1) has no
+ReLU, since a ReLU on a logit would keep every pixel's probability at 0.5 or above.
+"""
+import copy
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from detectron2.config import configurable
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ...layers import MultiLevelTokens
+from .build import PSF_MASK_DECODER_REGISTRY
+
+NUM_MASK_LEVELS = 3  # strides 8, 16, 32
+
+
+class AttentionMaskHead(nn.Module):
+    """Attention logits of the mask levels -> one mask logit map per query at the finest level."""
+
+    def __init__(self, nheads: int, num_levels: int = NUM_MASK_LEVELS):
+        super().__init__()
+        self.level_linears = nn.ModuleList(nn.Linear(nheads, nheads) for _ in range(num_levels))
+        self.fuse = nn.Linear(num_levels * nheads, 1)
+
+    def forward(self, attn_logits: Tensor, shapes: List[Tuple[int, int]]) -> Tensor:
+        """
+        Args:
+            attn_logits: B x heads x Q x S3, logits over the tokens of the mask levels.
+            shapes: (H_l, W_l) of those levels, fine to coarse.
+        Returns:
+            B x Q x H_0 x W_0 mask logits.
+        """
+        batch, heads, queries, _ = attn_logits.shape
+        height, width = shapes[0]
+        logits = attn_logits.permute(0, 2, 3, 1)  # B x Q x S3 x heads
+        maps = []
+        for level_logits, (h, w), linear in zip(logits.split([h * w for h, w in shapes], dim=2), shapes,
+                                                 self.level_linears):
+            level = F.relu(linear(level_logits))  # B x Q x h w x heads
+            level = level.permute(0, 1, 3, 2).reshape(batch * queries, heads, h, w)
+            if (h, w) != (height, width):
+                level = F.interpolate(level, size=(height, width), mode="bilinear", align_corners=False)
+            maps.append(level)
+        fused = torch.cat(maps, dim=1).permute(0, 2, 3, 1)  # B Q x H x W x 3 heads
+        return self.fuse(fused).reshape(batch, queries, height, width)
+
+
+class MaskDecoderLayer(nn.Module):
+    """(Optional self-attention among the queries,) cross-attention to the tokens whose per-head
+    logits are returned, feed-forward network; post-norm."""
+
+    def __init__(self, d_model: int, nheads: int, d_ffn: int, dropout: float, self_attention: bool):
+        super().__init__()
+        if d_model % nheads:
+            raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.HIDDEN_DIM={d_model} must be divisible by NHEADS={nheads}")
+        self.nheads = nheads
+        if self_attention:
+            self.self_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
+            self.norm_self = nn.LayerNorm(d_model)
+        else:
+            self.self_attn = None
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, query: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Optional[Tensor],
+                padding_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """
+        Args:
+            query, query_pos: B x Q x C.
+            memory, memory_pos: B x S x C tokens and their positional encodings.
+            padding_mask: B x S bool, True on padding, or None.
+        Returns:
+            the updated queries B x Q x C and the attention logits B x heads x Q x S.
+        """
+        if self.self_attn is not None:
+            q = k = query + query_pos
+            query = self.norm_self(query + self.self_attn(q, k, query, need_weights=False)[0])
+        batch, num_queries, channels = query.shape
+        head_dim = channels // self.nheads
+        keys = memory if memory_pos is None else memory + memory_pos
+        q = self.q_proj(query + query_pos).view(batch, num_queries, self.nheads, head_dim).transpose(1, 2)
+        k = self.k_proj(keys).view(batch, -1, self.nheads, head_dim).transpose(1, 2)
+        v = self.v_proj(memory).view(batch, -1, self.nheads, head_dim).transpose(1, 2)
+        logits = q @ k.transpose(-2, -1) * head_dim ** -0.5  # B x heads x Q x S
+        weights = logits if padding_mask is None else logits.masked_fill(padding_mask[:, None, None], float("-inf"))
+        attended = (weights.softmax(-1) @ v).transpose(1, 2).reshape(batch, num_queries, channels)
+        query = self.norm1(query + self.dropout1(self.out_proj(attended)))
+        hidden = self.linear2(self.dropout2(F.relu(self.linear1(query))))
+        return self.norm2(query + self.dropout3(hidden)), logits
+
+
+class QueryMaskDecoder(nn.Module):
+    """A stack of MaskDecoderLayer, with a mask head and a class head per layer."""
+
+    def __init__(self, num_layers: int, num_classes: int, d_model: int, nheads: int, d_ffn: int,
+                 dropout: float, self_attention: bool):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"mask decoder layers must be >= 1, got {num_layers}")
+        layer = MaskDecoderLayer(d_model, nheads, d_ffn, dropout, self_attention)
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.mask_heads = nn.ModuleList(AttentionMaskHead(nheads) for _ in range(num_layers))
+        self.class_branches = nn.ModuleList(nn.Linear(d_model, num_classes) for _ in range(num_layers))
+
+    def forward(self, query: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Optional[Tensor],
+                padding_mask: Optional[Tensor], shapes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        """Returns per layer {"pred_logits": B x Q x classes, "pred_masks": B x Q x H_0 x W_0}."""
+        outputs = []
+        for layer, mask_head, class_branch in zip(self.layers, self.mask_heads, self.class_branches):
+            query, logits = layer(query, query_pos, memory, memory_pos, padding_mask)
+            outputs.append({"pred_logits": class_branch(query), "pred_masks": mask_head(logits, shapes)})
+        return outputs
+
+
+@PSF_MASK_DECODER_REGISTRY.register()
+class AttentionMaskDecoder(nn.Module):
+    """``thing_decoder`` for the thing queries, ``stuff_decoder`` (with self-attention) for the
+    stuff queries; masks from attention maps (see the module docstring)."""
+
+    @configurable
+    def __init__(self, *, num_thing_classes: int, hidden_dim: int, nheads: int, dim_feedforward: int,
+                 dropout: float, thing_layers: int, stuff_layers: int):
+        super().__init__()
+        self.thing_decoder = QueryMaskDecoder(thing_layers, num_thing_classes, hidden_dim, nheads,
+                                              dim_feedforward, dropout, self_attention=False)
+        self.stuff_decoder = QueryMaskDecoder(stuff_layers, 1, hidden_dim, nheads, dim_feedforward,
+                                              dropout, self_attention=True)
+
+    @classmethod
+    def from_config(cls, cfg, num_thing_classes: int):
+        psf = cfg.MODEL.PANOPTIC_SEGFORMER
+        return {
+            "num_thing_classes": num_thing_classes,
+            "hidden_dim": psf.HIDDEN_DIM,
+            "nheads": psf.NHEADS,
+            "dim_feedforward": psf.DIM_FEEDFORWARD,
+            "dropout": psf.DROPOUT,
+            "thing_layers": psf.THING_MASK_DEC_LAYERS,
+            "stuff_layers": psf.STUFF_MASK_DEC_LAYERS,
+        }
+
+    def forward(self, thing_query: Tensor, thing_pos: Tensor, stuff_query: Tensor, stuff_pos: Tensor,
+                memory: MultiLevelTokens) -> Dict[str, List[Dict[str, Tensor]]]:
+        """
+        Args:
+            thing_query, thing_pos: B x Nt x C (Nt may be 0).
+            stuff_query, stuff_pos: B x Ns x C, one query per stuff class (Ns may be 0).
+            memory: the encoder's tokens; the first three levels (strides 8, 16, 32) are attended.
+        Returns:
+            {"things": per layer {"pred_logits": B x Nt x thing classes, "pred_masks": B x Nt x H_8 x W_8},
+             "stuff": per layer {"pred_logits": B x Ns x 1, "pred_masks": B x Ns x H_8 x W_8}}
+            with H_8 x W_8 the size of the stride-8 level.
+        """
+        shapes = memory.shapes[:NUM_MASK_LEVELS]
+        num_tokens = sum(h * w for h, w in shapes)
+        tokens = memory.tokens[:, :num_tokens]
+        pos = None if memory.pos is None else memory.pos[:, :num_tokens]
+        padding = None if memory.padding_mask is None else memory.padding_mask[:, :num_tokens]
+        return {
+            "things": self.thing_decoder(thing_query, thing_pos, tokens, pos, padding, shapes),
+            "stuff": self.stuff_decoder(stuff_query, stuff_pos, tokens, pos, padding, shapes),
+        }

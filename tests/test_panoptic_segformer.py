@@ -1,0 +1,328 @@
+"""Panoptic SegFormer: the location decoder's box refinement, the box matcher against brute force,
+the losses on hand-built cases, stuff-query assignment, and the model's outputs."""
+import itertools
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import build_model
+from detectron2.structures import ImageList, Instances
+
+from mask_former import add_mask_former_config
+from mask_former.layers import flatten_levels
+from mask_former.modeling.panoptic_segformer import BoxMaskMatcher, LocationDecoder, PanopticSegFormerCriterion
+from mask_former.solver import get_param_groups
+from model_utils import CONFIG_DIR
+from train_utils import REPO_ROOT, read_metrics, train_net_cmd, train_net_env
+
+THING_IDS, STUFF_IDS = [1, 3], [0, 2, 4]  # 5 classes, things and stuff interleaved
+METADATA = "_test_psf_metadata"
+
+
+def psf_cfg():
+    if METADATA not in MetadataCatalog.list():
+        MetadataCatalog.get(METADATA).set(
+            thing_dataset_id_to_contiguous_id={10 + c: c for c in THING_IDS},
+            stuff_classes=[f"c{i}" for i in range(5)], thing_classes=[f"c{i}" for i in range(5)],
+        )
+    cfg = get_cfg()
+    add_mask_former_config(cfg)
+    cfg.merge_from_file(str(CONFIG_DIR / "synthetic" / "panoptic_segformer_R18.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 5
+    cfg.DATASETS.TRAIN = (METADATA,)
+    cfg.DATASETS.TEST = (METADATA,)
+    psf = cfg.MODEL.PANOPTIC_SEGFORMER
+    psf.HIDDEN_DIM, psf.NHEADS, psf.DIM_FEEDFORWARD = 32, 4, 64
+    psf.ENC_LAYERS, psf.DEC_LAYERS, psf.NUM_THING_QUERIES = 1, 3, 6
+    psf.THING_MASK_DEC_LAYERS, psf.STUFF_MASK_DEC_LAYERS, psf.TEST.NUM_THINGS = 2, 3, 4
+    return cfg
+
+
+def make_batch(sizes=((64, 64), (48, 64))):
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for h, w in sizes:
+        label = torch.zeros((h, w), dtype=torch.long)  # stuff 0
+        label[h // 2:] = 2  # stuff 2
+        label[4:20, 6:30] = 1  # thing 1
+        label[24:40, 40:60] = 3  # thing 3
+        classes = label.unique()
+        inst = Instances((h, w))
+        inst.gt_classes = classes
+        inst.gt_masks = torch.stack([label == c for c in classes])
+        image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+        batch.append({"image": image, "instances": inst, "height": h, "width": w})
+    return batch
+
+
+# ---------------------------------------------------------------- location decoder
+def test_box_refinement_per_layer_keeps_boxes_in_unit_square():
+    torch.manual_seed(0)
+    decoder = LocationDecoder(num_queries=5, hidden_dim=16, num_layers=3, num_classes=2, nheads=4,
+                              dim_feedforward=32, dropout=0.0, num_levels=2, n_points=2)
+    for branch in decoder.box_branches:  # make refinements visible (zero-initialized last layer)
+        torch.nn.init.normal_(branch.layers[-1].weight, std=0.5)
+    features = [torch.randn(2, 16, 6, 5), torch.randn(2, 16, 3, 3)]
+    memory = flatten_levels(features, level_embed=torch.zeros(2, 16))
+    seen = []
+    for layer in decoder.layers:
+        layer.cross_attn.register_forward_pre_hook(lambda m, args: seen.append(args[1].detach().clone()))
+    out = decoder(memory)
+    assert len(out["pred_boxes"]) == 3 and len(out["pred_logits"]) == 3
+    for boxes in out["pred_boxes"]:
+        assert boxes.shape == (2, 5, 4) and boxes.min() >= 0 and boxes.max() <= 1
+    # layer 0 refers to 2-d points; layer i > 0 to the boxes of layer i - 1 (valid ratios are 1)
+    assert seen[0].shape[-1] == 2
+    for i in (1, 2):
+        torch.testing.assert_close(seen[i][:, :, 0], out["pred_boxes"][i - 1])
+        assert not torch.allclose(out["pred_boxes"][i], out["pred_boxes"][i - 1])
+
+
+# ---------------------------------------------------------------- matcher against brute force
+def hand_costs(logits, boxes, labels, tgt_boxes, alpha=0.25, gamma=2.0):
+    """Focal class cost, L1 and GIoU of every pair, written out pair by pair."""
+    q, t = logits.shape[0], labels.shape[0]
+    cls, l1, giou = torch.zeros(q, t), torch.zeros(q, t), torch.zeros(q, t)
+
+    def xyxy(b):
+        cx, cy, w, h = b.tolist()
+        return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+
+    for i in range(q):
+        for j in range(t):
+            p = torch.sigmoid(logits[i, labels[j]]).item()
+            cls[i, j] = alpha * (1 - p) ** gamma * -math.log(p) - (1 - alpha) * p ** gamma * -math.log(1 - p)
+            l1[i, j] = (boxes[i] - tgt_boxes[j]).abs().sum()
+            a, b = xyxy(boxes[i]), xyxy(tgt_boxes[j])
+            inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+            union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+            hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+            giou[i, j] = inter / union - (hull - union) / hull
+    return cls, l1, giou
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_box_matcher_is_optimal_by_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    q, t, c = 5, 1 + seed % 4, 3
+    logits = torch.randn(1, q, c, generator=g)
+
+    def random_boxes(*shape):  # centres in [0.2, 0.8], sizes in [0.05, 0.35]
+        return torch.cat([torch.rand(*shape, 2, generator=g) * 0.6 + 0.2,
+                          torch.rand(*shape, 2, generator=g) * 0.3 + 0.05], -1)
+
+    boxes = random_boxes(1, q)
+    target = {"labels": torch.randint(0, c, (t,), generator=g), "boxes": random_boxes(t)}
+    matcher = BoxMaskMatcher(class_weight=2.0, l1_weight=5.0, giou_weight=2.0)
+    (rows, cols), = matcher(logits, boxes, [target])
+    cls, l1, giou = hand_costs(logits[0], boxes[0], target["labels"], target["boxes"])
+    cost = 2 * cls + 5 * l1 - 2 * giou
+    torch.testing.assert_close(matcher.cost_matrix(logits[0], boxes[0], target), cost, atol=1e-5, rtol=1e-5)
+    best = min(sum(cost[perm[j], j].item() for j in range(t)) for perm in itertools.permutations(range(q), t))
+    assert len(rows) == t and len(set(rows.tolist())) == t
+    assert cost[rows, cols].sum().item() == pytest.approx(best, abs=1e-5)
+
+
+# ---------------------------------------------------------------- losses on a hand-built case
+def test_full_loss_on_a_hand_built_case():
+    """One image, one thing (class 1 of 2, box (0.5, 0.5, 0.4, 0.4)), one stuff class of 2
+    present; two thing queries, one layer of each decoder."""
+    criterion = PanopticSegFormerCriterion(class_weight=2.0, l1_weight=5.0, giou_weight=2.0, dice_weight=2.0)
+    tgt_mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    tgt_mask[0, 1:3, 1:3] = True
+    stuff_mask = ~tgt_mask
+    target = {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]]), "masks": tgt_mask,
+              "stuff_labels": torch.tensor([1]), "stuff_masks": stuff_mask}
+    loc_logits = torch.tensor([[[0.0, 2.0], [-1.0, -3.0]]])
+    loc_boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1]]])
+    thing_logits = torch.tensor([[[0.5, 1.0], [0.0, 0.0]]])
+    thing_masks = torch.full((1, 2, 4, 4), -2.0)
+    thing_masks[0, 0, 1:3, 1:3] = 2.0
+    stuff_logits = torch.tensor([[[-1.0], [1.5]]])
+    stuff_masks = torch.zeros(1, 2, 4, 4)
+    outputs = {"location": {"pred_logits": [loc_logits], "pred_boxes": [loc_boxes]},
+               "masks": {"things": [{"pred_logits": thing_logits, "pred_masks": thing_masks}],
+                         "stuff": [{"pred_logits": stuff_logits, "pred_masks": stuff_masks}]}}
+    losses = criterion(outputs, [target])
+
+    def focal(x, y, alpha=0.25, gamma=2.0):
+        p = 1 / (1 + math.exp(-x))
+        ce = -math.log(p) if y else -math.log(1 - p)
+        p_t = p if y else 1 - p
+        return (alpha if y else 1 - alpha) * (1 - p_t) ** gamma * ce
+
+    # query 0 is matched (right class, overlapping box): class targets one-hot only there
+    expected_loc_class = focal(0.0, 0) + focal(2.0, 1) + focal(-1.0, 0) + focal(-3.0, 0)
+    assert losses["loss_loc_class_0"].item() == pytest.approx(expected_loc_class, rel=1e-5)
+    assert losses["loss_loc_l1_0"].item() == pytest.approx(0.2, abs=1e-6)
+    # boxes [0.4, 0.3, 0.6, 0.7] and [0.3, 0.3, 0.7, 0.7]: IoU = 0.08 / 0.16, hull = union
+    assert losses["loss_loc_giou_0"].item() == pytest.approx(1 - 0.5, abs=1e-6)
+    expected_thing_class = focal(0.5, 0) + focal(1.0, 1) + focal(0.0, 0) + focal(0.0, 0)
+    assert losses["loss_thing_class_0"].item() == pytest.approx(expected_thing_class, rel=1e-5)
+    p_in, p_out = 1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(2.0))
+    dice = 1 - (2 * 4 * p_in + 1) / (4 * p_in + 12 * p_out + 4 + 1)
+    assert losses["loss_thing_dice_0"].item() == pytest.approx(dice, rel=1e-5)
+    # stuff query k <-> stuff class k: query 1's class is present, query 0's is not
+    assert losses["loss_stuff_class_0"].item() == pytest.approx(focal(-1.0, 0) + focal(1.5, 1), rel=1e-5)
+    stuff_dice = 1 - (2 * 12 * 0.5 + 1) / (16 * 0.5 + 12 + 1)
+    assert losses["loss_stuff_dice_0"].item() == pytest.approx(stuff_dice, rel=1e-5)
+
+
+def test_stuff_queries_are_assigned_to_their_own_class():
+    """A stuff query whose mask equals its class's mask has dice 0 whatever the other queries do;
+    swapping two stuff queries' masks makes it positive."""
+    criterion = PanopticSegFormerCriterion(class_weight=2.0, l1_weight=5.0, giou_weight=2.0, dice_weight=2.0)
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, :4], masks[1, 4:] = True, True
+    target = {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4),
+              "masks": torch.zeros(0, 8, 8, dtype=torch.bool),
+              "stuff_labels": torch.tensor([0, 2]), "stuff_masks": masks}
+    perfect = torch.full((1, 3, 8, 8), -50.0)
+    perfect[0, 0][masks[0]] = 50.0
+    perfect[0, 2][masks[1]] = 50.0
+
+    def stuff_dice(pred):
+        outputs = {"location": {"pred_logits": [torch.zeros(1, 2, 1)], "pred_boxes": [torch.full((1, 2, 4), 0.5)]},
+                   "masks": {"things": [{"pred_logits": torch.zeros(1, 2, 1), "pred_masks": torch.zeros(1, 2, 8, 8)}],
+                             "stuff": [{"pred_logits": torch.zeros(1, 3, 1), "pred_masks": pred}]}}
+        return criterion(outputs, [target])["loss_stuff_dice_0"].item()
+
+    assert stuff_dice(perfect) == pytest.approx(0.0, abs=1e-4)
+    assert stuff_dice(perfect[:, [2, 1, 0]]) > 0.9
+
+
+# ---------------------------------------------------------------- the model
+def test_model_trains_and_infers_the_three_outputs():
+    cfg = psf_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    psf = cfg.MODEL.PANOPTIC_SEGFORMER
+    losses = model(make_batch())
+    expected = {f"loss_loc_{k}_{i}" for k in ("class", "l1", "giou") for i in range(psf.DEC_LAYERS)}
+    expected |= {f"loss_thing_{k}_{i}" for k in ("class", "dice") for i in range(psf.THING_MASK_DEC_LAYERS)}
+    expected |= {f"loss_stuff_{k}_{i}" for k in ("class", "dice") for i in range(psf.STUFF_MASK_DEC_LAYERS)}
+    assert set(losses) == expected
+    sum(losses.values()).backward()
+    for name in ("location_decoder.query_embedding.weight", "stuff_query.weight",
+                 "mask_decoder.thing_decoder.mask_heads.1.fuse.weight", "backbone.res3.0.conv1.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+    model.eval()
+    with torch.no_grad():
+        results = model(make_batch())
+    for result, (h, w) in zip(results, ((64, 64), (48, 64))):
+        assert result["sem_seg"].shape == (5, h, w)
+        panoptic_seg, segments_info = result["panoptic_seg"]
+        assert panoptic_seg.shape == (h, w)
+        assert {s["id"] for s in segments_info} == set(panoptic_seg.unique().tolist()) - {0}
+        for s in segments_info:
+            assert s["isthing"] == (s["category_id"] in THING_IDS)
+        instances = result["instances"]
+        assert len(instances) == psf.TEST.NUM_THINGS
+        assert set(instances.pred_classes.tolist()) <= set(THING_IDS)
+        assert (instances.scores[:-1] >= instances.scores[1:]).all()
+
+
+def test_targets_split_things_with_boxes_from_masks():
+    model = build_model(psf_cfg())
+    batch = make_batch(((64, 64),))
+    images = ImageList.from_tensors([batch[0]["image"].float()], 32)
+    target, = model.prepare_targets(batch, images)
+    # things 1 (rows 4-19, cols 6-29) and 3 (rows 24-39, cols 40-59) -> thing indices 0, 1
+    assert target["labels"].tolist() == [0, 1]
+    expected = torch.tensor([[18 / 64, 12 / 64, 24 / 64, 16 / 64], [50 / 64, 32 / 64, 20 / 64, 16 / 64]])
+    torch.testing.assert_close(target["boxes"], expected)
+    assert target["stuff_labels"].tolist() == [0, 1]  # classes 0 and 2 -> stuff indices 0, 1
+
+
+def test_thing_classes_must_come_from_the_metadata():
+    cfg = psf_cfg()
+    cfg.DATASETS.TRAIN = ("_test_psf_no_things",)
+    cfg.DATASETS.TEST = ()
+    MetadataCatalog.get("_test_psf_no_things").set(stuff_classes=["a"])
+    with pytest.raises(ValueError, match="_test_psf_no_things.*thing_dataset_id_to_contiguous_id"):
+        build_model(cfg)
+
+
+def test_unknown_mask_decoder_name_lists_the_registered_ones():
+    cfg = psf_cfg()
+    cfg.MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_NAME = "Nope"
+    with pytest.raises(KeyError, match="MASK_DECODER_NAME='Nope'.*AttentionMaskDecoder"):
+        build_model(cfg)
+
+
+def test_sampling_offsets_train_slower():
+    cfg = psf_cfg()
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0, 0.1
+    model = build_model(cfg)
+    lr = {id(g["params"][0]): g["lr"] for g in get_param_groups(cfg, model)}
+    named = dict(model.named_parameters())
+    assert lr[id(named["encoder.encoder.encoder.layers.0.self_attn.sampling_offsets.weight"])] == pytest.approx(0.1)
+    assert lr[id(named["location_decoder.reference_points.weight"])] == pytest.approx(0.1)
+    assert lr[id(named["location_decoder.layers.0.cross_attn.value_proj.weight"])] == pytest.approx(1.0)
+    assert lr[id(named["backbone.res3.0.conv1.weight"])] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- end to end (tools/train_net.py)
+PSF_CONFIG = CONFIG_DIR / "synthetic" / "panoptic_segformer_R18.yaml"
+PSF_TINY_OPTS = [
+    "MODEL.PANOPTIC_SEGFORMER.HIDDEN_DIM", "32", "MODEL.PANOPTIC_SEGFORMER.DIM_FEEDFORWARD", "64",
+    "MODEL.PANOPTIC_SEGFORMER.ENC_LAYERS", "1", "MODEL.PANOPTIC_SEGFORMER.DEC_LAYERS", "2",
+    "MODEL.PANOPTIC_SEGFORMER.NUM_FEATURE_LEVELS", "3",  # 64 px images: no 1 x 1 stride-64 level
+    "MODEL.PANOPTIC_SEGFORMER.NUM_THING_QUERIES", "10", "MODEL.PANOPTIC_SEGFORMER.TEST.NUM_THINGS", "10",
+    "MODEL.PANOPTIC_SEGFORMER.THING_MASK_DEC_LAYERS", "2", "MODEL.PANOPTIC_SEGFORMER.STUFF_MASK_DEC_LAYERS", "2",
+]
+
+
+def run_psf(datasets_root, *args, opts=()):
+    proc = subprocess.run(train_net_cmd(*args, opts=[*PSF_TINY_OPTS, *opts], config=PSF_CONFIG), cwd=REPO_ROOT,
+                          env=train_net_env(datasets_root), capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"train_net failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained_psf(tiny_synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train_psf")
+    run_psf(tiny_synthetic_root, opts=["SOLVER.MAX_ITER", "40", "SOLVER.CHECKPOINT_PERIOD", "20",
+                                       "OUTPUT_DIR", str(out)])
+    return out
+
+
+def test_training_lowers_the_loss_and_evaluates_pq_miou_ap(trained_psf):
+    train_lines = [m for m in read_metrics(trained_psf) if "total_loss" in m]
+    losses = [m["total_loss"] for m in train_lines]
+    assert [m["iteration"] for m in train_lines] == [19, 39]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    results = json.loads((trained_psf / "eval_results.json").read_text())
+    for group, metric in (("panoptic_seg", "PQ"), ("sem_seg", "mIoU"), ("segm", "AP")):
+        assert math.isfinite(results[group][metric]), (group, results)
+
+
+def test_eval_only_reproduces_the_metrics(trained_psf, tiny_synthetic_root, tmp_path):
+    run_psf(tiny_synthetic_root, "--eval-only", opts=["MODEL.WEIGHTS", str(trained_psf / "model_final.pth"),
+                                                      "OUTPUT_DIR", str(tmp_path)])
+    after_training = json.loads((trained_psf / "eval_results.json").read_text())
+    eval_only = json.loads((tmp_path / "eval_results.json").read_text())
+    for group, metrics in after_training.items():
+        for metric, value in metrics.items():
+            assert eval_only[group][metric] == (None if value is None else pytest.approx(value, abs=1e-6))
+
+
+def test_resume_continues_to_the_same_weights(tiny_synthetic_root, tmp_path):
+    opts = ["SOLVER.CHECKPOINT_PERIOD", "4", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"]
+    run_psf(tiny_synthetic_root, opts=[*opts, "SOLVER.MAX_ITER", "8", "OUTPUT_DIR", str(tmp_path / "ab")])
+    run_psf(tiny_synthetic_root, "--resume", opts=[*opts, "SOLVER.MAX_ITER", "8", "OUTPUT_DIR", str(tmp_path / "ab")])
+    run_psf(tiny_synthetic_root, opts=[*opts, "SOLVER.MAX_ITER", "8", "OUTPUT_DIR", str(tmp_path / "ref")])
+    resumed = torch.load(tmp_path / "ab" / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    reference = torch.load(tmp_path / "ref" / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
