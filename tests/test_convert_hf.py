@@ -3,15 +3,21 @@
 Small randomly initialised HF models (Swin and ResNet backbones) are saved with save_pretrained,
 converted with the tool, loaded into ``build_model(cfg)`` and run on the same normalized image:
 class logits, mask logits and the semantic segmentation must match HuggingFace's own outputs.
+The tool also reads hub ids from a HuggingFace cache (written here in the cache's layout) and
+writes the class names into the converted config, where ``mask_former.demo.Predictor`` finds them.
 """
 import importlib.util
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -25,23 +31,21 @@ from transformers import (
     SwinConfig,
 )
 
-from safetensors.torch import load_file, save_file
-
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.modeling import build_model
-
 import mask_former  # noqa: F401  (registers the meta-architecture, heads and backbones)
-from mask_former.config import add_mask_former_config
-from mask_former.utils.hf_conversion import (
+from mask_former.checkpoint import MaskFormerCheckpointer
+from mask_former.checkpoint.hf_conversion import (
     convert_hf_maskformer,
     convert_hf_state_dict,
     hf_config_to_d2,
     load_hf_maskformer,
+    resolve_hf_checkpoint,
 )
+from mask_former.config import add_mask_former_config
+from mask_former.demo import Predictor
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert-hf-to-d2.py"
 HEIGHT, WIDTH = 64, 96  # multiples of 32: neither model pads
+CLASS_NAMES = ["wall", "sky", "tree"]  # id2label of the small models
 
 
 def load_tool():
@@ -62,7 +66,8 @@ def small_maskformer_config(backbone_config, decoder_config=None):
         decoder_config=decoder_config or small_decoder_config(),
         fpn_feature_size=32,
         mask_feature_size=32,
-        num_labels=3,
+        id2label=dict(enumerate(CLASS_NAMES)),
+        label2id={name: i for i, name in enumerate(CLASS_NAMES)},
         no_object_weight=0.2,
     )
 
@@ -155,7 +160,7 @@ def build_converted(pkl: Path, yaml_path: Path):
     cfg.merge_from_file(str(yaml_path))
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg).eval()
-    checkpointer = DetectionCheckpointer(model)
+    checkpointer = MaskFormerCheckpointer(model)
     incompatible = checkpointer._load_model(checkpointer._load_file(str(pkl)))
     assert not incompatible.missing_keys, f"missing keys: {incompatible.missing_keys}"
     assert not incompatible.unexpected_keys, f"unexpected keys: {incompatible.unexpected_keys}"
@@ -285,6 +290,65 @@ def test_qkv_fused_in_projection_order(hf_swin):
     fused = weights["backbone.layers.2.blocks.1.attn.qkv.bias"]
     expected = torch.cat([on_disk[block + f"{p}.bias"] for p in ("query", "key", "value")]).numpy()
     np.testing.assert_array_equal(fused, expected)
+
+
+def test_class_names_reach_the_predictor(hf_swin, tmp_path):
+    """The converted config names the classes (MODEL.CLASS_NAMES, from id2label); the predictor built
+    from it labels them and gives HuggingFace's logits for the same image."""
+    hf_dir, hf_model = hf_swin
+    pkl, yaml_path = convert_with_tool(hf_dir, tmp_path)
+    assert "CLASS_NAMES: [wall, sky, tree]" in yaml_path.read_text()
+    predictor = Predictor(str(yaml_path), device="cpu",
+                          opts=["INPUT.MIN_SIZE_TEST", str(HEIGHT), "INPUT.MAX_SIZE_TEST", str(WIDTH)])
+    assert predictor.class_names == CLASS_NAMES
+    image = make_test_image().round().to(torch.uint8)  # RGB, 3 x H x W
+    (raw,) = predictor.raw_outputs([image.permute(1, 2, 0).numpy()])
+    assert raw.padded_size == raw.image_size == raw.original_size == (HEIGHT, WIDTH)
+    pixel_values = ((image.float() - predictor.model.pixel_mean) / predictor.model.pixel_std)[None]
+    with torch.no_grad():
+        hf_out = hf_model(pixel_values=pixel_values)
+    assert (raw.class_logits - hf_out.class_queries_logits[0]).abs().max() <= 1e-4
+    assert (raw.mask_logits - hf_out.masks_queries_logits[0]).abs().max() <= 1e-4
+
+
+def write_hub_cache(cache: Path, repo_id: str, files: Path, commit: str = "0123456789abcdef" * 2 + "01234567"):
+    """``files`` as the snapshot of ``repo_id`` (branch main) in a HuggingFace cache, in the layout
+    huggingface_hub's downloads leave (models--OWNER--NAME/{refs/main, snapshots/COMMIT/})."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(files, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def test_hub_id_is_read_from_the_cache_offline(hf_swin, tmp_path):
+    hf_dir, _ = hf_swin
+    snapshot = write_hub_cache(tmp_path / "cache", "someone/maskformer-tiny", hf_dir)
+    assert resolve_hf_checkpoint("someone/maskformer-tiny", cache_dir=str(tmp_path / "cache"),
+                                 offline=True) == str(snapshot)
+    out = tmp_path / "out"
+    load_tool().main(["someone/maskformer-tiny", str(out / "model.pkl"), "--offline",
+                      "--cache-dir", str(tmp_path / "cache")])
+    yaml_text = (out / "model.yaml").read_text()
+    assert "converted from the HuggingFace checkpoint someone/maskformer-tiny" in yaml_text
+    assert "CLASS_NAMES: [wall, sky, tree]" in yaml_text
+    with open(out / "model.pkl", "rb") as f:
+        from_hub = pickle.load(f)["model"]
+    from_folder, _ = convert_hf_maskformer(str(hf_dir), verify=False)
+    assert sorted(from_hub) == sorted(from_folder)
+    for key, value in from_folder.items():
+        np.testing.assert_array_equal(from_hub[key], value, err_msg=key)
+
+
+def test_hub_id_missing_from_the_cache_is_named(tmp_path):
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"'someone/absent' is not a local directory and is not in the "
+                       r"HuggingFace cache .*cache \(offline\)"):
+        load_tool().main(["someone/absent", str(tmp_path / "model.pkl"), "--offline",
+                          "--cache-dir", str(tmp_path / "cache")])
+    with pytest.raises(FileNotFoundError, match="not a directory written by save_pretrained, and not a "
+                       "HuggingFace hub id"):
+        resolve_hf_checkpoint(str(tmp_path / "no" / "such" / "dir"))
 
 
 # ------------------------------------------------------------------------------------- errors

@@ -1,4 +1,4 @@
-"""tools/demo.py and mask_former.utils.predictor.
+"""tools/demo.py and mask_former.demo.
 
 Most tests run the demo on an "oracle" meta-architecture registered here, whose predictions are a
 known function of the image (grey level -> class, each grey level of a thing -> one instance whose
@@ -461,3 +461,98 @@ def test_demo_script_runs_as_a_subprocess(tmp_path, inputs):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((out / "a.json").read_text())["task"] == "panoptic"
     assert_visualization(out / "a.png", inputs / "a.png")
+
+
+@pytest.mark.parametrize("task", ["semantic", "panoptic", "instance"])
+def test_scale_enlarges_the_drawing_not_the_prediction(tmp_path, inputs, metadata_name, task):
+    config = oracle_config(tmp_path, metadata_name)
+    plain, scaled = tmp_path / "plain", tmp_path / "scaled"
+    for out, extra in ((plain, []), (scaled, ["--scale", "3"])):
+        assert run_demo(config, [inputs / "a.png"], out, "--task", task, "--json",
+                        "--confidence-threshold", "0", *extra) == 0
+    vis = cv2.imread(str(scaled / "a.png"))
+    assert vis.shape == (IMAGE_A_SHAPE[0] * 3, IMAGE_A_SHAPE[1] * 3, 3)
+    original = cv2.imread(str(inputs / "a.png"))
+    enlarged = original.repeat(3, axis=0).repeat(3, axis=1)
+    assert np.abs(vis.astype(int) - enlarged).sum() > 0, "nothing was drawn"
+    # the prediction is made on the original image: the JSON (and its maps) are the same
+    expected, found = (json.loads((folder / "a.json").read_text()) for folder in (plain, scaled))
+    expected.pop("file_name"), found.pop("file_name")
+    assert found == expected
+    assert (found["height"], found["width"]) == IMAGE_A_SHAPE
+    for suffix in ("_sem_seg.png", "_panoptic.png"):
+        if (plain / f"a{suffix}").exists():
+            np.testing.assert_array_equal(np.array(Image.open(scaled / f"a{suffix}")),
+                                          np.array(Image.open(plain / f"a{suffix}")))
+
+
+def test_scale_must_be_a_positive_integer(capsys):
+    for value in ("0", "1.5"):
+        with pytest.raises(SystemExit) as exit_info:
+            demo_tool.main(["--config-file", "unused.yaml", "--input", "x.png", "--scale", value])
+        assert exit_info.value.code == 2
+        assert "--scale" in capsys.readouterr().err
+
+
+def test_scale_applies_to_video_frames(tmp_path, metadata_name):
+    config = oracle_config(tmp_path, metadata_name, instance=True)
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5, (80, 64))
+    assert writer.isOpened(), "OpenCV cannot write mp4v here"
+    for level in (100, 200):
+        writer.write(np.full((64, 80, 3), level, np.uint8))
+    writer.release()
+    assert demo_tool.main(["--config-file", config, "--video-input", str(video), "--output",
+                           str(tmp_path / "out"), "--scale", "2"]) == 0
+    capture = cv2.VideoCapture(str(tmp_path / "out" / "clip.mp4"))
+    ok, frame = capture.read()
+    capture.release()
+    assert ok and frame.shape == (128, 160, 3)
+
+
+def test_class_names_of_the_config_label_the_classes(tmp_path, inputs):
+    """A config without a test dataset (e.g. a converted HuggingFace model) names its classes in
+    MODEL.CLASS_NAMES."""
+    cfg_path = oracle_config(tmp_path, "unused")
+    out = tmp_path / "out"
+    status = run_demo(cfg_path, [inputs / "b.png"], out, "--json", "--opts", "DATASETS.TEST", "()",
+                      "MODEL.CLASS_NAMES", "['Katze', 'Hund', 'Himmel']")
+    assert status == 0
+    classes = json.loads((out / "b.json").read_text())["classes"]
+    assert [(c["id"], c["name"]) for c in classes] == [(1, "Hund"), (2, "Himmel")]
+    with pytest.raises(ValueError, match="MODEL.CLASS_NAMES"):
+        run_demo(cfg_path, [inputs / "b.png"], out, "--opts", "DATASETS.TEST", "()")
+
+
+def test_the_tool_is_the_console_script():
+    from mask_former.cli import demo as cli_demo
+
+    assert demo_tool.main is cli_demo.main
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    assert 'maskformer-demo = "mask_former.cli.demo:main"' in pyproject
+
+
+def test_run_demo_announces_numbered_timed_steps():
+    import io
+
+    spec = importlib.util.spec_from_file_location("maskformer_run_demo", REPO_ROOT / "tools" / "run_demo.py")
+    run_demo_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_demo_tool)
+    times = iter([0.0, 0.0, 65.0, 65.0, 3725.0, 3725.0, 3726.0])
+    out = io.StringIO()
+    steps = run_demo_tool.Steps(3, out=out, clock=lambda: next(times))
+    with steps.step("generate the data"):
+        pass
+    with steps.step("train"):
+        pass
+    with pytest.raises(RuntimeError):
+        with steps.step("plot"):
+            raise RuntimeError("boom")
+    assert out.getvalue().splitlines() == [
+        "", "[step 1/3] generate the data (at 0s)",
+        "[step 1/3] done in 1m 05s (1m 05s since the start)",
+        "", "[step 2/3] train (at 1m 05s)",
+        "[step 2/3] done in 1h 01m 00s (1h 02m 05s since the start)",
+        "", "[step 3/3] plot (at 1h 02m 05s)",
+        "[step 3/3] failed after 1s",
+    ]

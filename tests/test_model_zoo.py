@@ -5,9 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import DefaultTrainer
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
+from mask_former.checkpoint import MaskFormerCheckpointer
+from mask_former.data.datasets.command_line import resolve_num_classes
 from model_utils import CONFIG_DIR, zoo_cfg
 
 ZOO_CONFIGS = sorted(
@@ -56,14 +58,51 @@ def expected_module_key(key: str) -> str:
     return key
 
 
+# configs of this project beyond the published MaskFormer model zoo
+PROJECT_CONFIGS = {
+    "ade20k-150/maskformer_R50_msdeform_bs16_160k.yaml",
+    "coco-panoptic/panoptic_segformer_R50_12e.yaml",
+    "coco-panoptic/panoptic_segformer_R50_24e.yaml",
+    "coco-panoptic/panoptic_segformer_R101_24e.yaml",
+    "coco-panoptic/panoptic_segformer_swin_large_24e.yaml",
+    "coco-instance/maskformer_instance_R50_bs64_554k.yaml",
+    "custom/maskformer_R50_semantic.yaml",
+    "custom/maskformer_R50_instance.yaml",
+    "custom/maskformer_R50_panoptic.yaml",
+}
+
+# The configs for the user's own data (configs/custom/) leave MODEL.SEM_SEG_HEAD.NUM_CLASSES at -1,
+# "the class count of DATASETS.TRAIN[0]", and name datasets registered on the command line
+# (my_train, my_val). They are built here as tools/train_net.py builds them: on registered datasets
+# of their format (the built-in synthetic ones, registered on import, whose metadata needs no
+# file), with NUM_CLASSES filled from the training dataset's metadata by the function the tools use.
+SYNTHETIC_DATASETS_OF_MAPPER = {
+    "mask_former_semantic": "synthetic_sem_seg",
+    "mask_former_instance": "synthetic_instance",
+    "mask_former_panoptic": "synthetic_panoptic",
+}
+
+
+def buildable_cfg(relpath: str):
+    """The config of ``relpath``, with the datasets and class count of a -1 config filled in."""
+    cfg = zoo_cfg(relpath)
+    if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == -1:
+        prefix = SYNTHETIC_DATASETS_OF_MAPPER[cfg.INPUT.DATASET_MAPPER_NAME]
+        cfg.DATASETS.TRAIN = (f"{prefix}_train",)
+        cfg.DATASETS.TEST = (f"{prefix}_val",)
+        assert resolve_num_classes(cfg) == cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES > 0
+    return cfg
+
+
 def test_all_model_zoo_configs_are_present():
-    # one per row of reference/model_zoo.md's settings table
-    assert len(ZOO_CONFIGS) == 30, ZOO_CONFIGS
+    # one per row of reference/model_zoo.md's settings table, plus this project's own
+    assert PROJECT_CONFIGS <= set(ZOO_CONFIGS)
+    assert len(set(ZOO_CONFIGS) - PROJECT_CONFIGS) == 30, ZOO_CONFIGS
 
 
 @pytest.mark.parametrize("relpath", ZOO_CONFIGS)
 def test_model_zoo_config_builds(relpath):
-    cfg = zoo_cfg(relpath)
+    cfg = buildable_cfg(relpath)
     model = build_on_meta(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params > 20e6, f"{relpath}: {n_params} parameters"
@@ -107,7 +146,7 @@ def test_published_pkl_loads_through_checkpointer(ref_name, reference_dir, tmp_p
     weights = write_published_style_pkl(layout, tmp_path / "model_final.pkl")
     cfg = zoo_cfg(REFERENCE_CONFIGS[ref_name])
     model = build_model(cfg)
-    checkpointer = DetectionCheckpointer(model)
+    checkpointer = MaskFormerCheckpointer(model)
     incompatible = checkpointer._load_model(checkpointer._load_file(str(tmp_path / "model_final.pkl")))
     assert incompatible.missing_keys == []
     assert incompatible.unexpected_keys == []
@@ -124,7 +163,7 @@ def test_published_pkl_as_model_weights(reference_dir, tmp_path):
     weights = write_published_style_pkl(read_reference(reference_dir / ref_name), tmp_path / "m.pkl", seed=1)
     cfg = zoo_cfg(REFERENCE_CONFIGS[ref_name])
     model = build_model(cfg)
-    DetectionCheckpointer(model).resume_or_load(str(tmp_path / "m.pkl"), resume=False)
+    MaskFormerCheckpointer(model).resume_or_load(str(tmp_path / "m.pkl"), resume=False)
     np.testing.assert_array_equal(
         model.state_dict()["sem_seg_head.pixel_decoder.layer_4.weight"].numpy(),
         weights["sem_seg_head.layer_4.weight"],
@@ -136,3 +175,27 @@ def test_r50_ade20k_parameter_count():
     model = build_on_meta(zoo_cfg("ade20k-150/maskformer_R50_bs16_160k.yaml"))
     n_params = sum(p.numel() for p in model.parameters())
     assert abs(n_params / 1e6 - 41.25) <= 0.01, n_params
+
+
+PUBLISHED_CONFIGS = sorted(set(ZOO_CONFIGS) - PROJECT_CONFIGS)
+
+
+@pytest.mark.parametrize("relpath", PUBLISHED_CONFIGS + ["coco-instance/maskformer_instance_R50_bs64_554k.yaml"])
+def test_published_recipes_scale_to_other_gpu_counts(relpath):
+    """SOLVER.REFERENCE_WORLD_SIZE is the published GPU count (64 for COCO, 8 otherwise), so that
+    detectron2's DefaultTrainer.auto_scale_workers keeps the per-GPU batch on other counts."""
+    cfg = zoo_cfg(relpath)
+    reference = 64 if relpath.startswith(("coco-panoptic/maskformer", "coco-panoptic/swin", "coco-instance")) else 8
+    assert cfg.SOLVER.REFERENCE_WORLD_SIZE == reference
+    assert cfg.SOLVER.IMS_PER_BATCH % reference == 0
+    scaled = DefaultTrainer.auto_scale_workers(cfg, reference // 2)
+    assert scaled.SOLVER.IMS_PER_BATCH == cfg.SOLVER.IMS_PER_BATCH // 2
+    assert scaled.SOLVER.BASE_LR == pytest.approx(cfg.SOLVER.BASE_LR / 2)
+    assert scaled.SOLVER.MAX_ITER == 2 * cfg.SOLVER.MAX_ITER
+
+
+def test_built_in_and_custom_recipes_do_not_scale():
+    for relpath in ("synthetic/maskformer_panoptic_R18.yaml", "custom/maskformer_R50_semantic.yaml"):
+        cfg = zoo_cfg(relpath)
+        assert cfg.SOLVER.REFERENCE_WORLD_SIZE == 0
+        assert DefaultTrainer.auto_scale_workers(cfg, 2) is cfg
