@@ -9,8 +9,7 @@ import time
 import pytest
 import torch
 
-from train_utils import (REPO_ROOT, TASK_OPTS, read_metrics, run_train_net, train_net_cmd,
-                         train_net_env)
+from train_utils import REPO_ROOT, TASK_OPTS, read_metrics, run_train_net, train_net_cmd, train_net_env
 
 EXPECTED_METRICS = {
     "panoptic": {"panoptic_seg": "PQ", "sem_seg": "mIoU", "segm": "AP"},
