@@ -29,13 +29,18 @@ def add_mask_former_config(cfg):
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # autocast dtype of SOLVER.AMP.ENABLED: "float16" (CUDA only) or "bfloat16" (CUDA or CPU)
+    cfg.SOLVER.AMP.PRECISION = "float16"
+    # learning-rate multiplier of deformable attention's sampling-offset and reference-point layers
+    cfg.SOLVER.SAMPLING_OFFSET_MULTIPLIER = 1.0
 
     # ---------------------------------------------------------------- MaskFormer
     cfg.MODEL.MASK_FORMER = CN()
     cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
     cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
     cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 1.0
-    # weight of the sigmoid focal mask loss (the paper's default mask loss)
+    # weight of the sigmoid FOCAL mask loss ("focal" in MASK_LOSSES; the paper's mask loss). The
+    # name is the original MaskFormer's, kept because the published configs set it
     cfg.MODEL.MASK_FORMER.MASK_WEIGHT = 20.0
     # which mask losses to use, any of "focal", "bce", "brier", "dice", alone or combined
     cfg.MODEL.MASK_FORMER.MASK_LOSSES = ["focal", "dice"]
@@ -45,10 +50,20 @@ def add_mask_former_config(cfg):
     cfg.MODEL.MASK_FORMER.BRIER_WEIGHT = 20.0
     # weight of the classification term in the Hungarian matching cost
     cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 1.0
+    # points per mask for the mask losses and matching costs; 0 = every pixel (the paper's losses)
+    cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 0
+    # (TRAIN_NUM_POINTS > 0) random candidates per loss point for importance sampling, >= 1
+    cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
+    # (TRAIN_NUM_POINTS > 0) fraction of the loss points taken as the most uncertain candidates
+    cfg.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
+    # assignment solver of the matcher: "scipy" (on the CPU) or "torch" (exact, batched, on the device)
+    cfg.MODEL.MASK_FORMER.MATCHER_SOLVER = "scipy"
 
     cfg.MODEL.MASK_FORMER.NHEADS = 8
     cfg.MODEL.MASK_FORMER.DROPOUT = 0.1
     cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD = 2048
+    # encoder layers inside the transformer decoder, over its input feature (0 in every published
+    # config); the pixel decoder's own encoder depth is MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS
     cfg.MODEL.MASK_FORMER.ENC_LAYERS = 0
     cfg.MODEL.MASK_FORMER.DEC_LAYERS = 6
     cfg.MODEL.MASK_FORMER.PRE_NORM = False
@@ -56,7 +71,7 @@ def add_mask_former_config(cfg):
     cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 100
     cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "res5"
     cfg.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ = False
-    # name in TRANSFORMER_DECODER_REGISTRY of the query decoder ("predictor")
+    # name in TRANSFORMER_DECODER_REGISTRY of the transformer decoder (the head's "predictor")
     cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "StandardTransformerDecoder"
     # images are padded to a multiple of this before the backbone
     cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32
@@ -70,13 +85,81 @@ def add_mask_former_config(cfg):
     cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.0
     cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.0
     cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
-    # number of instances kept per image by instance inference
-    cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE = 100
+    # alias of detectron2's TEST.DETECTIONS_PER_IMAGE (instances kept per image), which is read
+    # when this is None; kept for configs written for earlier versions of this project
+    cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE = None
+    # inference precision of the network: "fp32" (exact) or "bf16" (faster on CPUs with AVX-512 bf16 / AMX)
+    cfg.MODEL.MASK_FORMER.TEST.PRECISION = "fp32"
 
     # ---------------------------------------------------------------- pixel decoder
     cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
+    # encoder layers of the pixel decoder (TransformerEncoderPixelDecoder, MSDeformAttnPixelDecoder)
     cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 0
     cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "BasePixelDecoder"
+    # MSDeformAttnPixelDecoder (its depth is TRANSFORMER_ENC_LAYERS, its dropout MASK_FORMER.DROPOUT):
+    # backbone features its deformable encoder attends over, one level each
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    # sampling points per head and level of its multi-scale deformable attention
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
+    # attention heads of its multi-scale deformable attention
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+    # hidden channels of the feed-forward network of its encoder layers
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_DIM_FEEDFORWARD = 1024
+
+    # ---------------------------------------------------------------- Panoptic SegFormer
+    # (META_ARCHITECTURE "PanopticSegFormer"; its tasks are switched by MODEL.MASK_FORMER.TEST.*_ON)
+    cfg.MODEL.PANOPTIC_SEGFORMER = CN()
+    psf = cfg.MODEL.PANOPTIC_SEGFORMER
+    # backbone features taken by the neck (strides 8, 16, 32); a 4th level is made by a stride-2 conv
+    psf.IN_FEATURES = ["res3", "res4", "res5"]
+    # feature levels of the deformable encoder (the neck's outputs plus the extra ones)
+    psf.NUM_FEATURE_LEVELS = 4
+    # channels of the neck, the encoder, the decoders and the queries
+    psf.HIDDEN_DIM = 256
+    # attention heads of every attention layer
+    psf.NHEADS = 8
+    # sampling points per head and level of the multi-scale deformable attention
+    psf.N_POINTS = 4
+    # hidden channels of every feed-forward network
+    psf.DIM_FEEDFORWARD = 1024
+    # dropout of the encoder and decoder layers
+    psf.DROPOUT = 0.1
+    # name in PSF_ENCODER_REGISTRY of the encoder (neck + positional encoding + deformable encoder)
+    psf.ENCODER_NAME = "DeformableEncoder"
+    # deformable encoder layers
+    psf.ENC_LAYERS = 6
+    # location-decoder layers (Deformable DETR decoder with iterative box refinement)
+    psf.DEC_LAYERS = 6
+    # thing queries of the location decoder
+    psf.NUM_THING_QUERIES = 300
+    # name in PSF_MASK_DECODER_REGISTRY of the mask decoder
+    psf.MASK_DECODER_NAME = "AttentionMaskDecoder"
+    # mask-decoder layers for the thing queries
+    psf.THING_MASK_DEC_LAYERS = 4
+    # mask-decoder layers for the stuff queries (with self-attention among them)
+    psf.STUFF_MASK_DEC_LAYERS = 6
+    # loss (and matching cost) weights: sigmoid focal class, box L1, box GIoU, dice mask
+    psf.CLASS_WEIGHT = 2.0
+    psf.BOX_L1_WEIGHT = 5.0
+    psf.GIOU_WEIGHT = 2.0
+    psf.DICE_WEIGHT = 2.0
+    # alpha and gamma of the sigmoid focal class loss and cost
+    psf.FOCAL_ALPHA = 0.25
+    psf.FOCAL_GAMMA = 2.0
+    psf.TEST = CN()
+    # (query, class) pairs of the location decoder kept for the mask decoder at inference
+    psf.TEST.NUM_THINGS = 100
+    # mask probability above which a pixel belongs to a mask
+    psf.TEST.MASK_THRESHOLD = 0.5
+    # confidence of a mask = class score ** ALPHA * mean mask probability ** BETA
+    psf.TEST.ALPHA = 1.0
+    psf.TEST.BETA = 2.0
+    # masks whose confidence is below these are dropped (things, stuff)
+    psf.TEST.THING_QUALITY_THRESHOLD = 0.25
+    psf.TEST.STUFF_QUALITY_THRESHOLD = 0.25
+    # masks overlapping already-placed pixels by more than this fraction of their area are dropped
+    psf.TEST.THING_OVERLAP_THRESHOLD = 0.4
+    psf.TEST.STUFF_OVERLAP_THRESHOLD = 0.2
 
     # ---------------------------------------------------------------- Swin backbone
     cfg.MODEL.SWIN = CN()
@@ -95,3 +178,42 @@ def add_mask_former_config(cfg):
     cfg.MODEL.SWIN.APE = False
     cfg.MODEL.SWIN.PATCH_NORM = True
     cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # names of the K classes, for predictions when DATASETS.TEST names no dataset (converted HF models)
+    cfg.MODEL.CLASS_NAMES = []
+
+
+def merge_config_file(cfg, path: str, allow_unsafe: bool = False) -> None:
+    """
+    ``cfg.merge_from_file(path)`` that refuses YAML tags which run code while the file loads.
+
+    The project's configs are plain YAML. detectron2's ``merge_from_file`` falls back to
+    ``yaml.unsafe_load`` (which executes ``!!python/...`` tags) with only a warning; here such a
+    config (or one of its ``_BASE_`` files) raises ValueError naming the file, the line and the
+    tag, unless ``allow_unsafe`` is True (the tools' ``--allow-unsafe-config``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the config uses a tag that only ``yaml.unsafe_load`` can read.
+    """
+    # imported here so that this addition stays at the end of the module
+    import re
+
+    import yaml
+    from detectron2.utils.file_io import PathManager
+
+    if not PathManager.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    try:
+        cfg.merge_from_file(path, allow_unsafe=allow_unsafe)
+    except yaml.constructor.ConstructorError as e:
+        if allow_unsafe:
+            raise
+        mark = e.problem_mark
+        where = f"{mark.name}, line {mark.line + 1}" if mark is not None else path
+        tag = re.search(r"tag '([^']+)'", str(e.problem))
+        what = f"the tag {tag.group(1).replace('tag:yaml.org,2002:', '!!')}" if tag else "a tag"
+        raise ValueError(
+            f"config {path!r} ({where}) uses {what}, which only yaml.unsafe_load reads and which "
+            "can run code while the file loads; this project's configs are plain YAML. Remove "
+            "the tag, or pass --allow-unsafe-config (allow_unsafe=True) if you trust the file"
+        ) from e

@@ -1,12 +1,16 @@
-"""HungarianMatcher and the pairwise mask costs against plain-formula costs and brute force."""
+"""HungarianMatcher and the pairwise mask costs against plain-formula costs and brute force, the
+batched matching against image-by-image matching, and the PyTorch assignment solver against
+scipy's."""
 import itertools
 import math
 
 import pytest
 import torch
 
+from mask_former.modeling.criterion import build_matcher
 from mask_former.modeling.mask_losses import bce_cost, brier_cost, dice_cost, sigmoid_focal_cost
 from mask_former.modeling.matcher import HungarianMatcher
+from model_utils import tiny_cfg
 
 
 # ---------------------------------------------------------------- plain per-pixel formulas
@@ -284,3 +288,70 @@ def test_matching_is_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         src, tgt = HungarianMatcher()(outputs, targets)[0]
     assert src.tolist() == [1] and tgt.tolist() == [0]
+
+
+@pytest.mark.parametrize("kind", ["focal", "bce", "brier"])
+def test_batched_matching_equals_image_by_image(kind):
+    # one batched cost computation for images with 5, 0, 8 and 1 targets (padded to 8), one with
+    # targets of another size, against the matcher called on each image alone
+    generator = torch.Generator().manual_seed(9)
+    outputs, targets = random_case(generator, [5, 0, 8, 1], 10, 6, 6, 5)
+    targets[3]["masks"] = torch.rand(1, 18, 10, generator=generator) > 0.5
+    matcher = HungarianMatcher(1.0, 20.0, 1.0, mask_cost_type=kind)
+    cost = matcher.batched_cost(outputs, targets)
+    assert cost.shape == (4, 10, 8) and cost.dtype == torch.float32
+    batched = matcher(outputs, targets)
+    for b, target in enumerate(targets):
+        alone = {key: value[b : b + 1] for key, value in outputs.items()}
+        alone_cost = matcher.batched_cost(alone, [target])
+        count = len(target["labels"])
+        torch.testing.assert_close(cost[b, :, :count], alone_cost[0], rtol=1e-6, atol=1e-6)
+        (src, tgt), (alone_src, alone_tgt) = batched[b], matcher(alone, [target])[0]
+        assert src.tolist() == alone_src.tolist() and tgt.tolist() == alone_tgt.tolist(), f"image {b}"
+
+
+def test_nan_in_an_image_without_targets_is_ignored():
+    # image 0 has no targets: its (NaN) predictions are never matched, as before batching
+    generator = torch.Generator().manual_seed(10)
+    outputs, targets = random_case(generator, [0, 2], 3, 3, 2, 2)
+    outputs["pred_masks"][0] = float("nan")
+    indices = HungarianMatcher()(outputs, targets)
+    assert len(indices[0][0]) == 0 and len(indices[1][0]) == 2
+
+
+@pytest.mark.parametrize("num_points", [0, 20])
+def test_torch_solver_gives_scipys_assignment(num_points):
+    # continuous random costs: the optimum is unique, so both exact solvers return it
+    generator = torch.Generator().manual_seed(12)
+    for batch_sizes_t in ([5, 0, 8, 1], [12, 3], [0, 0]):
+        outputs, targets = random_case(generator, batch_sizes_t, 10, 6, 6, 5)
+        scipy_matcher = HungarianMatcher(num_points=num_points)
+        torch_matcher = HungarianMatcher(num_points=num_points, solver="torch")
+        torch.manual_seed(0)
+        expected = scipy_matcher(outputs, targets)
+        torch.manual_seed(0)
+        got = torch_matcher(outputs, targets)
+        for b, ((src, tgt), (src_t, tgt_t)) in enumerate(zip(expected, got)):
+            assert src_t.dtype == tgt_t.dtype == torch.int64
+            assert src_t.tolist() == src.tolist() and tgt_t.tolist() == tgt.tolist(), f"image {b}"
+
+
+def test_torch_solver_is_optimal_on_ties():
+    # class-only costs with repeated labels: several optima, the same total cost
+    generator = torch.Generator().manual_seed(13)
+    outputs, targets = random_case(generator, [4, 3], 5, 2, 2, 2)
+    matcher = HungarianMatcher(2.0, 0.0, 0.0, solver="torch")
+    check_against_brute_force(matcher, outputs, targets, (2.0, 0.0, 0.0), "focal")
+
+
+def test_matcher_solver_config_key():
+    cfg = tiny_cfg()
+    assert cfg.MODEL.MASK_FORMER.MATCHER_SOLVER == "scipy"
+    assert build_matcher(cfg).solver == "scipy"
+    cfg.MODEL.MASK_FORMER.MATCHER_SOLVER = "torch"
+    assert build_matcher(cfg).solver == "torch"
+    cfg.MODEL.MASK_FORMER.MATCHER_SOLVER = "lapjv"
+    with pytest.raises(ValueError, match=r"MATCHER_SOLVER='lapjv': expected one of 'scipy', 'torch'"):
+        build_matcher(cfg)
+    with pytest.raises(ValueError, match="solver must be one of 'scipy', 'torch'"):
+        HungarianMatcher(solver="lapjv")

@@ -1,15 +1,26 @@
-"""MaskFormer's set criterion: classification and mask losses of Hungarian-matched predictions."""
-from typing import Dict, List, Sequence, Tuple
+"""MaskFormer's set criterion: classification and mask losses of Hungarian-matched predictions,
+and :func:`build_criterion`, which makes it (with its matcher and loss weights) from a config."""
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.projects.point_rend.point_features import (
+    get_uncertain_point_coords_with_randomness,
+    point_sample,
+)
 from detectron2.utils import comm
 from torch import Tensor, nn
 
-from .mask_losses import get_mask_loss
-from .matcher import check_outputs, check_targets
+from .mask_losses import MASK_LOSSES, get_mask_loss
+from .matcher import POINT_SAMPLE_KWARGS, SOLVERS, HungarianMatcher, check_outputs, check_targets
 
-__all__ = ["SetCriterion"]
+__all__ = [
+    "SetCriterion",
+    "build_criterion",
+    "build_matcher",
+    "build_loss_weights",
+    "point_uncertainty",
+]
 
 
 class SetCriterion(nn.Module):
@@ -19,11 +30,19 @@ class SetCriterion(nn.Module):
     1. the matcher assigns queries to targets;
     2. ``loss_ce``: cross-entropy over K+1 classes, unmatched queries supervised with the
        "no object" class K, whose weight is ``eos_coef``;
-    3. the mask losses of the matched pairs, the predicted masks upsampled (bilinear) to the
-       target size: "focal" -> ``loss_mask``, "bce" -> ``loss_bce``, "brier" -> ``loss_brier``,
-       "dice" -> ``loss_dice``, each normalized by the number of target masks in the batch.
+    3. the mask losses of the matched pairs: "focal" -> ``loss_mask``, "bce" -> ``loss_bce``,
+       "brier" -> ``loss_brier``, "dice" -> ``loss_dice``, each normalized by the number of target
+       masks in the batch. With ``num_points=0`` (the paper's losses) they cover every pixel of
+       the (padded) target size, the predicted masks upsampled (bilinear) to it; with
+       ``num_points=K > 0`` they cover K points per mask, chosen as Mask2Former does (PointRend's
+       uncertainty-based importance sampling): ``oversample_ratio * K`` uniformly random
+       candidates, the ``importance_sample_ratio * K`` most uncertain of them (prediction logit
+       closest to 0) plus uniformly random points for the rest; predictions and targets are
+       both read there bilinearly.
 
-    Losses are returned unweighted; the meta-architecture applies the weights.
+    Losses are returned unweighted; ``weight_dict`` holds the weight of each returned key (the
+    meta-architecture applies them and drops keys without a weight). The inputs are checked once
+    for all layers, so the matcher need not check them again (see :func:`build_matcher`).
     """
 
     def __init__(
@@ -32,6 +51,10 @@ class SetCriterion(nn.Module):
         matcher: nn.Module,
         eos_coef: float,
         mask_losses: Sequence[str] = ("focal", "dice"),
+        weight_dict: Optional[Dict[str, float]] = None,
+        num_points: int = 0,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
     ):
         """
         Args:
@@ -39,7 +62,15 @@ class SetCriterion(nn.Module):
             matcher: module mapping (outputs, targets) to per-image (query indices, target
                 indices), e.g. :class:`HungarianMatcher`.
             eos_coef: cross-entropy weight of the "no object" class.
-            mask_losses: names of the mask losses, one or more of "focal", "bce", "brier", "dice".
+            mask_losses: names of the mask losses, one or more of ``MASK_LOSSES`` ("focal", "bce",
+                "brier", "dice", ...).
+            weight_dict: weight of each loss key (with the ``_i`` suffixes of deep supervision).
+            num_points: 0 for mask losses over every pixel; K > 0 for losses over K sampled points
+                per mask (drawn from torch's global generator: deterministic under
+                ``torch.manual_seed``).
+            oversample_ratio: (num_points > 0) candidate points per point, >= 1.
+            importance_sample_ratio: (num_points > 0) fraction in [0, 1] of the points taken as
+                the most uncertain candidates; the others are uniformly random.
         """
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -51,10 +82,21 @@ class SetCriterion(nn.Module):
         if isinstance(mask_losses, str) or len(mask_losses) == 0:
             raise ValueError(
                 "SetCriterion: mask_losses must be a non-empty list of names from "
-                f"'focal', 'bce', 'brier', 'dice', got {mask_losses!r}"
+                f"{', '.join(repr(n) for n in MASK_LOSSES)}, got {mask_losses!r}"
             )
         if len(set(mask_losses)) != len(mask_losses):
             raise ValueError(f"SetCriterion: mask_losses has duplicate names: {list(mask_losses)}")
+        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 0:
+            raise ValueError(f"SetCriterion: num_points must be an int >= 0, got {num_points!r}")
+        if not isinstance(oversample_ratio, (int, float)) or not (1 <= oversample_ratio < float("inf")):
+            raise ValueError(
+                f"SetCriterion: oversample_ratio must be a finite number >= 1, got {oversample_ratio!r}"
+            )
+        if not isinstance(importance_sample_ratio, (int, float)) or not (0 <= importance_sample_ratio <= 1):
+            raise ValueError(
+                "SetCriterion: importance_sample_ratio must be a number in [0, 1], got "
+                f"{importance_sample_ratio!r}"
+            )
         self.mask_losses = {
             name: get_mask_loss(name, where="SetCriterion mask_losses") for name in mask_losses
         }
@@ -62,6 +104,10 @@ class SetCriterion(nn.Module):
         self.num_classes = num_classes
         self.matcher = matcher
         self.eos_coef = float(eos_coef)
+        self.weight_dict = dict(weight_dict or {})
+        self.num_points = num_points
+        self.oversample_ratio = float(oversample_ratio)
+        self.importance_sample_ratio = float(importance_sample_ratio)
         # the published checkpoints hold this buffer as "criterion.empty_weight"
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = self.eos_coef
@@ -70,7 +116,13 @@ class SetCriterion(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, "
-            f"mask_losses={list(self.mask_losses)}"
+            f"mask_losses={list(self.mask_losses)}, num_points={self.num_points}"
+            + (
+                f", oversample_ratio={self.oversample_ratio}, "
+                f"importance_sample_ratio={self.importance_sample_ratio}"
+                if self.num_points
+                else ""
+            )
         )
 
     def forward(self, outputs: Dict, targets: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
@@ -160,10 +212,14 @@ class SetCriterion(nn.Module):
         indices: List[Tuple[Tensor, Tensor]],
         num_masks: float,
     ) -> Dict[str, Tensor]:
-        """Mask losses of the matched pairs, predictions upsampled to the (padded) target size.
+        """Mask losses of the matched pairs: over every pixel of the (padded) target size, the
+        predictions upsampled to it (``num_points`` 0), or over ``num_points`` sampled points.
 
         Args:
             pred_masks: B x Q x h x w mask logits.
+            targets: as in :meth:`forward`; the masks of smaller images are zero-padded at the
+                bottom / right to the largest H x W, which the predictions span.
+            indices: per image, (query indices, target indices) of the matched pairs.
             num_masks: normalizer (target masks in the batch, averaged over processes, >= 1).
 
         Returns:
@@ -187,9 +243,15 @@ class SetCriterion(nn.Module):
             masks = masks.to(device=device, dtype=torch.float32)
             padding = (0, width - masks.shape[-1], 0, height - masks.shape[-2])
             tgt_masks.append(F.pad(masks, padding))
-        tgt_flat = torch.cat(tgt_masks).flatten(1)
-
         src_masks = pred_masks[batch_idx.to(device), query_idx.to(device)].float()
+        if self.num_points > 0:
+            src_points, tgt_points = self._sample_points(src_masks, torch.cat(tgt_masks))
+            return {
+                kind.loss_key: kind.loss(src_points, tgt_points, num_masks)
+                for kind in self.mask_losses.values()
+            }
+
+        tgt_flat = torch.cat(tgt_masks).flatten(1)
         src_masks = F.interpolate(
             src_masks[:, None], size=(height, width), mode="bilinear", align_corners=False
         )
@@ -198,6 +260,31 @@ class SetCriterion(nn.Module):
             kind.loss_key: kind.loss(src_flat, tgt_flat, num_masks)
             for kind in self.mask_losses.values()
         }
+
+    def _sample_points(self, src_masks: Tensor, tgt_masks: Tensor) -> Tuple[Tensor, Tensor]:
+        """The values of the matched predictions and targets at ``num_points`` points per mask,
+        chosen by uncertainty-based importance sampling on the predictions.
+
+        Args:
+            src_masks: N x h x w float32 mask logits.
+            tgt_masks: N x H x W float32 targets (the same [0, 1]^2 extent as the predictions).
+
+        Returns:
+            N x num_points predicted logits (differentiable) and N x num_points target values
+            (bilinear, in [0, 1]).
+        """
+        src_masks = src_masks[:, None]
+        with torch.no_grad():
+            coords = get_uncertain_point_coords_with_randomness(
+                src_masks,
+                point_uncertainty,
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
+            )
+            tgt_points = point_sample(tgt_masks[:, None], coords, **POINT_SAMPLE_KWARGS)[:, 0]
+        src_points = point_sample(src_masks, coords, **POINT_SAMPLE_KWARGS)[:, 0]
+        return src_points, tgt_points
 
     @staticmethod
     def _matched_queries(indices: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
@@ -215,3 +302,106 @@ class SetCriterion(nn.Module):
         if world_size > 1:
             torch.distributed.all_reduce(num_masks)
         return torch.clamp(num_masks / world_size, min=1).item()
+
+
+def point_uncertainty(logits: Tensor) -> Tensor:
+    """Uncertainty of mask logits for importance sampling: ``-|logit|``, highest (0) where the
+    prediction is 0.5. Shape-preserving (N x 1 x P -> N x 1 x P)."""
+    return -torch.abs(logits)
+
+
+def build_loss_weights(cfg) -> Dict[str, float]:
+    """Weights of the criterion's named losses, repeated with suffix ``_i`` for each of the
+    DEC_LAYERS - 1 intermediate decoder layers when deep supervision is on. Each mask loss's
+    weight is the config key its :class:`MaskLossType` names."""
+    mf = cfg.MODEL.MASK_FORMER
+    unknown = [n for n in mf.MASK_LOSSES if n not in MASK_LOSSES]
+    if unknown or not mf.MASK_LOSSES:
+        raise ValueError(
+            f"MODEL.MASK_FORMER.MASK_LOSSES={list(mf.MASK_LOSSES)}: expected a non-empty list of "
+            f"{sorted(MASK_LOSSES)}"
+        )
+    weights = {"loss_ce": mf.CLASS_WEIGHT}
+    for name in mf.MASK_LOSSES:
+        weights[MASK_LOSSES[name].loss_key] = _mask_loss_weight(cfg, name)
+    if mf.DEEP_SUPERVISION:
+        last_layer = dict(weights)
+        for i in range(mf.DEC_LAYERS - 1):
+            weights.update({f"{k}_{i}": v for k, v in last_layer.items()})
+    return weights
+
+
+def _mask_loss_weight(cfg, name: str) -> float:
+    key = MASK_LOSSES[name].weight_key
+    if key not in cfg.MODEL.MASK_FORMER:
+        raise KeyError(
+            f"MODEL.MASK_FORMER.{key}, the weight of mask loss {name!r}, is not in the config; add "
+            "it (e.g. in the function that registers the loss) before building the model"
+        )
+    return float(cfg.MODEL.MASK_FORMER[key])
+
+
+def _point_sampling_args(cfg) -> Dict[str, float]:
+    """TRAIN_NUM_POINTS, OVERSAMPLE_RATIO and IMPORTANCE_SAMPLE_RATIO, checked, as the keyword
+    arguments of :class:`SetCriterion`."""
+    mf = cfg.MODEL.MASK_FORMER
+    num_points = mf.TRAIN_NUM_POINTS
+    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 0:
+        raise ValueError(
+            f"MODEL.MASK_FORMER.TRAIN_NUM_POINTS={num_points!r}: expected an int >= 0 (0 = mask "
+            "losses and matching costs over every pixel)"
+        )
+    ratio = mf.OVERSAMPLE_RATIO
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (1 <= ratio < float("inf")):
+        raise ValueError(f"MODEL.MASK_FORMER.OVERSAMPLE_RATIO={ratio!r}: expected a finite number >= 1")
+    importance = mf.IMPORTANCE_SAMPLE_RATIO
+    if isinstance(importance, bool) or not isinstance(importance, (int, float)) or not (0 <= importance <= 1):
+        raise ValueError(f"MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO={importance!r}: expected a number in [0, 1]")
+    return {
+        "num_points": num_points,
+        "oversample_ratio": float(ratio),
+        "importance_sample_ratio": float(importance),
+    }
+
+
+def build_matcher(cfg) -> HungarianMatcher:
+    """The Hungarian matcher, with the same terms and weights as the loss: the first pointwise mask
+    loss in MASK_LOSSES gives the mask cost, "dice" the dice cost. With TRAIN_NUM_POINTS = K > 0
+    the mask costs use K uniformly random points per image; MATCHER_SOLVER picks the solver."""
+    mf = cfg.MODEL.MASK_FORMER
+    if mf.MATCHER_SOLVER not in SOLVERS:
+        raise ValueError(
+            f"MODEL.MASK_FORMER.MATCHER_SOLVER={mf.MATCHER_SOLVER!r}: expected one of "
+            f"{', '.join(map(repr, SOLVERS))}"
+        )
+    pointwise = [n for n in mf.MASK_LOSSES if MASK_LOSSES[n].pointwise]
+    mask_cost_type = pointwise[0] if pointwise else "focal"
+    return HungarianMatcher(
+        cost_class=mf.CLASS_WEIGHT,
+        cost_mask=_mask_loss_weight(cfg, mask_cost_type) if pointwise else 0.0,
+        cost_dice=mf.DICE_WEIGHT if "dice" in mf.MASK_LOSSES else 0.0,
+        mask_cost_type=mask_cost_type,
+        check_inputs=False,  # SetCriterion checks them once for all decoder layers
+        num_points=_point_sampling_args(cfg)["num_points"],
+        solver=mf.MATCHER_SOLVER,
+    )
+
+
+def build_criterion(cfg, num_classes: int) -> SetCriterion:
+    """MaskFormer's criterion from MODEL.MASK_FORMER: the matcher, the mask losses, the "no
+    object" weight, the loss weights (``criterion.weight_dict``) and the point sampling of the
+    mask losses and costs (TRAIN_NUM_POINTS, OVERSAMPLE_RATIO, IMPORTANCE_SAMPLE_RATIO).
+
+    Args:
+        num_classes: K, the model's number of classes.
+    """
+    mf = cfg.MODEL.MASK_FORMER
+    weight_dict = build_loss_weights(cfg)  # validates MASK_LOSSES first
+    return SetCriterion(
+        num_classes,
+        matcher=build_matcher(cfg),
+        eos_coef=mf.NO_OBJECT_WEIGHT,
+        mask_losses=list(mf.MASK_LOSSES),
+        weight_dict=weight_dict,
+        **_point_sampling_args(cfg),
+    )

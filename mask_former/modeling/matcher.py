@@ -3,18 +3,35 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from .assignment import linear_sum_assignment_torch
 from .mask_losses import dice_cost, get_mask_loss
 
-__all__ = ["HungarianMatcher", "check_outputs", "check_targets"]
+__all__ = [
+    "HungarianMatcher",
+    "NonFiniteCostError",
+    "POINT_SAMPLE_KWARGS",
+    "SOLVERS",
+    "check_outputs",
+    "check_targets",
+]
 
+# How point-sampled mask losses and costs read masks at points (detectron2's point_sample, i.e.
+# F.grid_sample): bilinear, pixel centers at (i + 0.5) / size like F.interpolate(...,
+# align_corners=False), and points within half a pixel of the border read the border pixels (as
+# the full-resolution upsampling does) instead of fading to zero.
+POINT_SAMPLE_KWARGS = {"align_corners": False, "padding_mode": "border"}
 
+# The assignment solvers of HungarianMatcher (MODEL.MASK_FORMER.MATCHER_SOLVER)
+SOLVERS = ("scipy", "torch")
 
 
 class NonFiniteCostError(ValueError):
     """A matching cost is NaN or infinite: the predictions (or targets) are not finite."""
+
 
 def check_outputs(outputs: Dict[str, Tensor], caller: str) -> None:
     """Raise a clear error unless ``outputs`` has ``pred_logits`` (B x Q x K+1) and
@@ -73,9 +90,18 @@ class HungarianMatcher(nn.Module):
         + cost_mask * pointwise_mask_cost(pred_mask_q, mask_t)   # focal, bce or brier
         + cost_dice * dice_cost(pred_mask_q, mask_t)
 
-    with the target masks resized (nearest) to the prediction size, and the assignment is solved
-    with ``scipy.optimize.linear_sum_assignment``. Each image gets min(Q, T) pairs. A weight of 0
-    removes its term (it is neither computed nor checked).
+    The mask costs are computed either on every pixel of the prediction, the target masks resized
+    (nearest) to the prediction size (``num_points=0``), or on ``num_points`` points drawn uniformly
+    at random per image and shared by its predictions and targets, both sampled bilinearly there
+    (``num_points > 0``, as Mask2Former does). The costs of all images of a batch are computed in
+    one batched call, on the device of the predictions, with the targets padded to the largest
+    count; then each image's assignment is solved on its own (query x valid target) block, by
+    ``scipy.optimize.linear_sum_assignment`` on the CPU (``solver="scipy"``) or by
+    :func:`linear_sum_assignment_torch`, exact too, for the whole batch in one call on the
+    costs' device (``solver="torch"``; no copy of the costs to the CPU, which serialises GPU
+    training). Both give optimal assignments; they may differ only between assignments of equal
+    total cost. Each image gets min(Q, T) pairs. A weight of 0 removes its term (it is neither
+    computed nor checked).
     """
 
     def __init__(
@@ -84,6 +110,9 @@ class HungarianMatcher(nn.Module):
         cost_mask: float = 20.0,
         cost_dice: float = 1.0,
         mask_cost_type: str = "focal",
+        check_inputs: bool = True,
+        num_points: int = 0,
+        solver: str = "scipy",
     ):
         """
         Args:
@@ -91,6 +120,12 @@ class HungarianMatcher(nn.Module):
             cost_mask: weight of the pointwise mask cost.
             cost_dice: weight of the dice cost.
             mask_cost_type: the pointwise mask cost, one of "focal", "bce", "brier".
+            check_inputs: validate the shapes and labels of every call; a caller that has already
+                checked them (the set criterion, once for all decoder layers) passes False.
+            num_points: 0 to compute the mask costs on every pixel of the predictions; K > 0 to
+                compute them on K uniformly random points per image (drawn from torch's global
+                generator, so deterministic under ``torch.manual_seed``).
+            solver: "scipy" or "torch", the assignment solver.
         """
         super().__init__()
         weights = {"cost_class": cost_class, "cost_mask": cost_mask, "cost_dice": cost_dice}
@@ -104,10 +139,19 @@ class HungarianMatcher(nn.Module):
                 "HungarianMatcher: cost_class, cost_mask and cost_dice are all 0; "
                 "at least one must be > 0"
             )
+        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 0:
+            raise ValueError(f"HungarianMatcher: num_points must be an int >= 0, got {num_points!r}")
+        if solver not in SOLVERS:
+            raise ValueError(
+                f"HungarianMatcher: solver must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}"
+            )
         self.cost_class = float(cost_class)
         self.cost_mask = float(cost_mask)
         self.cost_dice = float(cost_dice)
         self.mask_cost_type = mask_cost_type
+        self.check_inputs = check_inputs
+        self.num_points = num_points
+        self.solver = solver
         self._mask_cost = get_mask_loss(
             mask_cost_type, pointwise_only=True, where="HungarianMatcher mask_cost_type"
         ).cost
@@ -115,7 +159,8 @@ class HungarianMatcher(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
-            f"cost_dice={self.cost_dice}, mask_cost_type={self.mask_cost_type!r}"
+            f"cost_dice={self.cost_dice}, mask_cost_type={self.mask_cost_type!r}, "
+            f"num_points={self.num_points}, solver={self.solver!r}"
         )
 
     @torch.no_grad()
@@ -130,64 +175,145 @@ class HungarianMatcher(nn.Module):
                 (bool or float in {0, 1}).
 
         Returns:
-            Per image, ``(query_indices, target_indices)``: two int64 CPU tensors of length
-            min(Q, T); query_indices is sorted.
+            Per image, ``(query_indices, target_indices)``: two int64 tensors of length min(Q, T),
+            on the CPU ("scipy") or the device of the predictions ("torch"); query_indices is
+            sorted.
 
         Raises:
-            ValueError: when a cost term has a NaN or inf (naming the image and the term), or
-                on malformed inputs.
+            NonFiniteCostError: when a cost term has a NaN or inf (naming the image and the term).
+            ValueError, KeyError: on malformed inputs.
         """
-        check_outputs(outputs, "HungarianMatcher")
+        if self.check_inputs:
+            check_outputs(outputs, "HungarianMatcher")
+            num_images, num_classes = outputs["pred_logits"].shape[0], outputs["pred_logits"].shape[-1] - 1
+            check_targets(targets, num_images, num_classes, "HungarianMatcher")
+        cost = self.batched_cost(outputs, targets)
+        return self._solve(cost, [int(target["labels"].shape[0]) for target in targets])
+
+    @torch.no_grad()
+    def batched_cost(
+        self, outputs: Dict[str, Tensor], targets: Sequence[Dict[str, Tensor]]
+    ) -> Tensor:
+        """The matching costs of all images in one batched computation, in float32 (also under
+        autocast), on the device of ``pred_logits``.
+
+        Args:
+            outputs, targets: as in :meth:`forward` (not checked here).
+
+        Returns:
+            B x Q x T_max float32 costs, T_max the largest number of targets of an image. Only
+            ``cost[b, :, :T_b]`` is meaningful; the columns of padding targets are not.
+
+        Raises:
+            NonFiniteCostError: naming the first image (and its first term) with a NaN or inf cost.
+        """
         pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
-        num_classes = pred_logits.shape[-1] - 1
-        check_targets(targets, pred_logits.shape[0], num_classes, "HungarianMatcher")
-
-        # in float32 even under autocast, so that half-precision training matches the same way
-        with torch.autocast(device_type=pred_logits.device.type, enabled=False):
-            return [
-                self._match_image(index, pred_logits[index], pred_masks[index], target)
-                for index, target in enumerate(targets)
-            ]
-
-    def _match_image(
-        self, index: int, pred_logits: Tensor, pred_masks: Tensor, target: Dict[str, Tensor]
-    ) -> Tuple[Tensor, Tensor]:
-        """Match one image: pred_logits Q x (K+1), pred_masks Q x h x w."""
-        labels = target["labels"].to(pred_logits.device)
-        num_queries, num_targets = pred_logits.shape[0], labels.shape[0]
-        if num_targets == 0 or num_queries == 0:
-            empty = torch.empty(0, dtype=torch.int64)
-            return empty, empty.clone()
-
         device = pred_logits.device
-        cost = torch.zeros(num_queries, num_targets, dtype=torch.float32, device=device)
-        if self.cost_class > 0:
-            prob = pred_logits.float().softmax(-1)
-            # -p[target class] stands in for the negative log-likelihood (a constant is irrelevant)
-            cost += self.cost_class * self._checked(-prob[:, labels], index, "class")
-        if self.cost_mask > 0 or self.cost_dice > 0:
-            pred_flat = pred_masks.float().flatten(1)
-            tgt_masks = target["masks"].to(device=device, dtype=torch.float32)
-            size = pred_masks.shape[-2:]
-            tgt_flat = F.interpolate(tgt_masks[:, None], size=size, mode="nearest").flatten(1)
-            if self.cost_mask > 0:
-                mask_cost = self._mask_cost(pred_flat, tgt_flat)
-                cost += self.cost_mask * self._checked(mask_cost, index, "mask")
-            if self.cost_dice > 0:
-                dice = dice_cost(pred_flat, tgt_flat)
-                cost += self.cost_dice * self._checked(dice, index, "dice")
+        num_images, num_queries = pred_logits.shape[:2]
+        num_targets = [int(target["labels"].shape[0]) for target in targets]
+        max_targets = max(num_targets, default=0)
+        cost = torch.zeros(num_images, num_queries, max_targets, dtype=torch.float32, device=device)
+        if max_targets == 0 or num_queries == 0:
+            return cost
 
-        query_indices, target_indices = linear_sum_assignment(cost.cpu().numpy())
-        return (
-            torch.as_tensor(query_indices, dtype=torch.int64),
-            torch.as_tensor(target_indices, dtype=torch.int64),
-        )
+        terms = []  # (name, weight, B x Q x T_max cost), added in this order
+        # in float32 even under autocast, so that half-precision training matches the same way
+        with torch.autocast(device_type=device.type, enabled=False):
+            if self.cost_class > 0:
+                labels = torch.zeros(num_images, max_targets, dtype=torch.int64, device=device)
+                for b, target in enumerate(targets):
+                    labels[b, : num_targets[b]] = target["labels"].to(device)
+                prob = pred_logits.float().softmax(-1)
+                # -p[target class] stands in for the negative log-likelihood (a constant is
+                # irrelevant)
+                class_prob = prob.gather(2, labels[:, None, :].expand(-1, num_queries, -1))
+                terms.append(("class", self.cost_class, -class_prob))
+            if self.cost_mask > 0 or self.cost_dice > 0:
+                pred, tgt = self._mask_values(pred_masks, targets, max_targets)
+                # the cost functions take one image (Q x P, T x P); vmap maps them over the batch
+                if self.cost_mask > 0:
+                    terms.append(("mask", self.cost_mask, torch.vmap(self._mask_cost)(pred, tgt)))
+                if self.cost_dice > 0:
+                    terms.append(("dice", self.cost_dice, torch.vmap(dice_cost)(pred, tgt)))
+            for _, weight, term in terms:
+                cost += weight * term
+        self._check_finite(cost, terms, num_targets)
+        return cost
+
+    def _mask_values(
+        self, pred_masks: Tensor, targets: Sequence[Dict[str, Tensor]], max_targets: int
+    ) -> Tuple[Tensor, Tensor]:
+        """The predicted and target mask values the mask costs compare, in float32.
+
+        Args:
+            pred_masks: B x Q x h x w mask logits.
+
+        Returns:
+            B x Q x P predicted logits and B x T_max x P target values (zero rows for the padding
+            targets): P = h * w pixels, the targets resized (nearest) to h x w, when
+            ``num_points`` is 0; otherwise P = ``num_points`` random points per image, where
+            both are sampled bilinearly.
+        """
+        device = pred_masks.device
+        num_images = pred_masks.shape[0]
+        if self.num_points > 0:
+            # (x, y) in [0, 1]^2, one set per image, shared by its queries and targets
+            coords = torch.rand(num_images, self.num_points, 2, device=device)
+            pred = point_sample(pred_masks.float(), coords, **POINT_SAMPLE_KWARGS)
+        else:
+            pred = pred_masks.float().flatten(2)
+        tgt = pred.new_zeros(num_images, max_targets, pred.shape[-1])
+        for b, target in enumerate(targets):
+            masks = target["masks"].to(device=device, dtype=torch.float32)
+            if masks.shape[0] == 0:
+                continue
+            if self.num_points > 0:
+                values = point_sample(masks[None], coords[b : b + 1], **POINT_SAMPLE_KWARGS)[0]
+            else:
+                size = pred_masks.shape[-2:]
+                values = F.interpolate(masks[:, None], size=size, mode="nearest").flatten(1)
+            tgt[b, : masks.shape[0]] = values
+        return pred, tgt
 
     @staticmethod
-    def _checked(cost: Tensor, index: int, term: str) -> Tensor:
-        if not torch.isfinite(cost).all():
+    def _check_finite(cost: Tensor, terms: List[Tuple[str, float, Tensor]], num_targets: List[int]) -> None:
+        """Raise :class:`NonFiniteCostError` when a valid entry of ``cost`` is NaN or inf, naming the
+        first such image and its first non-finite term (one device sync when all is well)."""
+        valid = torch.arange(cost.shape[-1], device=cost.device)[None, :] < torch.tensor(
+            num_targets, device=cost.device
+        )[:, None]
+        if torch.isfinite(cost).all(dim=1).logical_or(~valid).all():
+            return
+        for b, count in enumerate(num_targets):
+            if torch.isfinite(cost[b, :, :count]).all():
+                continue
+            for name, _, term in terms:
+                if not torch.isfinite(term[b, :, :count]).all():
+                    raise NonFiniteCostError(
+                        f"HungarianMatcher: the {name!r} cost of image {b} in the batch has NaN or "
+                        "inf values (non-finite predictions?); cannot solve the assignment"
+                    )
             raise NonFiniteCostError(
-                f"HungarianMatcher: the {term!r} cost of image {index} in the batch has NaN or inf "
-                "values (non-finite predictions?); cannot solve the assignment"
+                f"HungarianMatcher: the weighted sum of the costs of image {b} in the batch "
+                "overflows to inf; cannot solve the assignment"
             )
-        return cost
+
+    def _solve(self, cost: Tensor, num_targets: List[int]) -> List[Tuple[Tensor, Tensor]]:
+        """Per image, the optimal assignment on its Q x T_b block of ``cost`` (B x Q x T_max)."""
+        if self.solver == "torch" and cost.shape[1] > 0 and cost.shape[2] > 0:
+            return linear_sum_assignment_torch(cost, num_targets)
+        cost = cost.cpu()  # one copy for the whole batch
+        indices = []
+        for b, count in enumerate(num_targets):
+            if count == 0 or cost.shape[1] == 0:
+                empty = torch.empty(0, dtype=torch.int64)
+                indices.append((empty, empty.clone()))
+                continue
+            query_indices, target_indices = linear_sum_assignment(cost[b, :, :count].numpy())
+            indices.append(
+                (
+                    torch.as_tensor(query_indices, dtype=torch.int64),
+                    torch.as_tensor(target_indices, dtype=torch.int64),
+                )
+            )
+        return indices

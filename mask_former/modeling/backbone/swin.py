@@ -13,11 +13,10 @@ from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from torch import nn
 
 __all__ = [
     "D2SwinTransformer",
@@ -565,13 +564,18 @@ class D2SwinTransformer(Backbone):
         Args:
             x: B x in_chans x H x W normalized images, any H and W.
         Returns:
-            dict of the requested ``res{i}``: B x C_i x ceil(H / s_i) x ceil(W / s_i)
+            dict of the requested ``res{i}``: B x C_i x ceil(H / s_i) x ceil(W / s_i), in the
+            memory format of ``x`` (contiguous, or channels-last)
         """
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(
                 f"D2SwinTransformer takes a B x {self.in_chans} x H x W tensor, "
                 f"got shape {tuple(x.shape)}"
             )
+        # Outputs keep the input's layout: planar by default; for a channels-last input (the
+        # optimised inference path) the B x H x W x C stage outputs are returned as they lie.
+        memory_format = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+                         and not x.is_contiguous() else torch.contiguous_format)
         x = self.patch_embed(x)  # B x Hp x Wp x C
         if self.ape:
             pos = F.interpolate(
@@ -586,7 +590,7 @@ class D2SwinTransformer(Backbone):
             name = f"res{i + 2}"
             if name in self._out_features:
                 stage_out = getattr(self, f"norm{i}")(stage_out)
-                outputs[name] = stage_out.permute(0, 3, 1, 2).contiguous()
+                outputs[name] = stage_out.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
         return outputs
 
     def output_shape(self) -> Dict[str, ShapeSpec]:

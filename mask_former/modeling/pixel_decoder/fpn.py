@@ -29,7 +29,13 @@ class BasePixelDecoder(nn.Module):
     """FPN with GroupNorm: from the coarsest feature down to the finest, each level adds a 1x1
     lateral projection (``adapter_i``) to the upsampled coarser output and refines it with a 3x3
     conv (``layer_i``); a final 3x3 conv (``mask_features``) gives the per-pixel embeddings at the
-    finest stride (4 for ResNet/Swin res2)."""
+    finest stride (4 for ResNet/Swin res2).
+
+    Declared for the heads: ``mask_dim`` (channels of ``mask_features``) and
+    ``transformer_encoder_channels`` (channels of the second output of ``forward_features``; None
+    since this decoder has no encoder)."""
+
+    transformer_encoder_channels: Optional[int] = None
 
     @configurable
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, conv_dim: int, mask_dim: int,
@@ -52,7 +58,9 @@ class BasePixelDecoder(nn.Module):
         for idx, (_, shape) in enumerate(shapes):
             if idx == len(shapes) - 1:
                 lateral_conv = None
-                output_conv = self._build_output_conv(shape.channels, conv_dim, use_bias, norm)
+                output_conv = self._build_output_conv(
+                    self._coarsest_input_channels(shape, conv_dim), conv_dim, use_bias, norm
+                )
             else:
                 lateral_conv = Conv2d(shape.channels, conv_dim, kernel_size=1, bias=use_bias,
                                       norm=get_norm(norm, conv_dim))
@@ -67,6 +75,11 @@ class BasePixelDecoder(nn.Module):
         self.output_convs = output_convs[::-1]
         self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=3, stride=1, padding=1)
         weight_init.c2_xavier_fill(self.mask_features)
+
+    @staticmethod
+    def _coarsest_input_channels(shape: ShapeSpec, conv_dim: int) -> int:
+        """Channels entering the coarsest level's output conv: the backbone feature's here."""
+        return shape.channels
 
     @staticmethod
     def _build_output_conv(in_channels, conv_dim, use_bias, norm):
@@ -116,7 +129,7 @@ class BasePixelDecoder(nn.Module):
 class TransformerEncoderPixelDecoder(BasePixelDecoder):
     """``BasePixelDecoder`` whose coarsest feature first goes through a DETR transformer encoder
     (``input_proj`` 1x1 conv, sine positional encoding, ``transformer.encoder``). The encoded
-    feature is also returned, so the query decoder can attend to it
+    feature is also returned, so the transformer decoder can attend to it
     (MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "transformer_encoder")."""
 
     @configurable
@@ -143,10 +156,12 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
             normalize_before=transformer_pre_norm,
         )
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
-        # The coarsest level now starts from conv_dim channels instead of the backbone's.
-        use_bias = norm == ""
-        self.output_convs[0] = self._build_output_conv(conv_dim, conv_dim, use_bias, norm)
-        self.add_module(f"layer_{len(self.in_features)}", self.output_convs[0])
+        self.transformer_encoder_channels = conv_dim
+
+    @staticmethod
+    def _coarsest_input_channels(shape: ShapeSpec, conv_dim: int) -> int:
+        """The coarsest level starts from the encoder's conv_dim channels."""
+        return conv_dim
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):

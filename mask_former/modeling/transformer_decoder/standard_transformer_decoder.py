@@ -1,4 +1,4 @@
-"""MaskFormer's standard query decoder: DETR's transformer decoder over one backbone feature."""
+"""MaskFormer's standard transformer decoder: DETR's transformer decoder over one backbone feature."""
 from typing import Dict, List
 
 import torch
@@ -27,6 +27,26 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
+
+
+def mask_logits(mask_embed: Tensor, mask_features: Tensor) -> Tensor:
+    """
+    ``einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)``: each query's mask embedding dotted
+    with every pixel's embedding.
+
+    Channels-last features (the optimised inference path) are used as they lie, a
+    (pixels x channels) matrix per image, and the result comes out channels-last too (queries
+    innermost, a ``b x q x h x w`` view of ``b x h x w x q`` memory), which is what the band-wise
+    upsampling of the masks reads; ``einsum`` would copy the features to the planar layout first
+    (slowly, in bfloat16).
+    """
+    if mask_features.is_contiguous() or not mask_features.is_contiguous(memory_format=torch.channels_last):
+        return torch.einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)
+    num_layers, batch, num_queries, _ = mask_embed.shape
+    height, width = mask_features.shape[-2:]
+    pixels = mask_features.permute(0, 2, 3, 1).flatten(1, 2)  # b x hw x c, a view
+    masks = torch.matmul(pixels, mask_embed.transpose(-1, -2))  # l x b x hw x q
+    return masks.view(num_layers, batch, height, width, num_queries).permute(0, 1, 4, 2, 3)
 
 
 @TRANSFORMER_DECODER_REGISTRY.register()
@@ -146,7 +166,7 @@ class StandardTransformerDecoder(nn.Module):
         if not with_aux:
             hs = hs[-1:]
         mask_embed = self.mask_embed(hs)
-        masks = torch.einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)
+        masks = mask_logits(mask_embed, mask_features)
         logits = self.class_embed(hs) if self.mask_classification else None
 
         out: Dict[str, object] = {"pred_masks": masks[-1]}

@@ -3,8 +3,10 @@
 Sequences are laid out (length, batch, channels), as ``nn.MultiheadAttention`` expects by default;
 the parameter names match the published DETR and MaskFormer checkpoints.
 """
+import contextlib
+import contextvars
 import copy
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,34 @@ from torch import Tensor, nn
 
 def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
     return x if pos is None else x + pos
+
+
+# Whether attention layers in eval mode skip the attention weights (see fused_attention).
+_FUSED_ATTENTION = contextvars.ContextVar("mask_former_fused_attention", default=False)
+
+
+@contextlib.contextmanager
+def fused_attention(enabled: bool = True) -> Iterator[None]:
+    """
+    Within this context the attention layers of this module that are in eval mode do not ask
+    ``nn.MultiheadAttention`` for the attention weights, so PyTorch computes the attention with
+    the fused ``scaled_dot_product_attention`` kernel (the same result up to float rounding).
+    Outside it, and always in training, the explicit computation (with its dropout random
+    stream) is kept. MaskFormer's optimised inference path enters it.
+    """
+    token = _FUSED_ATTENTION.set(enabled)
+    try:
+        yield
+    finally:
+        _FUSED_ATTENTION.reset(token)
+
+
+def _attend(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+            key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """``attn(query, key, value)[0]``, fused inside :func:`fused_attention` in eval mode."""
+    need_weights = attn.training or not _FUSED_ATTENTION.get()
+    return attn(query, key, value=value, key_padding_mask=key_padding_mask,
+                need_weights=need_weights)[0]
 
 
 def _activation(name: str):
@@ -49,11 +79,10 @@ class TransformerEncoderLayer(nn.Module):
         if self.normalize_before:
             x = self.norm1(src)
             q = k = _with_pos(x, pos)
-            src = src + self.dropout1(self.self_attn(q, k, value=x, key_padding_mask=src_key_padding_mask)[0])
+            src = src + self.dropout1(_attend(self.self_attn, q, k, x, src_key_padding_mask))
             return src + self.dropout2(self._feed_forward(self.norm2(src)))
         q = k = _with_pos(src, pos)
-        src = self.norm1(src + self.dropout1(
-            self.self_attn(q, k, value=src, key_padding_mask=src_key_padding_mask)[0]))
+        src = self.norm1(src + self.dropout1(_attend(self.self_attn, q, k, src, src_key_padding_mask)))
         return self.norm2(src + self.dropout2(self._feed_forward(src)))
 
 
@@ -87,17 +116,16 @@ class TransformerDecoderLayer(nn.Module):
         if self.normalize_before:
             x = self.norm1(tgt)
             q = k = _with_pos(x, query_pos)
-            tgt = tgt + self.dropout1(self.self_attn(q, k, value=x)[0])
+            tgt = tgt + self.dropout1(_attend(self.self_attn, q, k, x))
             x = self.norm2(tgt)
-            tgt = tgt + self.dropout2(self.multihead_attn(
-                query=_with_pos(x, query_pos), key=_with_pos(memory, pos), value=memory,
-                key_padding_mask=memory_key_padding_mask)[0])
+            tgt = tgt + self.dropout2(_attend(self.multihead_attn, _with_pos(x, query_pos),
+                                              _with_pos(memory, pos), memory, memory_key_padding_mask))
             return tgt + self.dropout3(self._feed_forward(self.norm3(tgt)))
         q = k = _with_pos(tgt, query_pos)
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, value=tgt)[0]))
-        tgt = self.norm2(tgt + self.dropout2(self.multihead_attn(
-            query=_with_pos(tgt, query_pos), key=_with_pos(memory, pos), value=memory,
-            key_padding_mask=memory_key_padding_mask)[0]))
+        tgt = self.norm1(tgt + self.dropout1(_attend(self.self_attn, q, k, tgt)))
+        tgt = self.norm2(tgt + self.dropout2(_attend(self.multihead_attn, _with_pos(tgt, query_pos),
+                                                     _with_pos(memory, pos), memory,
+                                                     memory_key_padding_mask)))
         return self.norm3(tgt + self.dropout3(self._feed_forward(tgt)))
 
 

@@ -1,0 +1,379 @@
+"""The MaskFormer meta-architecture: normalize -> backbone -> head -> set loss | inference."""
+import contextlib
+import logging
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_sem_seg_head
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+from detectron2.utils.events import get_event_storage
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ...tasks import enabled_tasks, get_task
+from ..criterion import build_criterion
+from ..inference_optimization import (
+    InferenceWeights,
+    inference_dtype,
+    semantic_scores_from_logits,
+    semantic_scores_from_low_res,
+    upsample_bilinear_crop,
+)
+from ..matcher import NonFiniteCostError
+from ..postprocessing import instance_inference, panoptic_inference, semantic_inference
+from ..transformer_decoder.transformer import fused_attention
+
+logger = logging.getLogger(__name__)
+
+SEMANTIC, PANOPTIC, INSTANCE = (get_task(name) for name in ("semantic", "panoptic", "instance"))
+
+
+def detections_per_image(cfg) -> int:
+    """Instances kept per image: detectron2's TEST.DETECTIONS_PER_IMAGE, unless the alias
+    MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE of earlier versions of this project is set."""
+    alias = cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE
+    return int(cfg.TEST.DETECTIONS_PER_IMAGE if alias is None else alias)
+
+
+def _current_iteration():
+    try:
+        return get_event_storage().iter
+    except AssertionError:  # not inside a training loop
+        return None
+
+
+def thing_ids_from_metadata(metadata) -> Optional[Set[int]]:
+    """Contiguous ids of the thing classes, or None when the metadata does not say."""
+    mapping = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
+    return None if mapping is None else set(mapping.values())
+
+
+@META_ARCH_REGISTRY.register()
+class MaskFormer(nn.Module):
+    """Mask classification: N (class, mask) predictions matched to the ground-truth segments in
+    training; combined into semantic, panoptic and/or instance results in inference."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        sem_seg_head: nn.Module,
+        criterion: nn.Module,
+        loss_weights: Dict[str, float],
+        object_mask_threshold: float,
+        overlap_threshold: float,
+        metadata,
+        size_divisibility: int,
+        sem_seg_postprocess_before_inference: bool,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        semantic_on: bool = True,
+        panoptic_on: bool = False,
+        instance_on: bool = False,
+        detections_per_image: int = 100,
+        precision: str = "fp32",
+        optimize_inference: bool = True,
+    ):
+        """
+        Args:
+            backbone: a detectron2 Backbone.
+            sem_seg_head: a head returning "pred_logits" and "pred_masks" (e.g. MaskFormerHead).
+            criterion: computes the named, unweighted losses from the head's outputs and targets.
+            loss_weights: weight of each named loss; losses without a weight are dropped.
+            object_mask_threshold, overlap_threshold: panoptic inference thresholds.
+            metadata: the test dataset's metadata (thing classes for panoptic/instance inference).
+            size_divisibility: images are padded to a multiple of this (0 or less: the backbone's).
+            sem_seg_postprocess_before_inference: resize mask logits to the output size before the
+                semantic combination (more memory, slightly different interpolation).
+            pixel_mean, pixel_std: per-channel normalization of the input image.
+            semantic_on, panoptic_on, instance_on: which results inference returns.
+            detections_per_image: top-k of instance inference.
+            precision: "fp32" or "bf16", the dtype of the network's weights and activations in
+                inference (MODEL.MASK_FORMER.TEST.PRECISION); post-processing is float32.
+            optimize_inference: run inference through the optimised path (folded batch norms,
+                channels-last convolutions, band-wise upsampling and semantic combination; see
+                ``prepare_for_inference``). False runs the reference path (plain modules,
+                full-resolution intermediates), which is always float32.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.criterion = criterion
+        self.loss_weights = loss_weights
+        self.object_mask_threshold = object_mask_threshold
+        self.overlap_threshold = overlap_threshold
+        if size_divisibility <= 0:
+            size_divisibility = self.backbone.size_divisibility
+        self.size_divisibility = size_divisibility
+        self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.semantic_on = semantic_on
+        self.panoptic_on = panoptic_on
+        self.instance_on = instance_on
+        self.detections_per_image = detections_per_image
+        inference_dtype(precision)  # validates
+        self.precision = precision
+        self.optimize_inference = optimize_inference
+        self._inference_weights: Optional[InferenceWeights] = None  # inference-only cache
+        if not (semantic_on or panoptic_on or instance_on):
+            raise ValueError(
+                "MODEL.MASK_FORMER.TEST.{SEMANTIC_ON,PANOPTIC_ON,INSTANCE_ON} are all False: "
+                "inference would produce nothing"
+            )
+        self.thing_ids = thing_ids_from_metadata(metadata)
+        if instance_on and self.thing_ids is None:
+            logger.warning(
+                "MODEL.MASK_FORMER.TEST.INSTANCE_ON: the metadata of DATASETS.TEST[0] "
+                f"({getattr(metadata, 'name', None)!r}) names no thing classes; instances of every "
+                "class will be predicted"
+            )
+        if panoptic_on and self.thing_ids is None:
+            raise ValueError(
+                "MODEL.MASK_FORMER.TEST.PANOPTIC_ON needs to know the thing classes, but the metadata "
+                f"of DATASETS.TEST[0] ({getattr(metadata, 'name', None)!r}) has no "
+                "thing_dataset_id_to_contiguous_id"
+            )
+
+    @classmethod
+    def from_config(cls, cfg):
+        mf = cfg.MODEL.MASK_FORMER
+        backbone = build_backbone(cfg)
+        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+        tasks = cls.output_tasks(cfg)
+        criterion = build_criterion(cfg, sem_seg_head.num_classes)
+        return {
+            "backbone": backbone,
+            "sem_seg_head": sem_seg_head,
+            "criterion": criterion,
+            "loss_weights": criterion.weight_dict,
+            "object_mask_threshold": mf.TEST.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": mf.TEST.OVERLAP_THRESHOLD,
+            "metadata": MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None,
+            "size_divisibility": mf.SIZE_DIVISIBILITY,
+            "sem_seg_postprocess_before_inference": (
+                mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE
+                or PANOPTIC.name in tasks or INSTANCE.name in tasks
+            ),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "semantic_on": SEMANTIC.name in tasks,
+            "panoptic_on": PANOPTIC.name in tasks,
+            "instance_on": INSTANCE.name in tasks,
+            "detections_per_image": detections_per_image(cfg),
+            "precision": mf.TEST.PRECISION,
+        }
+
+    @classmethod
+    def output_tasks(cls, cfg) -> Tuple[str, ...]:
+        """Names of the tasks (``mask_former.tasks``) whose results inference returns under ``cfg``."""
+        return tuple(task.name for task in enabled_tasks(cfg))
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._inference_weights = None  # training changes the weights; free the copy
+        return super().train(mode)
+
+    def _weights_dtype(self) -> Optional[torch.dtype]:
+        return None if self.precision == "fp32" else inference_dtype(self.precision)
+
+    def prepare_for_inference(self) -> InferenceWeights:
+        """
+        Build, or rebuild when the weights changed, what the optimised inference path keeps beside
+        the model (``InferenceWeights``): the weights of every convolution with a frozen batch norm
+        with the norm folded in (channels-last, in the inference precision) and, in bfloat16, the
+        bfloat16 copies of the other weights of matrix products and convolutions.
+
+        Called by every optimised forward in eval mode (cheap when nothing changed); the modules,
+        parameters and ``state_dict()`` are left as they are, so training, checkpoints and the
+        reference path (``optimize_inference = False``) are unaffected. ``train()`` drops the copies.
+        """
+        dtype = self._weights_dtype()
+        weights = self._inference_weights
+        if weights is None or not weights.is_current(self, dtype):
+            self._inference_weights = None  # free the stale copies before making new ones
+            weights = self._inference_weights = InferenceWeights(self, dtype)
+        return weights
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=inference_dtype(self.precision))
+
+    def run_network_for_inference(self, images: Tensor, *, fold_norms: bool = True,
+                                  channels_last: bool = True, fuse_attention: bool = True
+                                  ) -> Dict[str, Tensor]:
+        """
+        Backbone and head as the optimised inference path runs them: batch norms folded into
+        their convolutions, channels-last activations, fused attention, in ``self.precision``;
+        the outputs are float32. Call under ``torch.no_grad()`` (the folded weights are copies).
+        The keyword switches turn single levers off, for measuring them
+        (``tools/benchmark_inference.py --levers``).
+        """
+        if fold_norms:
+            weights = self.prepare_for_inference()
+        elif channels_last:  # convolutions as built, 1x1 ones of channels-last inputs as products
+            weights = InferenceWeights(self, self._weights_dtype(), fold=False)
+        else:
+            weights = None
+        with contextlib.ExitStack() as stack:
+            if weights is not None:
+                stack.enter_context(weights.active())
+            stack.enter_context(fused_attention(fuse_attention))
+            stack.enter_context(self._autocast())
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if weights is None:
+                outputs = self.sem_seg_head(self.backbone(images))
+            else:
+                features = weights.call(self.backbone, "backbone", images)
+                outputs = weights.call(self.sem_seg_head, "sem_seg_head", features)
+        return {k: v.float() if isinstance(v, Tensor) else v for k, v in outputs.items()}
+
+    def forward(self, batched_inputs: List[Dict[str, object]]):
+        """
+        Args:
+            batched_inputs: a list (one per image) of what the dataset mapper returns:
+                "image": 3 x H x W tensor in the config's INPUT.FORMAT;
+                "instances": (training) Instances with gt_classes (K) and gt_masks (K x H x W);
+                "height", "width": (inference, optional) the output resolution.
+        Returns:
+            training: dict of weighted losses.
+            inference: a list of dicts, one per image, with any of "sem_seg" (K x H x W scores),
+                "panoptic_seg" ((H x W int ids, segments_info)) and "instances" (detectron2
+                Instances), at the requested output size.
+        """
+        images = self.preprocess_images(batched_inputs)
+        if not self.training and self.optimize_inference and not torch.is_grad_enabled():
+            # The optimised path reads cached copies of some weights: no gradients reach them.
+            outputs = self.run_network_for_inference(images.tensor)
+            return self.optimized_inference(outputs, batched_inputs, images)
+        features = self.backbone(images.tensor)
+        outputs = self.sem_seg_head(features)
+
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images)
+            try:
+                losses = self.criterion(outputs, targets)
+            except NonFiniteCostError as e:
+                # Diverged predictions surface in the matcher before any loss is computed: say it
+                # the way detectron2 reports a non-finite loss, with the iteration.
+                raise FloatingPointError(
+                    f"Loss became infinite or NaN at iteration={_current_iteration()}: {e}"
+                ) from e
+            return {k: v * self.loss_weights[k] for k, v in losses.items() if k in self.loss_weights}
+
+        return self.inference(outputs, batched_inputs, images)
+
+    def preprocess_images(self, batched_inputs: List[Dict[str, object]]) -> ImageList:
+        """Normalize the inputs' images and pad them into one batch (to ``size_divisibility``)."""
+        images = [x["image"].to(self.device) for x in batched_inputs]
+        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def prepare_targets(self, batched_inputs, images: ImageList) -> List[Dict[str, Tensor]]:
+        """Pad each image's gt masks with zeros to the padded batch size."""
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError("MaskFormer training needs 'instances' in every input (the dataset mapper's "
+                             "gt_classes/gt_masks); check INPUT.DATASET_MAPPER_NAME")
+        h_pad, w_pad = images.tensor.shape[-2:]
+        targets = []
+        for x in batched_inputs:
+            gt = x["instances"].to(self.device)
+            gt_masks = gt.gt_masks
+            if not isinstance(gt_masks, Tensor):  # BitMasks
+                gt_masks = gt_masks.tensor
+            padded = torch.zeros((gt_masks.shape[0], h_pad, w_pad), dtype=gt_masks.dtype, device=self.device)
+            padded[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks
+            targets.append({"labels": gt.gt_classes, "masks": padded})
+        return targets
+
+    def inference(self, outputs, batched_inputs, images: ImageList) -> List[Dict[str, object]]:
+        mask_cls_results = outputs["pred_logits"]
+        mask_pred_results = F.interpolate(
+            outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
+        )
+        processed_results = []
+        for mask_cls, mask_pred, input_per_image, image_size in zip(
+            mask_cls_results, mask_pred_results, batched_inputs, images.image_sizes
+        ):
+            height = input_per_image.get("height", image_size[0])
+            width = input_per_image.get("width", image_size[1])
+            result: Dict[str, object] = {}
+            if self.sem_seg_postprocess_before_inference:
+                mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
+            if self.semantic_on:
+                sem_seg = semantic_inference(mask_cls, mask_pred)
+                if not self.sem_seg_postprocess_before_inference:
+                    sem_seg = sem_seg_postprocess(sem_seg, image_size, height, width)
+                result[SEMANTIC.output_key] = sem_seg
+            if self.panoptic_on:
+                result[PANOPTIC.output_key] = panoptic_inference(
+                    mask_cls, mask_pred, self.thing_ids, self.object_mask_threshold, self.overlap_threshold
+                )
+            if self.instance_on:
+                result[INSTANCE.output_key] = instance_inference(
+                    mask_cls, mask_pred, self.sem_seg_head.num_classes, self.detections_per_image,
+                    self.thing_ids,
+                )
+            processed_results.append(result)
+        return processed_results
+
+    def optimized_inference(self, outputs, batched_inputs, images: ImageList) -> List[Dict[str, object]]:
+        """
+        ``inference`` without the full-resolution intermediates it does not need: the mask logits
+        are upsampled only inside the image (not its padding), the semantic scores are combined
+        band by band (upsample -> sigmoid -> product with the class probabilities), and the
+        resize to the output size is skipped when it is the identity (same size). Equal to
+        ``inference`` up to float rounding.
+        """
+        mask_cls_results = outputs["pred_logits"].float()
+        mask_pred_results = outputs["pred_masks"].float()  # at the mask resolution
+        padded_size = tuple(images.tensor.shape[-2:])
+        processed_results = []
+        for mask_cls, mask_pred, input_per_image, image_size in zip(
+            mask_cls_results, mask_pred_results, batched_inputs, images.image_sizes
+        ):
+            image_size = (int(image_size[0]), int(image_size[1]))
+            output_size = (int(input_per_image.get("height", image_size[0])),
+                           int(input_per_image.get("width", image_size[1])))
+            result: Dict[str, object] = {}
+            if self.sem_seg_postprocess_before_inference:
+                mask_pred = upsample_bilinear_crop(mask_pred[None], padded_size, image_size)
+                mask_pred = _resize(mask_pred, image_size, output_size)[0]
+                if self.semantic_on:
+                    result[SEMANTIC.output_key] = semantic_scores_from_logits(mask_cls, mask_pred)
+            else:
+                if self.semantic_on:
+                    sem_seg = semantic_scores_from_low_res(mask_cls, mask_pred, padded_size, image_size)
+                    result[SEMANTIC.output_key] = _resize(sem_seg[None], image_size, output_size)[0]
+                if self.panoptic_on or self.instance_on:  # as ``inference``: at the padded size
+                    mask_pred = F.interpolate(mask_pred[None], size=padded_size, mode="bilinear",
+                                              align_corners=False)[0]
+            if self.panoptic_on:
+                result[PANOPTIC.output_key] = panoptic_inference(
+                    mask_cls, mask_pred, self.thing_ids, self.object_mask_threshold, self.overlap_threshold
+                )
+            if self.instance_on:
+                result[INSTANCE.output_key] = instance_inference(
+                    mask_cls, mask_pred, self.sem_seg_head.num_classes, self.detections_per_image,
+                    self.thing_ids,
+                )
+            processed_results.append(result)
+        return processed_results
+
+
+def _resize(x: Tensor, size: Tuple[int, int], output_size: Tuple[int, int]) -> Tensor:
+    """Bilinear resize of N x C x H x W ``x`` (of spatial ``size``) to ``output_size``, as
+    ``sem_seg_postprocess`` does; skipped when the sizes are equal (it is then the identity)."""
+    if tuple(size) == tuple(output_size):
+        return x
+    return F.interpolate(x, size=output_size, mode="bilinear", align_corners=False)

@@ -1,0 +1,327 @@
+"""MaskFormer's optimised inference paths against the reference path (``optimize_inference = False``):
+the fp32 path equals it to 1e-4 of the largest score, the bf16 path agrees on >= 99.5 % of the
+semantic argmax pixels, folding leaves the modules and the state dict alone, and the pieces
+(band-wise upsampling, semantic combination, folded convolutions, channels-last mask logits)
+equal what they replace."""
+import copy
+
+import pytest
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.layers import Conv2d, FrozenBatchNorm2d, get_norm
+from detectron2.modeling import build_model
+from torch import nn
+from torch.nn import functional as F
+
+from mask_former.modeling.inference_optimization import (
+    InferenceWeights,
+    semantic_scores_from_logits,
+    semantic_scores_from_low_res,
+    upsample_bilinear_crop,
+    upsample_bilinear_rows,
+)
+from mask_former.modeling.postprocessing import semantic_inference
+from mask_former.modeling.transformer_decoder.standard_transformer_decoder import mask_logits
+from model_utils import tiny_cfg
+
+EXACT = 1e-4  # max |difference| / max |reference score| of the exact (fp32) path
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> None:
+    """Batch-norm statistics and affine parameters like a trained network's (not the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+
+
+def build(cfg, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    randomize_norms(model, seed)
+    return model
+
+
+def images(sizes, output_sizes=None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for i, (h, w) in enumerate(sizes):
+        x = {"image": torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8).float()}
+        if output_sizes and output_sizes[i]:
+            x["height"], x["width"] = output_sizes[i]
+        batch.append(x)
+    return batch
+
+
+def both_paths(model, batch):
+    """(optimised results, reference results) of the same model on the same batch."""
+    with torch.no_grad():
+        model.optimize_inference = True
+        fast = model(batch)
+        model.optimize_inference = False
+        reference = model(batch)
+        model.optimize_inference = True
+    return fast, reference
+
+
+def relative_difference(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def argmax_agreement(a, b) -> float:
+    return float((a.argmax(0) == b.argmax(0)).float().mean())
+
+
+# ------------------------------------------------------------------------------ the whole model
+@pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
+def test_fp32_path_equals_reference(norm):
+    cfg = tiny_cfg()
+    cfg.MODEL.RESNETS.NORM = norm
+    model = build(cfg)
+    # different sizes (padding), an output larger and one of another aspect than the input
+    batch = images([(64, 48), (40, 56), (33, 30)], [None, (100, 75), (20, 41)])
+    fast, reference = both_paths(model, batch)
+    assert len(model.prepare_for_inference()) > 0  # some batch norms were folded
+    for a, b, x in zip(fast, reference, batch):
+        size = (x.get("height", x["image"].shape[1]), x.get("width", x["image"].shape[2]))
+        assert a["sem_seg"].shape == b["sem_seg"].shape == (3, *size)
+        assert a["sem_seg"].dtype == torch.float32
+        assert relative_difference(a["sem_seg"], b["sem_seg"]) < EXACT
+
+
+def test_fp32_path_equals_reference_for_panoptic_and_instances():
+    name = "_test_inference_paths_panoptic_meta"
+    MetadataCatalog.get(name).set(thing_dataset_id_to_contiguous_id={1: 0, 2: 2},
+                                  stuff_dataset_id_to_contiguous_id={1: 0, 2: 2, 3: 1})
+    cfg = tiny_cfg()
+    cfg.DATASETS.TEST = (name,)
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = True
+    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = True
+    cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE = 4
+    model = build(cfg, seed=1)
+    batch = images([(64, 48), (56, 40)], [(100, 75), None])
+    fast, reference = both_paths(model, batch)
+    for a, b in zip(fast, reference):
+        assert relative_difference(a["sem_seg"], b["sem_seg"]) < EXACT
+        pan_a, seg_a = a["panoptic_seg"]
+        pan_b, seg_b = b["panoptic_seg"]
+        assert (pan_a == pan_b).float().mean() > 0.999
+        assert [s["category_id"] for s in seg_a] == [s["category_id"] for s in seg_b]
+        inst_a, inst_b = a["instances"], b["instances"]
+        assert torch.equal(inst_a.pred_classes, inst_b.pred_classes)
+        assert torch.allclose(inst_a.scores, inst_b.scores, atol=1e-4)
+        assert (inst_a.pred_masks == inst_b.pred_masks).float().mean() > 0.999
+
+
+def test_fp32_path_equals_reference_with_transformer_encoder_and_swin():
+    cfg = tiny_cfg()
+    cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
+    cfg.MODEL.SWIN.EMBED_DIM = 24
+    cfg.MODEL.SWIN.DEPTHS = [1, 1, 2, 1]
+    cfg.MODEL.SWIN.NUM_HEADS = [1, 2, 2, 4]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 4
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "TransformerEncoderPixelDecoder"
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 1
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "transformer_encoder"
+    model = build(cfg)
+    batch = images([(64, 64), (48, 60)], [None, (30, 30)])
+    fast, reference = both_paths(model, batch)
+    for a, b in zip(fast, reference):
+        assert relative_difference(a["sem_seg"], b["sem_seg"]) < EXACT
+
+
+def test_bf16_path_agrees_with_fp32():
+    cfg = tiny_cfg()
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    cfg.MODEL.MASK_FORMER.TEST.PRECISION = "bf16"
+    model = build(cfg, seed=2)
+    batch = images([(96, 128), (80, 64)], seed=2)
+    fast, reference = both_paths(model, batch)
+    for a, b in zip(fast, reference):
+        assert a["sem_seg"].dtype == torch.float32  # post-processing in float32
+        assert argmax_agreement(a["sem_seg"], b["sem_seg"]) >= 0.995
+        assert relative_difference(a["sem_seg"], b["sem_seg"]) < 0.1
+
+
+def test_precision_key():
+    cfg = tiny_cfg()
+    assert cfg.MODEL.MASK_FORMER.TEST.PRECISION == "fp32"
+    assert build_model(cfg).precision == "fp32"
+    cfg.MODEL.MASK_FORMER.TEST.PRECISION = "fp16"
+    with pytest.raises(ValueError, match="MODEL.MASK_FORMER.TEST.PRECISION"):
+        build_model(cfg)
+
+
+# ------------------------------------------------------------------------------ model state
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_preparing_leaves_modules_and_state_dict_alone(precision):
+    cfg = tiny_cfg()
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    cfg.MODEL.MASK_FORMER.TEST.PRECISION = precision
+    model = build(cfg)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [(name, type(m)) for name, m in model.named_modules()]
+    with torch.no_grad():
+        model(images([(64, 48)]))
+    model.prepare_for_inference()
+    after = model.state_dict()
+    assert list(after) == list(state)
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert [(name, type(m)) for name, m in model.named_modules()] == modules
+    assert all(p.dtype == torch.float32 and isinstance(p, nn.Parameter) for p in model.parameters())
+    # the folded forward is installed only while the optimised network runs
+    assert not any("forward" in vars(m) for m in model.modules())
+    # and the model still deep-copies and trains
+    copy.deepcopy(model)
+
+
+def test_training_is_unchanged_by_an_optimised_eval_pass():
+    cfg = tiny_cfg()
+    batch = images([(64, 48), (56, 48)])
+    for x in batch:
+        from detectron2.structures import Instances
+
+        h, w = x["image"].shape[1:]
+        inst = Instances((h, w))
+        inst.gt_classes = torch.tensor([0, 2])
+        masks = torch.zeros((2, h, w), dtype=torch.bool)
+        masks[0, : h // 2] = True
+        masks[1, h // 2:] = True
+        inst.gt_masks = masks
+        x["instances"] = inst
+
+    def losses(model):
+        torch.manual_seed(5)
+        model.train()
+        return {k: v.item() for k, v in model(batch).items()}
+
+    model = build(cfg)
+    before = losses(model)
+    model.eval()
+    with torch.no_grad():
+        model([{"image": x["image"]} for x in batch])
+    assert model._inference_weights is not None
+    after = losses(model)
+    assert after == before
+    assert model._inference_weights is None  # train() drops the folded copy
+
+
+def test_folded_weights_follow_weight_changes():
+    cfg = tiny_cfg()
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    model = build(cfg)
+    other = build(cfg, seed=7)
+    batch = images([(64, 48)])
+    with torch.no_grad():
+        model(batch)
+        first = model.prepare_for_inference()
+        assert model.prepare_for_inference() is first  # nothing changed: reused
+        model.load_state_dict(other.state_dict())  # copy_ into the same tensors
+        assert model.prepare_for_inference() is not first
+        fast, reference = both_paths(model, batch)
+        expected = other(batch)[0]["sem_seg"]
+    assert relative_difference(fast[0]["sem_seg"], reference[0]["sem_seg"]) < EXACT
+    assert relative_difference(fast[0]["sem_seg"], expected) < EXACT
+
+
+def test_gradients_disable_the_optimised_path():
+    model = build(tiny_cfg())
+    out = model(images([(64, 48)]))  # grad mode on: the reference path, differentiable
+    out[0]["sem_seg"].sum().backward()
+    assert model._inference_weights is None
+    assert any(p.grad is not None for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------ the pieces
+@pytest.mark.parametrize("norm,activation", [("FrozenBN", None), ("BN", F.relu), ("GN", F.relu), ("", None)])
+@pytest.mark.parametrize("kernel,stride", [(1, 1), (3, 1), (1, 2), (3, 2)])
+def test_folded_convolution_equals_conv_and_norm(norm, activation, kernel, stride):
+    torch.manual_seed(0)
+    conv = Conv2d(8, 32, kernel_size=kernel, stride=stride, padding=kernel // 2, bias=norm == "",
+                  norm=get_norm(norm, 32), activation=activation)
+    module = nn.Sequential(conv).eval()
+    randomize_norms(module)
+    folded = InferenceWeights(module)
+    assert len(folded) == (1 if norm in ("FrozenBN", "BN") else 0)
+    x = torch.randn(2, 8, 20, 18)
+    with torch.no_grad():
+        expected = module(x)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            with folded.active():
+                got = module(x.contiguous(memory_format=layout))
+            assert relative_difference(got, expected) < 1e-5
+    assert "forward" not in vars(conv)
+    assert folded.is_current(module)
+    with torch.no_grad():
+        conv.weight.mul_(2)  # a folded layer must be folded again; the others read it as they run
+    assert folded.is_current(module) == (len(folded) == 0)
+
+
+@pytest.mark.parametrize("low,factor", [((16, 12), 4), ((7, 9), 3), ((5, 5), 2), ((1, 3), 4)])
+def test_upsample_rows_equal_the_full_upsampling(low, factor):
+    x = torch.randn(2, 5, *low)
+    full = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+    height, width = full.shape[-2:]
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        for r0 in range(height):
+            for r1 in sorted({r0 + 1, min(height, r0 + 5), height}):
+                for w in {1, width // 2 + 1, width}:
+                    band = upsample_bilinear_rows(xl, factor, (r0, r1), w)
+                    assert band.shape == (2, 5, r1 - r0, w)
+                    torch.testing.assert_close(band, full[..., r0:r1, :w], rtol=1e-6, atol=1e-6)
+
+
+def test_upsample_crop_equals_upsample_then_crop():
+    x = torch.randn(1, 4, 8, 10)
+    for full_size, crop in [((32, 40), (29, 33)), ((32, 40), (32, 40)), ((30, 41), (17, 41))]:
+        expected = F.interpolate(x, size=full_size, mode="bilinear", align_corners=False)
+        expected = expected[..., : crop[0], : crop[1]]
+        torch.testing.assert_close(upsample_bilinear_crop(x, full_size, crop), expected)
+
+
+@pytest.mark.parametrize("tile_rows", [1, 7, 32])
+def test_semantic_scores_equal_semantic_inference(tile_rows):
+    g = torch.Generator().manual_seed(0)
+    mask_cls = torch.randn(6, 5, generator=g) * 3
+    mask_pred = torch.randn(6, 10, 12, generator=g) * 4
+    for full_size, crop in [((40, 48), (40, 48)), ((40, 48), (37, 29)), ((35, 48), (30, 44))]:
+        logits = F.interpolate(mask_pred[None], size=full_size, mode="bilinear", align_corners=False)[0]
+        expected = semantic_inference(mask_cls, logits)[:, : crop[0], : crop[1]]
+        got = semantic_scores_from_low_res(mask_cls, mask_pred, full_size, crop, tile_rows)
+        assert relative_difference(got, expected) < 1e-6
+        got = semantic_scores_from_logits(mask_cls, logits[:, : crop[0], : crop[1]], tile_rows)
+        assert relative_difference(got, expected) < 1e-6
+
+
+def test_channels_last_mask_logits_equal_einsum():
+    mask_embed = torch.randn(2, 3, 5, 8)
+    features = torch.randn(3, 8, 6, 7)
+    expected = torch.einsum("lbqc,bchw->lbqhw", mask_embed, features)
+    got = mask_logits(mask_embed, features.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected)
+    assert got[-1].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(mask_logits(mask_embed, features), expected)
+
+
+def test_swin_outputs_keep_the_input_layout():
+    cfg = tiny_cfg()
+    cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
+    cfg.MODEL.SWIN.EMBED_DIM = 24
+    cfg.MODEL.SWIN.DEPTHS = [1, 1, 2, 1]
+    cfg.MODEL.SWIN.NUM_HEADS = [1, 2, 2, 4]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 4
+    backbone = build_model(cfg).backbone.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        planar = backbone(x)
+        channels_last = backbone(x.contiguous(memory_format=torch.channels_last))
+    for name, feature in planar.items():
+        assert feature.is_contiguous()
+        assert channels_last[name].is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(channels_last[name], feature, rtol=1e-4, atol=1e-5)
