@@ -82,6 +82,9 @@ def add_mask_former_config(cfg):
     # produce "instances" outputs (thing classes, top-k over queries x classes) at inference
     cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = False
     cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = False
+    # panoptic merge: "pixel" (MaskFormer's argmax of score x mask) or "mask" (Panoptic SegFormer's
+    # mask-wise merging, parameters in MODEL.PANOPTIC_SEGFORMER.TEST)
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE = "pixel"
     cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.0
     cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.0
     cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
@@ -146,6 +149,7 @@ def add_mask_former_config(cfg):
     # alpha and gamma of the sigmoid focal class loss and cost
     psf.FOCAL_ALPHA = 0.25
     psf.FOCAL_GAMMA = 2.0
+    # mask-wise merging (also MaskFormer's with MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE "mask")
     psf.TEST = CN()
     # (query, class) pairs of the location decoder kept for the mask decoder at inference
     psf.TEST.NUM_THINGS = 100

@@ -326,3 +326,29 @@ def test_resume_continues_to_the_same_weights(tiny_synthetic_root, tmp_path):
     assert resumed.keys() == reference.keys()
     for key in reference:
         assert torch.equal(resumed[key], reference[key]), key
+
+
+# ---------------------------------------------------------------- MaskFormer with mask-wise merging
+def test_maskformer_panoptic_merge_is_selectable_by_config():
+    from mask_former.modeling.postprocessing import mask_wise_panoptic_inference, panoptic_inference
+    from model_utils import tiny_cfg
+
+    cfg = tiny_cfg(num_classes=5)
+    cfg.DATASETS.TEST = (METADATA,)
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = True
+    torch.manual_seed(0)
+    pixel = build_model(cfg)
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE = "mask"
+    torch.manual_seed(0)
+    mask = build_model(cfg)
+    g = torch.Generator().manual_seed(1)
+    mask_cls, mask_pred = torch.randn(5, 6, generator=g) * 3, torch.randn(5, 16, 16, generator=g) * 4
+    expected_pixel = panoptic_inference(mask_cls, mask_pred, set(THING_IDS), 0.0, 0.0)
+    expected_mask = mask_wise_panoptic_inference(mask_cls, mask_pred, set(THING_IDS))
+    for model, expected in ((pixel, expected_pixel), (mask, expected_mask)):
+        seg, info = model.panoptic_merge(mask_cls, mask_pred)
+        assert torch.equal(seg, expected[0]) and info == expected[1]
+    assert not torch.equal(expected_pixel[0], expected_mask[0])  # the two rules do differ here
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE = "argmax"
+    with pytest.raises(ValueError, match="PANOPTIC_MERGE='argmax'"):
+        build_model(cfg)

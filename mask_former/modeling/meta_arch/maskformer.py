@@ -23,12 +23,25 @@ from ..inference_optimization import (
     upsample_bilinear_crop,
 )
 from ..matcher import NonFiniteCostError
-from ..postprocessing import instance_inference, panoptic_inference, semantic_inference
+from ..postprocessing import instance_inference, mask_wise_panoptic_inference, panoptic_inference, semantic_inference
 from ..transformer_decoder.transformer import fused_attention
 
 logger = logging.getLogger(__name__)
 
 SEMANTIC, PANOPTIC, INSTANCE = (get_task(name) for name in ("semantic", "panoptic", "instance"))
+
+
+def mask_merge_params(cfg) -> Dict[str, float]:
+    """Keyword arguments of mask-wise merging, from MODEL.PANOPTIC_SEGFORMER.TEST (shared by both
+    model families)."""
+    test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
+    return {
+        "alpha": test.ALPHA, "beta": test.BETA, "mask_threshold": test.MASK_THRESHOLD,
+        "thing_quality_threshold": test.THING_QUALITY_THRESHOLD,
+        "stuff_quality_threshold": test.STUFF_QUALITY_THRESHOLD,
+        "thing_overlap_threshold": test.THING_OVERLAP_THRESHOLD,
+        "stuff_overlap_threshold": test.STUFF_OVERLAP_THRESHOLD,
+    }
 
 
 def detections_per_image(cfg) -> int:
@@ -66,6 +79,8 @@ class MaskFormer(nn.Module):
         loss_weights: Dict[str, float],
         object_mask_threshold: float,
         overlap_threshold: float,
+        panoptic_merge: str = "pixel",
+        mask_merge_params: Optional[Dict[str, float]] = None,
         metadata,
         size_divisibility: int,
         sem_seg_postprocess_before_inference: bool,
@@ -85,6 +100,8 @@ class MaskFormer(nn.Module):
             criterion: computes the named, unweighted losses from the head's outputs and targets.
             loss_weights: weight of each named loss; losses without a weight are dropped.
             object_mask_threshold, overlap_threshold: panoptic inference thresholds.
+            panoptic_merge: "pixel" (MaskFormer's argmax merge) or "mask" (mask-wise merging with
+                ``mask_merge_params``, the keyword arguments of ``mask_wise_merge``).
             metadata: the test dataset's metadata (thing classes for panoptic/instance inference).
             size_divisibility: images are padded to a multiple of this (0 or less: the backbone's).
             sem_seg_postprocess_before_inference: resize mask logits to the output size before the
@@ -106,6 +123,13 @@ class MaskFormer(nn.Module):
         self.loss_weights = loss_weights
         self.object_mask_threshold = object_mask_threshold
         self.overlap_threshold = overlap_threshold
+        if panoptic_merge not in ("pixel", "mask"):
+            raise ValueError(
+                f"MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE={panoptic_merge!r}: expected 'pixel' (MaskFormer's "
+                "argmax) or 'mask' (Panoptic SegFormer's mask-wise merging)"
+            )
+        self.panoptic_merge_mode = panoptic_merge
+        self.mask_merge_params = dict(mask_merge_params or {})
         if size_divisibility <= 0:
             size_divisibility = self.backbone.size_divisibility
         self.size_divisibility = size_divisibility
@@ -153,6 +177,8 @@ class MaskFormer(nn.Module):
             "loss_weights": criterion.weight_dict,
             "object_mask_threshold": mf.TEST.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": mf.TEST.OVERLAP_THRESHOLD,
+            "panoptic_merge": mf.TEST.PANOPTIC_MERGE,
+            "mask_merge_params": mask_merge_params(cfg),
             "metadata": MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None,
             "size_divisibility": mf.SIZE_DIVISIBILITY,
             "sem_seg_postprocess_before_inference": (
@@ -296,6 +322,15 @@ class MaskFormer(nn.Module):
             targets.append({"labels": gt.gt_classes, "masks": padded})
         return targets
 
+    def panoptic_merge(self, mask_cls: Tensor, mask_pred: Tensor):
+        """One image's panoptic result from Q x (K+1) class logits and Q x H x W mask logits:
+        MaskFormer's pixel-wise argmax (``panoptic_merge_mode`` "pixel") or Panoptic SegFormer's
+        mask-wise merging ("mask")."""
+        if self.panoptic_merge_mode == "mask":
+            return mask_wise_panoptic_inference(mask_cls, mask_pred, self.thing_ids, **self.mask_merge_params)
+        return panoptic_inference(mask_cls, mask_pred, self.thing_ids, self.object_mask_threshold,
+                                  self.overlap_threshold)
+
     def inference(self, outputs, batched_inputs, images: ImageList) -> List[Dict[str, object]]:
         mask_cls_results = outputs["pred_logits"]
         mask_pred_results = F.interpolate(
@@ -316,9 +351,7 @@ class MaskFormer(nn.Module):
                     sem_seg = sem_seg_postprocess(sem_seg, image_size, height, width)
                 result[SEMANTIC.output_key] = sem_seg
             if self.panoptic_on:
-                result[PANOPTIC.output_key] = panoptic_inference(
-                    mask_cls, mask_pred, self.thing_ids, self.object_mask_threshold, self.overlap_threshold
-                )
+                result[PANOPTIC.output_key] = self.panoptic_merge(mask_cls, mask_pred)
             if self.instance_on:
                 result[INSTANCE.output_key] = instance_inference(
                     mask_cls, mask_pred, self.sem_seg_head.num_classes, self.detections_per_image,
@@ -359,9 +392,7 @@ class MaskFormer(nn.Module):
                     mask_pred = F.interpolate(mask_pred[None], size=padded_size, mode="bilinear",
                                               align_corners=False)[0]
             if self.panoptic_on:
-                result[PANOPTIC.output_key] = panoptic_inference(
-                    mask_cls, mask_pred, self.thing_ids, self.object_mask_threshold, self.overlap_threshold
-                )
+                result[PANOPTIC.output_key] = self.panoptic_merge(mask_cls, mask_pred)
             if self.instance_on:
                 result[INSTANCE.output_key] = instance_inference(
                     mask_cls, mask_pred, self.sem_seg_head.num_classes, self.detections_per_image,

@@ -25,6 +25,7 @@ from ..panoptic_segformer import (
     build_psf_mask_decoder,
 )
 from ..postprocessing import mask_wise_merge
+from .maskformer import mask_merge_params
 
 SEMANTIC, PANOPTIC, INSTANCE = (get_task(name) for name in ("semantic", "panoptic", "instance"))
 
@@ -160,13 +161,7 @@ class PanopticSegFormer(nn.Module):
             "panoptic_on": PANOPTIC.name in tasks,
             "instance_on": INSTANCE.name in tasks,
             "num_test_things": test.NUM_THINGS,
-            "merge_params": {
-                "alpha": test.ALPHA, "beta": test.BETA, "mask_threshold": test.MASK_THRESHOLD,
-                "thing_quality_threshold": test.THING_QUALITY_THRESHOLD,
-                "stuff_quality_threshold": test.STUFF_QUALITY_THRESHOLD,
-                "thing_overlap_threshold": test.THING_OVERLAP_THRESHOLD,
-                "stuff_overlap_threshold": test.STUFF_OVERLAP_THRESHOLD,
-            },
+            "merge_params": mask_merge_params(cfg),
         }
 
     @classmethod
