@@ -4,12 +4,16 @@ semantic argmax pixels, folding leaves the modules and the state dict alone, and
 (band-wise upsampling, semantic combination, folded convolutions, channels-last mask logits)
 equal what they replace."""
 import copy
+import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, get_norm
 from detectron2.modeling import build_model
+from detectron2.structures import Instances
 from torch import nn
 from torch.nn import functional as F
 
@@ -184,8 +188,6 @@ def test_training_is_unchanged_by_an_optimised_eval_pass():
     cfg = tiny_cfg()
     batch = images([(64, 48), (56, 48)])
     for x in batch:
-        from detectron2.structures import Instances
-
         h, w = x["image"].shape[1:]
         inst = Instances((h, w))
         inst.gt_classes = torch.tensor([0, 2])
@@ -325,3 +327,25 @@ def test_swin_outputs_keep_the_input_layout():
         assert feature.is_contiguous()
         assert channels_last[name].is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(channels_last[name], feature, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ the benchmark
+def test_benchmark_inference_tool_runs(tmp_path):
+    """tools/benchmark_inference.py on the built-in model's config at 64x64 (one round, no memory
+    subprocesses): every path is timed and compared with the reference."""
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("benchmark_inference_tool",
+                                                  repo / "tools" / "benchmark_inference.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "bench.json"
+    tool.main(["--config-file", str(repo / "configs/synthetic/maskformer_panoptic_R18.yaml"),
+               "--input-size", "64", "64", "--runs", "1", "--warmup", "0", "--settle", "0",
+               "--no-memory", "--levers", "--json", str(out)])
+    report = json.loads(out.read_text())
+    paths = report["paths"]
+    assert set(paths) >= {"reference", "fp32", "bf16"}
+    assert paths["reference"]["cpu_ratio"] == 1.0
+    assert paths["fp32"]["agreement"]["sem_seg_max_rel_diff"] < EXACT
+    assert paths["bf16"]["agreement"]["sem_seg_argmax_agreement"] >= 0.995
+    assert "amx_bf16" in report["cpu"]

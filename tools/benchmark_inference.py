@@ -349,8 +349,9 @@ def main(argv=None) -> Dict[str, object]:
     inputs = make_input(cfg, *args.input_size)
     runners: Dict[str, Callable[[], List[Dict]]] = {path: (lambda m=models[path]: m(inputs)) for path in paths}
     if args.levers:
+        fp32_model = models["fp32"] if "fp32" in models else build(args, "fp32")[1]
         for name, levers in LEVERS.items():
-            runners[name] = lever_runner(models.get("fp32") or build(args, "fp32")[1], inputs, levers)
+            runners[name] = lever_runner(fp32_model, inputs, levers)
 
     with torch.no_grad():
         outputs = {name: fn()[0] for name, fn in runners.items()}

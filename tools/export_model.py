@@ -55,7 +55,7 @@ def get_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example:\n  python tools/export_model.py --config-file "
                "configs/synthetic/maskformer_panoptic_R18.yaml \\\n"
-               "      --output exported/ MODEL.WEIGHTS output/demo/train/model_final.pth",
+               "      --output exported/ MODEL.WEIGHTS output/demo/maskformer/train/model_final.pth",
     )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--output", required=True, metavar="DIR", help="directory for the exported files")
