@@ -108,6 +108,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict]:
     cfg = setup_cfg(args.config_file, args.opts, semantic_only=needs_trace)
     model = build_model(cfg)
     model.eval()
+    if hasattr(model, "optimize_inference"):
+        # count the reference inference path: the optimised one computes the same quantities in
+        # bands and with folded weights, which fvcore's op handles do not all recognise
+        model.optimize_inference = False
     results: Dict[str, Dict] = {}
     if "parameter" in args.tasks:
         results["parameter"] = count_parameters(model, args.max_depth)
