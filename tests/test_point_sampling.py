@@ -148,6 +148,28 @@ def test_sampling_is_deterministic_under_a_seed():
     assert not torch.equal(cost_a, cost_c)
 
 
+def test_point_sampling_stays_float32_under_autocast():
+    # the same points (same seed) and the same float32 values with and without bfloat16 autocast
+    generator = torch.Generator().manual_seed(8)
+    outputs = {
+        "pred_logits": torch.randn(2, 6, 4, generator=generator),
+        "pred_masks": torch.randn(2, 6, 8, 8, generator=generator) * 2,
+    }
+    targets = [
+        {"labels": torch.tensor([0, 2]), "masks": torch.rand(2, 32, 32, generator=generator) > 0.5},
+        {"labels": torch.tensor([1]), "masks": torch.rand(1, 32, 32, generator=generator) > 0.5},
+    ]
+    criterion = SetCriterion(3, HungarianMatcher(num_points=40), 0.1, mask_losses=ALL_MASK_LOSSES, num_points=40)
+    torch.manual_seed(0)
+    expected = criterion(outputs, targets)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = criterion(outputs, targets)
+    for key in expected:
+        assert got[key].dtype == torch.float32
+        assert torch.equal(got[key], expected[key]), key
+
+
 def test_point_losses_get_gradients_only_for_matched_masks():
     generator = torch.Generator().manual_seed(3)
     pred_masks = (torch.randn(1, 3, 4, 4, generator=generator) * 2).requires_grad_()

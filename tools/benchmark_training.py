@@ -20,12 +20,15 @@ optimizer).
 
 Columns:
 
-* ``step_s``, ``step_min_s``: the median and the fastest of the timed steps, in seconds, with
-  their ratios to the reference path's (on a machine shared with other work, the fastest step is
-  the one least slowed by it);
+* ``step_s``, ``step_min_s``: the median and the fastest of the timed steps, in wall-clock
+  seconds, with their ratios to the reference path's (on a machine shared with other work, the
+  fastest step is the one least slowed by it); ``step_cpu_s``: the median process CPU time of a
+  step (all threads), which other work disturbs much less (with ``--num-threads 1`` it is the
+  step's work);
 * ``matcher_s``, ``matcher_share``: the matcher's seconds per step (all decoder layers; forward
   hooks around ``criterion.matcher``) and its share of the step, with the ratio of the share to
-  the reference's; ``criterion_s``: the whole criterion's forward (matcher + losses);
+  the reference's; ``matcher_cpu_s``, ``matcher_cpu_share``: the same in CPU time;
+  ``criterion_s``: the whole criterion's forward (matcher + losses);
 * ``peak_rss_mb``: the subprocess's peak RSS (``resource.getrusage``, since its start; on CUDA
   ``torch.cuda.max_memory_allocated``), with its ratio to the reference's, and ``base_rss_mb``,
   the RSS with the model, optimizer and batch built, before the first step;
@@ -112,14 +115,18 @@ class ImageByImageMatcher(nn.Module):
 
 
 class Stopwatch:
-    """Seconds spent in a module's forward calls (forward pre-hook to forward hook)."""
+    """Wall-clock and process CPU seconds spent in a module's forward calls (forward pre-hook to
+    forward hook), summed until reset."""
 
     def __init__(self, module: nn.Module, device: torch.device):
         self.device = device
-        self.total = 0.0
-        self._start = None
+        self.reset()
         module.register_forward_pre_hook(self._pre_hook)
         module.register_forward_hook(self._hook)
+
+    def reset(self):
+        self.total = self.cpu_total = 0.0
+        self._start = self._cpu_start = None
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -127,11 +134,12 @@ class Stopwatch:
 
     def _pre_hook(self, module, args):
         self._sync()
-        self._start = time.perf_counter()
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
     def _hook(self, module, args, output):
         self._sync()
         self.total += time.perf_counter() - self._start
+        self.cpu_total += time.process_time() - self._cpu_start
 
 
 def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, num_masks: int,
@@ -191,7 +199,7 @@ class PathRunner:
         self.matcher_watch = Stopwatch(self.model.criterion.matcher, self.device)
         self.criterion_watch = Stopwatch(self.model.criterion, self.device)
         self.first_loss = None
-        self.times = {"step": [], "matcher": [], "criterion": []}
+        self.times = {"step": [], "matcher": [], "criterion": [], "step_cpu": [], "matcher_cpu": []}
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -199,9 +207,10 @@ class PathRunner:
 
     def step(self, timed: bool) -> None:
         """One training step; its seconds (step, matcher, criterion) are kept when ``timed``."""
-        self.matcher_watch.total = self.criterion_watch.total = 0.0
+        self.matcher_watch.reset()
+        self.criterion_watch.reset()
         self._sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         self.optimizer.zero_grad()
         dtype = self.autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -209,13 +218,15 @@ class PathRunner:
         total.backward()
         self.optimizer.step()
         self._sync()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if self.first_loss is None:
             self.first_loss = float(total.detach())
         if timed:
             self.times["step"].append(elapsed)
             self.times["matcher"].append(self.matcher_watch.total)
             self.times["criterion"].append(self.criterion_watch.total)
+            self.times["step_cpu"].append(cpu)
+            self.times["matcher_cpu"].append(self.matcher_watch.cpu_total)
 
 
 def time_paths(args, paths: List[str]) -> Dict[str, Dict]:
@@ -308,12 +319,18 @@ def summarize(paths: List[str], timing: Dict[str, Dict], memory: Dict[str, Dict]
                 "matcher_s": statistics.median(times["matcher"]),
                 "matcher_share": statistics.median(m / t for m, t in zip(times["matcher"], times["step"])),
                 "criterion_s": statistics.median(times["criterion"]),
+                "step_cpu_s": statistics.median(times["step_cpu"]),
+                "matcher_cpu_s": statistics.median(times["matcher_cpu"]),
+                "matcher_cpu_share": statistics.median(
+                    m / t for m, t in zip(times["matcher_cpu"], times["step_cpu"])
+                ),
                 "first_loss": timing[name]["first_loss"],
             })
         entry.update(memory.get(name, {}))
         summary[name] = entry
     ref = summary.get("reference", {})
     ratios = {"step_ratio": "step_s", "step_min_ratio": "step_min_s", "matcher_share_ratio": "matcher_share",
+              "step_cpu_ratio": "step_cpu_s", "matcher_cpu_share_ratio": "matcher_cpu_share",
               "peak_rss_ratio": "peak_rss_mb"}
     for entry in summary.values():
         for ratio_key, key in ratios.items():
@@ -331,20 +348,24 @@ def format_table(summary: Dict[str, Dict]) -> str:
         text = format(entry[key], fmt)
         return text + (f" ({entry[ratio_key]:.2f}x)" if ratio_key in entry else "")
 
+    def share(entry, key):
+        if key not in entry:
+            return "-"
+        return f"{100 * entry[key]:.1f}%" + (f" ({entry[key + '_ratio']:.2f}x)" if key + "_ratio" in entry else "")
+
     rows = []
     for name, e in summary.items():
-        share = f"{100 * e['matcher_share']:.1f}%" if "matcher_share" in e else "-"
-        if "matcher_share_ratio" in e:
-            share += f" ({e['matcher_share_ratio']:.2f}x)"
         rows.append([
             name, e["train_num_points"], e["autocast"] or "-",
-            cell(e, "step_s", ".3f", "step_ratio"), cell(e, "step_min_s", ".3f", "step_min_ratio"),
-            cell(e, "matcher_s", ".3f"), share, cell(e, "criterion_s", ".3f"),
+            cell(e, "step_s", ".2f", "step_ratio"), cell(e, "step_min_s", ".2f", "step_min_ratio"),
+            cell(e, "step_cpu_s", ".2f", "step_cpu_ratio"),
+            cell(e, "matcher_s", ".3f"), share(e, "matcher_share"),
+            cell(e, "matcher_cpu_s", ".3f"), share(e, "matcher_cpu_share"), cell(e, "criterion_s", ".3f"),
             cell(e, "peak_rss_mb", ".0f", "peak_rss_ratio"), cell(e, "base_rss_mb", ".0f"),
             cell(e, "loss_rel_diff", "+.2e"),
         ])
-    headers = ["path", "points", "autocast", "step_s", "step_min_s", "matcher_s", "matcher_share", "criterion_s",
-               "peak_rss_mb", "base_rss_mb", "loss_rel_diff"]
+    headers = ["path", "points", "autocast", "step_s", "step_min_s", "step_cpu_s", "matcher_s", "matcher_share",
+               "matcher_cpu_s", "matcher_cpu_share", "criterion_s", "peak_rss_mb", "base_rss_mb", "loss_rel_diff"]
     return tabulate(rows, headers=headers, tablefmt="pipe")
 
 
