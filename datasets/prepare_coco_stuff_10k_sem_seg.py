@@ -57,7 +57,7 @@ def read_label_map(mat_path):
             ) from e
         with h5py.File(mat_path, "r") as f:
             if "S" not in f:
-                raise KeyError(f"{mat_path} has no field 'S' (fields: {sorted(f.keys())})")
+                raise KeyError(f"{mat_path} has no field 'S' (fields: {sorted(f.keys())})") from None
             # MATLAB stores arrays column-major: HDF5 sees them transposed.
             return np.array(f["S"]).T
     if "S" not in data:

@@ -3,8 +3,12 @@
 Original MaskFormer key names and defaults are kept so that configs written for the original
 implementation load unchanged; keys new to this project carry a one-line comment.
 """
+import re
+
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.projects.deeplab import add_deeplab_config
+from detectron2.utils.file_io import PathManager
 
 
 def add_mask_former_config(cfg):
@@ -190,21 +194,15 @@ def merge_config_file(cfg, path: str, allow_unsafe: bool = False) -> None:
     """
     ``cfg.merge_from_file(path)`` that refuses YAML tags which run code while the file loads.
 
-    The project's configs are plain YAML. detectron2's ``merge_from_file`` falls back to
-    ``yaml.unsafe_load`` (which executes ``!!python/...`` tags) with only a warning; here such a
-    config (or one of its ``_BASE_`` files) raises ValueError naming the file, the line and the
-    tag, unless ``allow_unsafe`` is True (the tools' ``--allow-unsafe-config``).
+    The project's configs are plain YAML. detectron2's ``merge_from_file`` allows unsafe YAML by
+    default and falls back to ``yaml.unsafe_load`` (which executes ``!!python/...`` tags) with only
+    a warning; here such a config (or one of its ``_BASE_`` files) raises ValueError naming the
+    file, the line and the tag, unless ``allow_unsafe`` is True (the tools' ``--allow-unsafe-config``).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the config uses a tag that only ``yaml.unsafe_load`` can read.
     """
-    # imported here so that this addition stays at the end of the module
-    import re
-
-    import yaml
-    from detectron2.utils.file_io import PathManager
-
     if not PathManager.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
     try:

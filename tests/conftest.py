@@ -1,5 +1,6 @@
 import os
 from pathlib import Path
+from typing import Callable, Dict, Tuple
 
 import pytest
 
@@ -16,6 +17,23 @@ def reference_dir() -> Path:
     if not REFERENCE_DIR.is_dir():
         pytest.fail(f"checkpoint layout references not found at {REFERENCE_DIR}")
     return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def reference_layout(reference_dir) -> Callable[[str], Dict[str, Tuple[Tuple[int, ...], str]]]:
+    """``reference_layout(name)``: {key: (shape tuple, dtype name)} of ``tests/reference/<name>``
+    (one ``key<TAB>shape<TAB>dtype`` line per tensor; ``#`` lines are comments)."""
+
+    def read(name: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+        layout = {}
+        for line in (reference_dir / name).read_text().splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            key, shape, dtype = line.split("\t")
+            layout[key] = (tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype)
+        return layout
+
+    return read
 
 
 @pytest.fixture(scope="session")

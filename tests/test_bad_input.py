@@ -27,6 +27,7 @@ from mask_former.checkpoint import MaskFormerCheckpointer
 from mask_former.checkpoint.checkpointer import CheckpointLoadError, save_weights_file
 from mask_former.config import merge_config_file
 from mask_former.data.dataset_mappers import ImageReadError, NoReadableSampleError, build_dataset_mapper
+from mask_former.data.datasets import register_coco_instance_json, register_coco_panoptic_json, register_semantic_folder
 from mask_former.engine import Trainer
 from mask_former.evaluation import CheckedSemSegEvaluator, InstanceSegEvaluator, build_evaluator
 from model_utils import base_cfg, tiny_cfg
@@ -513,10 +514,6 @@ def test_demo_refuses_a_config_with_python_tags_unless_allowed(tmp_path):
 
 # ---------------------------------------------------------------- malformed JSON, unlabelled images
 def test_malformed_coco_instance_json_names_the_file(tmp_path):
-    from detectron2.data import DatasetCatalog
-
-    from mask_former.data.datasets import register_coco_instance_json
-
     (tmp_path / "images").mkdir()
     bad = tmp_path / "instances.json"
     bad.write_text('{"images": [}')
@@ -526,8 +523,6 @@ def test_malformed_coco_instance_json_names_the_file(tmp_path):
 
 
 def test_malformed_coco_panoptic_json_names_the_file(tmp_path):
-    from mask_former.data.datasets import register_coco_panoptic_json
-
     for folder in ("images", "panoptic"):
         (tmp_path / folder).mkdir()
     bad = tmp_path / "panoptic.json"
@@ -538,11 +533,6 @@ def test_malformed_coco_panoptic_json_names_the_file(tmp_path):
 
 
 def test_images_without_labels_are_named(tmp_path, caplog):
-    from detectron2.data import DatasetCatalog
-    from PIL import Image
-
-    from mask_former.data.datasets import register_semantic_folder
-
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir()
     labels.mkdir()
@@ -554,5 +544,27 @@ def test_images_without_labels_are_named(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         dicts = DatasetCatalog.get("_unpaired_sem_seg")
     assert len(dicts) == 2
+    assert [(os.path.basename(d["file_name"]), os.path.basename(d["sem_seg_file_name"])) for d in dicts] == [
+        ("a.jpg", "a.png"), ("b.jpg", "b.png")]
     assert "1 images without a label" in caplog.text and "lonely.jpg" in caplog.text
     assert "1 labels without an image" in caplog.text and "orphan.png" in caplog.text
+
+
+@pytest.mark.parametrize("content, expected", [
+    ([], r"panoptic\.json holds a JSON list, not an object"),
+    ({"images": [{"id": 1}], "annotations": []}, r"panoptic\.json: an 'images' entry has no 'file_name'"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "file_name": "a.png"}]},
+     r"panoptic\.json: an annotation has no 'segments_info'"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}],
+      "annotations": [{"image_id": 1, "file_name": "a.png", "segments_info": [{"id": 3}]}]},
+     r"panoptic\.json: a segment of a\.png has no 'category_id'"),
+])
+def test_incomplete_coco_panoptic_json_names_the_file_and_key(tmp_path, content, expected):
+    for folder in ("images", "panoptic"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "panoptic.json").write_text(json.dumps(content))
+    name = f"_bad_input_panoptic_{uuid.uuid4().hex[:8]}"
+    register_coco_panoptic_json(name, str(tmp_path / "images"), str(tmp_path / "panoptic"),
+                                str(tmp_path / "panoptic.json"), categories=[{"id": 1, "name": "a", "isthing": 1}])
+    with pytest.raises(ValueError, match=expected):
+        DatasetCatalog.get(name)

@@ -415,16 +415,6 @@ def test_directory_without_weights_is_an_error(tmp_path):
 
 
 # ------------------------------------------------------------------ published checkpoint layout
-def read_reference_layout(path: Path):
-    layout = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape, dtype = line.split("\t")
-        layout[key] = (tuple(int(d) for d in shape.strip("()").split(",") if d.strip()), dtype)
-    return layout
-
-
 @pytest.mark.parametrize(
     "reference, backbone_config, num_labels",
     [
@@ -434,7 +424,7 @@ def read_reference_layout(path: Path):
         ("coco-panoptic__swin__maskformer_panoptic_swin_base_IN21k_384_bs64_554k.txt", lambda: None, 133),
     ],
 )
-def test_full_size_conversion_has_published_layout(reference_dir, reference, backbone_config, num_labels):
+def test_full_size_conversion_has_published_layout(reference_layout, reference, backbone_config, num_labels):
     """A full-size HF MaskFormer (R50 / Swin-B, as on the hub) converts to exactly the keys,
     shapes and dtypes of the published MaskFormer checkpoint of that architecture."""
     config = MaskFormerConfig(backbone_config=backbone_config(), num_labels=num_labels)
@@ -449,7 +439,7 @@ def test_full_size_conversion_has_published_layout(reference_dir, reference, bac
     hf_config = json.loads(config.to_json_string())
     weights = convert_hf_state_dict(hf_weights, hf_config_to_d2(hf_config))
     converted = {k: (tuple(v.shape), str(v.dtype)) for k, v in weights.items()}
-    expected = read_reference_layout(reference_dir / reference)
+    expected = reference_layout(reference)
     assert sorted(set(expected) - set(converted)) == []
     assert sorted(set(converted) - set(expected)) == []
     assert {k: v for k, v in converted.items() if expected[k] != v} == {}

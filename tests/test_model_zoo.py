@@ -32,17 +32,6 @@ REFERENCE_CONFIGS = {
 }
 
 
-def read_reference(path: Path):
-    """{key: (shape tuple, dtype name)} from a reference layout file."""
-    layout = {}
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        key, shape, dtype = line.split("\t")
-        layout[key] = (tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype)
-    return layout
-
-
 def build_on_meta(cfg):
     """Build the model's modules without allocating or initializing real weights."""
     with torch.device("meta"):
@@ -95,7 +84,7 @@ def buildable_cfg(relpath: str):
 
 
 def test_all_model_zoo_configs_are_present():
-    # one per row of reference/model_zoo.md's settings table, plus this project's own
+    # the published model zoo's configs (README.md, "Model zoo"), plus this project's own
     assert PROJECT_CONFIGS <= set(ZOO_CONFIGS)
     assert len(set(ZOO_CONFIGS) - PROJECT_CONFIGS) == 30, ZOO_CONFIGS
 
@@ -111,8 +100,8 @@ def test_model_zoo_config_builds(relpath):
 
 
 @pytest.mark.parametrize("ref_name", sorted(REFERENCE_CONFIGS))
-def test_state_dict_layout_matches_published(ref_name, reference_dir):
-    reference = read_reference(reference_dir / ref_name)
+def test_state_dict_layout_matches_published(ref_name, reference_layout):
+    reference = reference_layout(ref_name)
     expected = {expected_module_key(k): v for k, v in reference.items()}
     model = build_on_meta(zoo_cfg(REFERENCE_CONFIGS[ref_name]))
     actual = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()}
@@ -141,8 +130,8 @@ def write_published_style_pkl(layout, path: Path, seed: int = 0):
     "ade20k-150__per_pixel_baseline_plus_R50_bs16_160k.txt",
     "ade20k-150__swin__maskformer_swin_tiny_bs16_160k.txt",
 ])
-def test_published_pkl_loads_through_checkpointer(ref_name, reference_dir, tmp_path):
-    layout = read_reference(reference_dir / ref_name)
+def test_published_pkl_loads_through_checkpointer(ref_name, reference_layout, tmp_path):
+    layout = reference_layout(ref_name)
     weights = write_published_style_pkl(layout, tmp_path / "model_final.pkl")
     cfg = zoo_cfg(REFERENCE_CONFIGS[ref_name])
     model = build_model(cfg)
@@ -157,10 +146,10 @@ def test_published_pkl_loads_through_checkpointer(ref_name, reference_dir, tmp_p
             np.testing.assert_array_equal(state[expected_module_key(key)].numpy(), weights[key])
 
 
-def test_published_pkl_as_model_weights(reference_dir, tmp_path):
+def test_published_pkl_as_model_weights(reference_layout, tmp_path):
     """MODEL.WEIGHTS pointing at a published-style .pkl just works (no missing keys logged)."""
     ref_name = "ade20k-150__maskformer_R50_bs16_160k.txt"
-    weights = write_published_style_pkl(read_reference(reference_dir / ref_name), tmp_path / "m.pkl", seed=1)
+    weights = write_published_style_pkl(reference_layout(ref_name), tmp_path / "m.pkl", seed=1)
     cfg = zoo_cfg(REFERENCE_CONFIGS[ref_name])
     model = build_model(cfg)
     MaskFormerCheckpointer(model).resume_or_load(str(tmp_path / "m.pkl"), resume=False)

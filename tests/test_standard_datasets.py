@@ -37,7 +37,7 @@ EXPECTED = {
     "cityscapes_fine_sem_seg_test": (19, 255, "cityscapes_sem_seg"),
 }
 
-# Train / test sets named by the model-zoo configs (shared/reference/model_zoo.md).
+# Train / test sets named by the model-zoo configs (README.md, "Model zoo").
 MODEL_ZOO_DATASETS = [
     "ade20k_panoptic_train", "ade20k_panoptic_val", "ade20k_sem_seg_train", "ade20k_sem_seg_val",
     "ade20k_full_sem_seg_train", "ade20k_full_sem_seg_val", "cityscapes_fine_sem_seg_train",

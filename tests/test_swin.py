@@ -27,7 +27,6 @@ from mask_former.modeling.backbone.swin import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 CONVERTER = REPO_ROOT / "tools" / "convert-pretrained-swin-model-to-d2.py"
 
 
@@ -51,18 +50,10 @@ def build_swin(cfg):
 
 
 # ----------------------------------------------------------------------- checkpoint layout
-def read_reference_backbone(filename):
-    path = REFERENCE_DIR / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"reference layout {path} not found (tests/reference, copies of the published layouts)")
-    layout = {}
-    for line in path.read_text().splitlines():
-        if not line.startswith("backbone."):
-            continue
-        key, shape, dtype = line.split("\t")
-        shape = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-        layout[key[len("backbone.") :]] = (shape, dtype)
-    return layout
+def read_reference_backbone(reference_layout, filename):
+    """The backbone part of a published layout, keys without the ``backbone.`` prefix."""
+    prefix = "backbone."
+    return {k[len(prefix):]: v for k, v in reference_layout(filename).items() if k.startswith(prefix)}
 
 
 @pytest.mark.parametrize(
@@ -81,8 +72,8 @@ def read_reference_backbone(filename):
         ),
     ],
 )
-def test_state_dict_matches_published_checkpoint(reference, swin_keys):
-    expected = read_reference_backbone(reference)
+def test_state_dict_matches_published_checkpoint(reference_layout, reference, swin_keys):
+    expected = read_reference_backbone(reference_layout, reference)
     assert len(expected) > 100, f"parsed too few backbone keys from {reference}"
     # Only names, shapes and dtypes matter here: build without allocating (Swin-B has 88M values).
     with torch.device("meta"):

@@ -42,11 +42,6 @@ from mask_former.checkpoint.checkpointer import save_weights_file  # noqa: E402
 from mask_former.checkpoint.hf_conversion import convert_hf_maskformer, resolve_hf_checkpoint  # noqa: E402
 
 
-def write_checkpoint(weights, path: str) -> None:
-    """A .pkl detectron2 pickle, or a .safetensors file when ``path`` ends so."""
-    save_weights_file(weights, path, author="huggingface-converted", matching_heuristics=False)
-
-
 class _ConfigDumper(yaml.SafeDumper):
     """Block-style mappings with one-line lists, as in the model-zoo configs."""
 
@@ -99,7 +94,7 @@ def main(argv=None):
     for path in (args.output, config_out):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     d2_config["MODEL"]["WEIGHTS"] = os.path.abspath(args.output)
-    write_checkpoint(weights, args.output)
+    save_weights_file(weights, args.output, author="huggingface-converted", matching_heuristics=False)
     write_config(d2_config, config_out, args.input + (f" (revision {args.revision})" if args.revision else ""))
     num_params = sum(int(np.prod(v.shape)) for v in weights.values())
     print(f"Wrote {len(weights)} tensors ({num_params} values) to {args.output} and the config to {config_out}")

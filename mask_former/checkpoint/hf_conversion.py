@@ -6,7 +6,7 @@ holds ``config.json`` and the weights (``model.safetensors``, sharded safetensor
 ``pytorch_model.bin``), and may hold ``preprocessor_config.json``. This module turns it into
 
 * a detectron2 state dict in the layout of the published MaskFormer checkpoints (pixel decoder
-  weights directly under ``sem_seg_head.``, see ``/reference/*.txt``), and
+  weights directly under ``sem_seg_head.``, see ``tests/reference/*.txt``), and
 * the config values of the matching architecture, as a nested dict that dumps to plain YAML,
   with the class names of ``id2label`` as ``MODEL.CLASS_NAMES`` (what the predictor and the demo
   label classes with when ``DATASETS.TEST`` names no dataset).

@@ -23,6 +23,8 @@ from .sem_seg_evaluation import CheckedSemSegEvaluator
 logger = logging.getLogger(__name__)
 
 PANOPTIC_EVALUATOR_TYPES = ("coco_panoptic_seg", "ade20k_panoptic_seg", "cityscapes_panoptic_seg")
+# the panoptic datasets scored on PQ and mask AP here (Cityscapes' panoptic evaluation is not wired)
+COCO_FORMAT_PANOPTIC_TYPES = ("coco_panoptic_seg", "ade20k_panoptic_seg")
 
 TASK_EVALUATORS = Registry("TASK_EVALUATOR")
 TASK_EVALUATORS.__doc__ = """
@@ -46,7 +48,7 @@ def semantic(dataset_name, evaluator_type, metadata, output_folder) -> List[Data
 @TASK_EVALUATORS.register()
 def panoptic(dataset_name, evaluator_type, metadata, output_folder) -> List[DatasetEvaluator]:
     """PQ, SQ, RQ on panoptic datasets (not Cityscapes', whose panoptic evaluation is not wired)."""
-    if evaluator_type in PANOPTIC_EVALUATOR_TYPES and evaluator_type != "cityscapes_panoptic_seg":
+    if evaluator_type in COCO_FORMAT_PANOPTIC_TYPES:
         return [COCOPanopticEvaluator(dataset_name, output_folder)]
     return []
 
@@ -54,7 +56,7 @@ def panoptic(dataset_name, evaluator_type, metadata, output_folder) -> List[Data
 @TASK_EVALUATORS.register()
 def instance(dataset_name, evaluator_type, metadata, output_folder) -> List[DatasetEvaluator]:
     """Mask AP on instance datasets and on panoptic datasets whose metadata names an instance JSON."""
-    if evaluator_type in PANOPTIC_EVALUATOR_TYPES and evaluator_type != "cityscapes_panoptic_seg":
+    if evaluator_type in COCO_FORMAT_PANOPTIC_TYPES:
         if metadata.get("json_file", None):
             return [InstanceSegEvaluator(dataset_name, output_dir=output_folder)]
         logger.warning(f"{dataset_name} has no instance json_file in its metadata: no mask AP")

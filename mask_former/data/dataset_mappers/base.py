@@ -162,11 +162,7 @@ def read_semantic_label(
         ValueError: naming ``label_file``, for any failed check.
     """
     label = read_label_map(label_file)
-    if tuple(label.shape[:2]) != tuple(image_size):
-        raise ValueError(
-            f"label {label_file!r} is {label.shape[1]}x{label.shape[0]} (WxH) but image "
-            f"{image_file!r} is {image_size[1]}x{image_size[0]}"
-        )
+    _check_same_hw(image_size, label.shape[:2], image_file, label_file)
     check_label_values(label, num_classes, ignore_label, repr(label_file), classes_from)
     return label
 
@@ -428,8 +424,12 @@ class StopWhenNothingReadable:
 
 def check_same_size(image: np.ndarray, label: np.ndarray, image_file: str, label_file: str) -> None:
     """Raise ValueError when a label map's H x W differs from its image's."""
-    if image.shape[:2] != label.shape[:2]:
+    _check_same_hw(image.shape[:2], label.shape[:2], image_file, label_file)
+
+
+def _check_same_hw(image_hw, label_hw, image_file: str, label_file: str) -> None:
+    if tuple(image_hw) != tuple(label_hw):
         raise ValueError(
-            f"label {label_file!r} is {label.shape[1]}x{label.shape[0]} (WxH) but image "
-            f"{image_file!r} is {image.shape[1]}x{image.shape[0]}"
+            f"label {label_file!r} is {label_hw[1]}x{label_hw[0]} (WxH) but image "
+            f"{image_file!r} is {image_hw[1]}x{image_hw[0]}"
         )

@@ -22,8 +22,6 @@ __all__ = ["NUMBERINGS", "palette", "check_categories", "build_metadata"]
 
 NUMBERINGS = ("dataset_order", "things_first")
 
-_OPTIONAL_KEYS = ("id", "isthing", "color")
-
 
 def palette(num_colors):
     """

@@ -194,10 +194,16 @@ def load_coco_panoptic_json(
     folders = [image_dir, gt_dir] + ([sem_seg_dir] if sem_seg_dir is not None else [])
     require_paths([json_file] + folders, dataset_name, how_to_prepare)
     json_info = read_json(json_file)
+    if not isinstance(json_info, dict):
+        raise ValueError(
+            f"{json_file} holds a JSON {type(json_info).__name__}, not an object (not a COCO panoptic json)"
+        )
     required = ("annotations",) if image_ext is not None else ("images", "annotations")
     for key in required:
         if key not in json_info:
             raise ValueError(f"{json_file} has no '{key}' list (not a COCO panoptic json)")
+    for image in json_info.get("images", []):
+        _require_keys(image, ("id", "file_name"), json_file, "an 'images' entry")
 
     thing_ids = meta["thing_dataset_id_to_contiguous_id"]
     all_ids = meta["stuff_dataset_id_to_contiguous_id"]
@@ -205,6 +211,7 @@ def load_coco_panoptic_json(
 
     dataset_dicts = []
     for ann in json_info["annotations"]:
+        _require_keys(ann, ("image_id", "file_name", "segments_info"), json_file, "an annotation")
         image_id = ann["image_id"]
         if image_id not in images and image_ext is not None:
             images[image_id] = {"file_name": os.path.splitext(ann["file_name"])[0] + image_ext}
@@ -216,6 +223,7 @@ def load_coco_panoptic_json(
         image_info = images[image_id]
         segments_info = []
         for segment in ann["segments_info"]:
+            _require_keys(segment, ("category_id",), json_file, f"a segment of {ann['file_name']}")
             category_id = segment["category_id"]
             if category_id not in all_ids:
                 raise ValueError(
@@ -250,6 +258,16 @@ def load_coco_panoptic_json(
     require_paths([first[k] for k in keys if k in first], dataset_name, how_to_prepare)
     logger.info(f"Loaded {len(dataset_dicts)} images with panoptic annotations from {json_file}")
     return dataset_dicts
+
+
+def _require_keys(entry, keys, json_file, what):
+    """Raise ValueError naming ``json_file`` and the key when ``entry`` (``what``, e.g. "an
+    annotation") is not a dict holding every one of ``keys``."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{json_file}: {what} is a {type(entry).__name__}, not an object: {entry!r:.200}")
+    for key in keys:
+        if key not in entry:
+            raise ValueError(f"{json_file}: {what} has no '{key}': {entry!r:.200}")
 
 
 # ------------------------------------------------------------------------------ registration

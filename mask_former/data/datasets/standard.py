@@ -48,25 +48,6 @@ __all__ = [
     "register_all_standard",
 ]
 
-# Every name registered or completed here, for tools and tests that iterate over them.
-STANDARD_DATASET_NAMES = [
-    "ade20k_sem_seg_train",
-    "ade20k_sem_seg_val",
-    "ade20k_panoptic_train",
-    "ade20k_panoptic_val",
-    "ade20k_full_sem_seg_train",
-    "ade20k_full_sem_seg_val",
-    "coco_2017_train_stuff_10k_sem_seg",
-    "coco_2017_test_stuff_10k_sem_seg",
-    "mapillary_vistas_sem_seg_train",
-    "mapillary_vistas_sem_seg_val",
-    "coco_2017_train_panoptic",
-    "coco_2017_val_panoptic",
-    "cityscapes_fine_sem_seg_train",
-    "cityscapes_fine_sem_seg_val",
-    "cityscapes_fine_sem_seg_test",
-]
-
 _LAYOUT = "see datasets/README.md for the layout expected under $DETECTRON2_DATASETS"
 
 
@@ -241,6 +222,14 @@ PANOPTIC_DATASETS = [
     (get_ade20k_panoptic_metadata, register_ade20k_panoptic, ADE20K_PANOPTIC_SPLITS),
     (get_coco_panoptic_metadata, register_coco_panoptic_with_sem_seg, COCO_PANOPTIC_SPLITS),
 ]
+
+
+# Every name registered or completed here, for tools and tests that iterate over them.
+STANDARD_DATASET_NAMES = (
+    [name for _, _, names in DETECTRON2_SEMANTIC_DATASETS for name in names]
+    + [name for dataset in SEMANTIC_DATASETS for name in dataset.splits]
+    + [name for _, _, splits in PANOPTIC_DATASETS for name in splits]
+)
 
 
 # ---------------------------------------------------------------- all
