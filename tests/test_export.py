@@ -7,6 +7,7 @@ through a checkpoint file) and the ADE20K R50 config (exported with the library 
 import importlib.util
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -207,10 +208,45 @@ def test_exported_outputs_postprocess_to_the_models_results(synthetic):
     assert len(instances) == len(expected_instances) > 0
     for field in ("pred_classes", "scores", "pred_masks"):
         assert torch.equal(getattr(instances, field), getattr(expected_instances, field)), field
+    assert torch.equal(instances.pred_boxes.tensor, expected_instances.pred_boxes.tensor)
 
     logits, masks = onnx_runner(str(out / "model.onnx"), num_threads=1)(padded)
     result = postprocess(logits.numpy(), masks.numpy(), padded.shape[-2:], image_size, output_size)
     torch.testing.assert_close(result["sem_seg"], expected["sem_seg"], rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_postprocessor_follows_the_models_mask_wise_merging(synthetic):
+    """With MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE "mask" the model merges mask-wise (Panoptic
+    SegFormer's rule); a Postprocessor built from it (or from its JSON settings) does too."""
+    model, module, _ = synthetic
+    image = torch.rand(3, 100, 120, generator=torch.Generator().manual_seed(5)) * 255
+    previous = model.optimize_inference, model.panoptic_merge_mode, model.mask_merge_params
+    # random weights give overlapping masks of low quality: with thresholds lowered, several segments
+    model.optimize_inference, model.panoptic_merge_mode = False, "mask"
+    model.mask_merge_params = dict(previous[2], mask_threshold=0.7, thing_quality_threshold=0.01,
+                                   stuff_quality_threshold=0.01, thing_overlap_threshold=0.95,
+                                   stuff_overlap_threshold=0.95)
+    try:
+        with torch.no_grad():
+            expected_ids, expected_segments = model([{"image": image}])[0]["panoptic_seg"]
+        postprocess = Postprocessor.from_model(model)
+    finally:
+        model.optimize_inference, model.panoptic_merge_mode, model.mask_merge_params = previous
+    assert postprocess.panoptic_merge == "mask" and postprocess.mask_merge_params["beta"] == 2.0
+    assert postprocess.mask_merge_params["thing_quality_threshold"] == 0.01
+    assert Postprocessor(**json.loads(json.dumps(postprocess.to_dict()))) == postprocess
+    padded, image_size = pad_image(image, module.size_divisibility, model.pixel_mean.flatten().tolist())
+    with torch.no_grad():
+        logits, masks = module(padded)
+    ids, segments = postprocess(logits, masks, padded.shape[-2:], image_size)["panoptic_seg"]
+    assert torch.equal(ids, expected_ids) and segments == expected_segments
+    assert len(segments) >= 4
+    # the setting matters here: MaskFormer's pixel-wise merge gives another map
+    pixel_ids, _ = replace(postprocess, panoptic_merge="pixel")(logits, masks, padded.shape[-2:],
+                                                                image_size)["panoptic_seg"]
+    assert not torch.equal(pixel_ids, ids)
+    with pytest.raises(ValueError, match="panoptic_merge='argmax'"):
+        Postprocessor(num_classes=8, panoptic_merge="argmax")
 
 
 def test_postprocessor_checks_its_inputs(synthetic):

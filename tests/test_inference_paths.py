@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from detectron2.data import MetadataCatalog
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, get_norm
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
@@ -27,6 +26,7 @@ from mask_former.modeling.inference_optimization import (
 from mask_former.modeling.postprocessing import semantic_inference
 from mask_former.modeling.transformer_decoder.standard_transformer_decoder import mask_logits
 from model_utils import tiny_cfg
+from test_model import tiny_all_tasks_cfg, tiny_swin_cfg
 
 EXACT = 1e-4  # max |difference| / max |reference score| of the exact (fp32) path
 
@@ -99,14 +99,7 @@ def test_fp32_path_equals_reference(norm):
 
 
 def test_fp32_path_equals_reference_for_panoptic_and_instances():
-    name = "_test_inference_paths_panoptic_meta"
-    MetadataCatalog.get(name).set(thing_dataset_id_to_contiguous_id={1: 0, 2: 2},
-                                  stuff_dataset_id_to_contiguous_id={1: 0, 2: 2, 3: 1})
-    cfg = tiny_cfg()
-    cfg.DATASETS.TEST = (name,)
-    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = True
-    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = True
-    cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE = 4
+    cfg = tiny_all_tasks_cfg("_test_inference_paths_panoptic_meta")
     model = build(cfg, seed=1)
     batch = images([(64, 48), (56, 40)], [(100, 75), None])
     fast, reference = both_paths(model, batch)
@@ -123,12 +116,7 @@ def test_fp32_path_equals_reference_for_panoptic_and_instances():
 
 
 def test_fp32_path_equals_reference_with_transformer_encoder_and_swin():
-    cfg = tiny_cfg()
-    cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
-    cfg.MODEL.SWIN.EMBED_DIM = 24
-    cfg.MODEL.SWIN.DEPTHS = [1, 1, 2, 1]
-    cfg.MODEL.SWIN.NUM_HEADS = [1, 2, 2, 4]
-    cfg.MODEL.SWIN.WINDOW_SIZE = 4
+    cfg = tiny_swin_cfg()
     cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "TransformerEncoderPixelDecoder"
     cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 1
     cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "transformer_encoder"
@@ -312,12 +300,7 @@ def test_channels_last_mask_logits_equal_einsum():
 
 
 def test_swin_outputs_keep_the_input_layout():
-    cfg = tiny_cfg()
-    cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
-    cfg.MODEL.SWIN.EMBED_DIM = 24
-    cfg.MODEL.SWIN.DEPTHS = [1, 1, 2, 1]
-    cfg.MODEL.SWIN.NUM_HEADS = [1, 2, 2, 4]
-    cfg.MODEL.SWIN.WINDOW_SIZE = 4
+    cfg = tiny_swin_cfg()
     backbone = build_model(cfg).backbone.eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

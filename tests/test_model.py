@@ -26,6 +26,30 @@ def make_batch(num_images=2, size=(64, 48), num_classes=3, seed=0):
     return batch
 
 
+def tiny_swin_cfg():
+    """``tiny_cfg`` with a small Swin backbone."""
+    cfg = tiny_cfg()
+    cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
+    cfg.MODEL.SWIN.EMBED_DIM = 24
+    cfg.MODEL.SWIN.DEPTHS = [1, 1, 2, 1]
+    cfg.MODEL.SWIN.NUM_HEADS = [1, 2, 2, 4]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 4
+    return cfg
+
+
+def tiny_all_tasks_cfg(metadata_name: str, detections_per_image: int = 4):
+    """``tiny_cfg`` with semantic, panoptic and instance inference on, its test dataset
+    ``metadata_name`` registered with classes 0 and 2 things, 1 stuff."""
+    MetadataCatalog.get(metadata_name).set(thing_dataset_id_to_contiguous_id={1: 0, 2: 2},
+                                           stuff_dataset_id_to_contiguous_id={1: 0, 2: 2, 3: 1})
+    cfg = tiny_cfg()
+    cfg.DATASETS.TEST = (metadata_name,)
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = True
+    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = True
+    cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE = detections_per_image
+    return cfg
+
+
 def train_step(cfg, batch):
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -103,12 +127,7 @@ def test_maskformer_transformer_encoder_pixel_decoder_forward_backward():
 
 
 def test_maskformer_swin_backbone_forward_backward():
-    cfg = tiny_cfg()
-    cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
-    cfg.MODEL.SWIN.EMBED_DIM = 24
-    cfg.MODEL.SWIN.DEPTHS = [1, 1, 2, 1]
-    cfg.MODEL.SWIN.NUM_HEADS = [1, 2, 2, 4]
-    cfg.MODEL.SWIN.WINDOW_SIZE = 4
+    cfg = tiny_swin_cfg()
     _, losses, grads = train_step(cfg, make_batch())
     assert_finite_losses_and_grads(losses, grads)
 
@@ -128,14 +147,7 @@ def test_per_pixel_baselines_forward_backward(head):
 
 
 def test_inference_outputs_for_all_tasks_at_requested_size():
-    name = "_test_tiny_panoptic_meta"
-    MetadataCatalog.get(name).set(thing_dataset_id_to_contiguous_id={1: 0, 2: 2},
-                                  stuff_dataset_id_to_contiguous_id={1: 0, 2: 2, 3: 1})
-    cfg = tiny_cfg()
-    cfg.DATASETS.TEST = (name,)
-    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = True
-    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = True
-    cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE = 4
+    cfg = tiny_all_tasks_cfg("_test_tiny_panoptic_meta")
     model = build_model(cfg).eval()
     batch = make_batch()
     batch[0]["height"], batch[0]["width"] = 100, 75  # upscale output

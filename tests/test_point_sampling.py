@@ -33,6 +33,21 @@ def constant_case(generator, num_images=2, num_queries=4, num_targets=(3, 2), si
     return {"pred_logits": logits, "pred_masks": pred_masks}, targets
 
 
+def random_case(generator, labels, num_queries, num_logits, mask_size, target_size):
+    """Random outputs (B = len(labels) images, mask logits of mask_size x mask_size) and targets
+    (image b: ``labels[b]``, random binary masks of target_size x target_size)."""
+    outputs = {
+        "pred_logits": torch.randn(len(labels), num_queries, num_logits, generator=generator),
+        "pred_masks": torch.randn(len(labels), num_queries, mask_size, mask_size, generator=generator) * 2,
+    }
+    targets = [
+        {"labels": torch.tensor(image_labels),
+         "masks": torch.rand(len(image_labels), target_size, target_size, generator=generator) > 0.5}
+        for image_labels in labels
+    ]
+    return outputs, targets
+
+
 # ---------------------------------------------------------------- losses
 def test_point_loss_equals_full_loss_on_constant_masks():
     generator = torch.Generator().manual_seed(0)
@@ -127,14 +142,8 @@ def test_importance_sampling_prefers_uncertain_points():
 
 def test_sampling_is_deterministic_under_a_seed():
     generator = torch.Generator().manual_seed(2)
-    outputs = {
-        "pred_logits": torch.randn(2, 5, 4, generator=generator),
-        "pred_masks": torch.randn(2, 5, 8, 8, generator=generator) * 2,
-    }
-    targets = [
-        {"labels": torch.tensor([0, 1]), "masks": torch.rand(2, 32, 32, generator=generator) > 0.5},
-        {"labels": torch.tensor([2]), "masks": torch.rand(1, 32, 32, generator=generator) > 0.5},
-    ]
+    outputs, targets = random_case(generator, ([0, 1], [2]), num_queries=5, num_logits=4, mask_size=8,
+                                   target_size=32)
     criterion = SetCriterion(3, HungarianMatcher(num_points=50), 0.1, mask_losses=ALL_MASK_LOSSES, num_points=50)
 
     def run(seed):
@@ -151,14 +160,8 @@ def test_sampling_is_deterministic_under_a_seed():
 def test_point_sampling_stays_float32_under_autocast():
     # the same points (same seed) and the same float32 values with and without bfloat16 autocast
     generator = torch.Generator().manual_seed(8)
-    outputs = {
-        "pred_logits": torch.randn(2, 6, 4, generator=generator),
-        "pred_masks": torch.randn(2, 6, 8, 8, generator=generator) * 2,
-    }
-    targets = [
-        {"labels": torch.tensor([0, 2]), "masks": torch.rand(2, 32, 32, generator=generator) > 0.5},
-        {"labels": torch.tensor([1]), "masks": torch.rand(1, 32, 32, generator=generator) > 0.5},
-    ]
+    outputs, targets = random_case(generator, ([0, 2], [1]), num_queries=6, num_logits=4, mask_size=8,
+                                   target_size=32)
     criterion = SetCriterion(3, HungarianMatcher(num_points=40), 0.1, mask_losses=ALL_MASK_LOSSES, num_points=40)
     torch.manual_seed(0)
     expected = criterion(outputs, targets)
@@ -195,14 +198,8 @@ def test_point_costs_equal_full_costs_on_constant_masks():
 
 def test_point_costs_are_the_cost_functions_at_shared_points():
     generator = torch.Generator().manual_seed(5)
-    outputs = {
-        "pred_logits": torch.randn(2, 4, 3, generator=generator),
-        "pred_masks": torch.randn(2, 4, 6, 6, generator=generator) * 2,
-    }
-    targets = [
-        {"labels": torch.tensor([0, 1, 1]), "masks": torch.rand(3, 24, 24, generator=generator) > 0.5},
-        {"labels": torch.tensor([1]), "masks": torch.rand(1, 24, 24, generator=generator) > 0.5},
-    ]
+    outputs, targets = random_case(generator, ([0, 1, 1], [1]), num_queries=4, num_logits=3, mask_size=6,
+                                   target_size=24)
     matcher = HungarianMatcher(1.0, 20.0, 1.0, num_points=40)
     torch.manual_seed(7)
     cost = matcher.batched_cost(outputs, targets)

@@ -531,6 +531,14 @@ def test_mask_wise_panoptic_inference_on_maskformer_outputs():
         {"id": 1, "isthing": True, "category_id": 0, "area": 4, "score": 0.9},
         {"id": 2, "isthing": False, "category_id": 1, "area": 4},
     ])
+    # the merge's keywords reach it: a stuff quality threshold above q1's .3125 drops q1
+    panoptic_seg, segments_info = mask_wise_panoptic_inference(
+        mask_cls, mask_pred, thing_ids={0}, stuff_quality_threshold=0.35
+    )
+    assert panoptic_seg.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
+    _assert_segments(segments_info, [{"id": 1, "isthing": True, "category_id": 0, "area": 4, "score": 0.9}])
+    with pytest.raises(TypeError, match="stuff_threshold"):
+        mask_wise_panoptic_inference(mask_cls, mask_pred, thing_ids={0}, stuff_threshold=0.35)
     with pytest.raises(ValueError, match="contiguous"):
         mask_wise_panoptic_inference(mask_cls, mask_pred, thing_ids={5})
 

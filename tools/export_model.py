@@ -26,11 +26,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mask_former.config import add_mask_former_config, merge_config_file  # noqa: E402
+from mask_former.demo import metadata_class_names, metadata_from_config  # noqa: E402
 from mask_former.export import (  # noqa: E402
     Postprocessor,
     build_exportable_model,
@@ -97,9 +97,9 @@ def input_size(cfg, requested: Optional[List[int]], divisibility: int) -> Tuple[
 
 
 def class_names(cfg) -> Optional[List[str]]:
-    if not cfg.DATASETS.TEST:
-        return None
-    return list(getattr(MetadataCatalog.get(cfg.DATASETS.TEST[0]), "stuff_classes", None) or []) or None
+    """The K class names the demo uses (the metadata of DATASETS.TEST[0], else MODEL.CLASS_NAMES)."""
+    metadata = metadata_from_config(cfg)
+    return None if metadata is None else metadata_class_names(metadata)
 
 
 def main(argv=None) -> int:
@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     setup_logger(name="mask_former")
     setup_logger(name="fvcore")
     cfg = setup_cfg(args)
+    names = class_names(cfg)  # before the export: a bad MODEL.CLASS_NAMES fails at once
     module, model = build_exportable_model(cfg)
     d = module.size_divisibility
     height, width = input_size(cfg, args.input_size, d)
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
             module.output_names[1]: [1, int(num_queries), "H/4", "W/4"],
         },
         "postprocessing": Postprocessor.from_model(model).to_dict(),
-        "class_names": class_names(cfg),
+        "class_names": names,
         "checks": checks,
     }
     with open(os.path.join(args.output, "export.json"), "w") as f:

@@ -1,7 +1,7 @@
 """Predictions on images for people and programs: the :class:`Predictor` API with HuggingFace-style
 post-processing, the demo's drawings and JSON. The top application layer of the package (above
 modeling, checkpoint and data); ``tools/demo.py`` / ``maskformer-demo`` is its command line."""
-from .api import ImageInput, MaskFormerPredictor, Predictor, metadata_from_config
+from .api import ImageInput, MaskFormerPredictor, Predictor, metadata_class_names, metadata_from_config
 from .json_output import class_name, prediction_to_json, save_prediction_json
 from .postprocessing import (
     RawOutput,

@@ -42,7 +42,7 @@ from .postprocessing import (
     post_process_semantic,
 )
 
-__all__ = ["ImageInput", "metadata_from_config", "MaskFormerPredictor", "Predictor"]
+__all__ = ["ImageInput", "metadata_from_config", "metadata_class_names", "MaskFormerPredictor", "Predictor"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,14 @@ def metadata_from_config(cfg) -> Optional[Metadata]:
             f"{cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}; they must match"
         )
     return Metadata(name="MODEL.CLASS_NAMES").set(stuff_classes=names)
+
+
+def metadata_class_names(metadata) -> Optional[List[str]]:
+    """The names of the K classes in ``metadata``: ``stuff_classes`` names them all (this
+    project's convention); a dataset with only things names them in ``thing_classes``. None when
+    neither is set."""
+    names = metadata.get("stuff_classes", None) or metadata.get("thing_classes", None)
+    return None if names is None else list(names)
 
 
 class MaskFormerPredictor(DefaultPredictor):
@@ -208,10 +216,7 @@ class Predictor:
     @property
     def class_names(self) -> Optional[List[str]]:
         """The names of the K classes (``stuff_classes`` of the metadata names them all), or None."""
-        if self.metadata is None:
-            return None
-        names = self.metadata.get("stuff_classes", None) or self.metadata.get("thing_classes", None)
-        return None if names is None else list(names)
+        return None if self.metadata is None else metadata_class_names(self.metadata)
 
     def _as_array(self, image: ImageInput, format: str) -> np.ndarray:
         """One image as H x W x 3 uint8 in the model's channel order."""

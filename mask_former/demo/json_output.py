@@ -5,11 +5,12 @@ import os
 from typing import Dict, Optional
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 from panopticapi.utils import id2rgb
 from PIL import Image
 
+from .api import metadata_class_names
+from .postprocessing import encode_coco_rle
 from .predictor import TaskPrediction
 
 __all__ = ["PANOPTIC_PNG_ENCODING", "class_name", "prediction_to_json", "save_prediction_json"]
@@ -20,18 +21,13 @@ PANOPTIC_PNG_ENCODING = "RGB, segment id = R + 256 * G + 256^2 * B (COCO panopti
 def class_name(metadata, category_id: int) -> str:
     """Name of contiguous class ``category_id``: ``stuff_classes`` names all classes; a dataset
     with only things names them in ``thing_classes``."""
-    names = metadata.get("stuff_classes", None) or metadata.get("thing_classes", None)
+    names = metadata_class_names(metadata)
     if names is None or not 0 <= category_id < len(names):
         raise KeyError(
             f"Class id {category_id} has no name in the metadata of "
             f"{getattr(metadata, 'name', '<unnamed>')!r} ({0 if names is None else len(names)} names)"
         )
     return names[category_id]
-
-
-def _encode_mask(mask: np.ndarray) -> Dict:
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def prediction_to_json(prediction: TaskPrediction, metadata, map_png: Optional[str] = None) -> Dict:
@@ -48,7 +44,7 @@ def prediction_to_json(prediction: TaskPrediction, metadata, map_png: Optional[s
         - panoptic: "panoptic_png", "png_encoding" and "segments_info": [{"id", "category_id",
           "category_name", "isthing", "area", "score" (things)}];
         - instance: "instances": [{"category_id", "class", "score", "box" (XYXY, absolute,
-          x1/y1 exclusive), "mask" (COCO RLE: "size" [H, W], "counts" str)}].
+          x2/y2 exclusive), "mask" (COCO RLE: "size" [H, W], "counts" str)}].
     """
     task = prediction.task
     if task == "semantic":
@@ -84,7 +80,7 @@ def prediction_to_json(prediction: TaskPrediction, metadata, map_png: Optional[s
             "class": class_name(metadata, int(c)),
             "score": float(s),
             "box": [float(v) for v in box],
-            "mask": _encode_mask(mask),
+            "mask": encode_coco_rle(mask),
         }
         for c, s, box, mask in zip(
             instances.pred_classes.tolist(), instances.scores.tolist(),

@@ -226,8 +226,12 @@ def post_process_semantic(outputs, target_sizes: Optional[Sequence[Size]] = None
 # ----------------------------------------------------------------------------- instance
 
 
-def _coco_rle(mask: Tensor) -> Dict:
-    rle = mask_util.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+def encode_coco_rle(mask) -> Dict:
+    """One H x W binary mask (tensor or numpy array) as a JSON-friendly COCO RLE:
+    ``{"size": [H, W], "counts": str}`` (pycocotools' compressed counts, decoded to text)."""
+    if isinstance(mask, Tensor):
+        mask = mask.cpu().numpy()
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
@@ -307,7 +311,7 @@ def post_process_instance(
         if return_binary_maps:
             segmentation = masks
         elif return_coco_annotation:
-            segmentation = [_coco_rle(m) for m in masks]
+            segmentation = [encode_coco_rle(m) for m in masks]
         else:
             segmentation = torch.full(tuple(size), -1, dtype=torch.int32, device=masks.device)
             for i in reversed(range(masks.shape[0])):  # the highest score is painted last

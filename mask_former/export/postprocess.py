@@ -1,16 +1,20 @@
 """Post-processing of the exported network's outputs in Python: what ``MaskFormer`` does after its
 network, with the project's post-processing functions."""
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Dict, FrozenSet, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from torch import Tensor
 from torch.nn import functional as F
 
 from ..modeling import MaskFormer
-from ..modeling.postprocessing import instance_inference, panoptic_inference, semantic_inference
+from ..modeling.meta_arch.maskformer import semantic_postprocess
+from ..modeling.postprocessing import (
+    instance_inference,
+    mask_wise_panoptic_inference,
+    panoptic_inference,
+)
 from ..tasks import get_task
 
 __all__ = ["Postprocessor"]
@@ -44,7 +48,9 @@ class Postprocessor:
     settings, e.g. those an export wrote to ``export.json`` (``Postprocessor(**info["postprocessing"])``).
 
     Attributes: see ``MaskFormer.__init__`` (``num_classes`` is K; ``thing_ids`` the contiguous
-    ids of the thing classes, None when the metadata names none).
+    ids of the thing classes, None when the metadata names none; ``panoptic_merge`` "pixel" or
+    "mask" (``MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE``) with the keyword arguments of mask-wise
+    merging in ``mask_merge_params``).
     """
 
     num_classes: int
@@ -56,10 +62,16 @@ class Postprocessor:
     overlap_threshold: float = 0.8
     detections_per_image: int = 100
     sem_seg_postprocess_before_inference: bool = False
+    panoptic_merge: str = "pixel"
+    mask_merge_params: Optional[Dict[str, float]] = field(default=None, hash=False)
 
     def __post_init__(self):
         if self.thing_ids is not None:
             object.__setattr__(self, "thing_ids", frozenset(int(c) for c in self.thing_ids))
+        if self.panoptic_merge not in ("pixel", "mask"):
+            raise ValueError(f"panoptic_merge={self.panoptic_merge!r}: expected 'pixel' (MaskFormer's argmax) "
+                             "or 'mask' (mask-wise merging with mask_merge_params)")
+        object.__setattr__(self, "mask_merge_params", dict(self.mask_merge_params or {}))
         if not (self.semantic_on or self.panoptic_on or self.instance_on):
             raise ValueError("semantic_on, panoptic_on and instance_on are all False: nothing to compute")
         if self.panoptic_on and self.thing_ids is None:
@@ -80,6 +92,8 @@ class Postprocessor:
             overlap_threshold=float(model.overlap_threshold),
             detections_per_image=int(model.detections_per_image),
             sem_seg_postprocess_before_inference=bool(model.sem_seg_postprocess_before_inference),
+            panoptic_merge=model.panoptic_merge_mode,
+            mask_merge_params=dict(model.mask_merge_params),
         )
 
     def to_dict(self) -> Dict[str, object]:
@@ -118,18 +132,18 @@ class Postprocessor:
                              f"{self.num_classes + 1}")
 
         mask_pred = F.interpolate(mask_pred[None], size=padded_size, mode="bilinear", align_corners=False)[0]
-        result: Dict[str, object] = {}
-        if self.sem_seg_postprocess_before_inference:
-            mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
-        if self.semantic_on:
-            sem_seg = semantic_inference(mask_cls, mask_pred)
-            if not self.sem_seg_postprocess_before_inference:
-                sem_seg = sem_seg_postprocess(sem_seg, image_size, height, width)
-            result[get_task("semantic").output_key] = sem_seg
+        sem_seg, mask_pred = semantic_postprocess(
+            mask_cls, mask_pred, image_size, height, width,
+            masks_first=self.sem_seg_postprocess_before_inference, semantic_on=self.semantic_on,
+        )
+        result: Dict[str, object] = {} if sem_seg is None else {get_task("semantic").output_key: sem_seg}
         if self.panoptic_on:
-            result[get_task("panoptic").output_key] = panoptic_inference(
-                mask_cls, mask_pred, self.thing_ids, self.object_mask_threshold, self.overlap_threshold
-            )
+            if self.panoptic_merge == "mask":
+                panoptic = mask_wise_panoptic_inference(mask_cls, mask_pred, self.thing_ids, **self.mask_merge_params)
+            else:
+                panoptic = panoptic_inference(mask_cls, mask_pred, self.thing_ids, self.object_mask_threshold,
+                                              self.overlap_threshold)
+            result[get_task("panoptic").output_key] = panoptic
         if self.instance_on:
             result[get_task("instance").output_key] = instance_inference(
                 mask_cls, mask_pred, self.num_classes, self.detections_per_image, self.thing_ids

@@ -86,13 +86,13 @@ class SetCriterion(nn.Module):
             )
         if len(set(mask_losses)) != len(mask_losses):
             raise ValueError(f"SetCriterion: mask_losses has duplicate names: {list(mask_losses)}")
-        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 0:
+        if not _valid_num_points(num_points):
             raise ValueError(f"SetCriterion: num_points must be an int >= 0, got {num_points!r}")
-        if not isinstance(oversample_ratio, (int, float)) or not (1 <= oversample_ratio < float("inf")):
+        if not _valid_oversample_ratio(oversample_ratio):
             raise ValueError(
                 f"SetCriterion: oversample_ratio must be a finite number >= 1, got {oversample_ratio!r}"
             )
-        if not isinstance(importance_sample_ratio, (int, float)) or not (0 <= importance_sample_ratio <= 1):
+        if not _valid_importance_sample_ratio(importance_sample_ratio):
             raise ValueError(
                 "SetCriterion: importance_sample_ratio must be a number in [0, 1], got "
                 f"{importance_sample_ratio!r}"
@@ -304,6 +304,25 @@ class SetCriterion(nn.Module):
         return torch.clamp(num_masks / world_size, min=1).item()
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _valid_num_points(value) -> bool:
+    """An int >= 0 (0: no point sampling)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _valid_oversample_ratio(value) -> bool:
+    """A finite number >= 1."""
+    return _is_number(value) and 1 <= value < float("inf")
+
+
+def _valid_importance_sample_ratio(value) -> bool:
+    """A number in [0, 1]."""
+    return _is_number(value) and 0 <= value <= 1
+
+
 def point_uncertainty(logits: Tensor) -> Tensor:
     """Uncertainty of mask logits for importance sampling: ``-|logit|``, highest (0) where the
     prediction is 0.5. Shape-preserving (N x 1 x P -> N x 1 x P)."""
@@ -346,16 +365,16 @@ def _point_sampling_args(cfg) -> Dict[str, float]:
     arguments of :class:`SetCriterion`."""
     mf = cfg.MODEL.MASK_FORMER
     num_points = mf.TRAIN_NUM_POINTS
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 0:
+    if not _valid_num_points(num_points):
         raise ValueError(
             f"MODEL.MASK_FORMER.TRAIN_NUM_POINTS={num_points!r}: expected an int >= 0 (0 = mask "
             "losses and matching costs over every pixel)"
         )
     ratio = mf.OVERSAMPLE_RATIO
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (1 <= ratio < float("inf")):
+    if not _valid_oversample_ratio(ratio):
         raise ValueError(f"MODEL.MASK_FORMER.OVERSAMPLE_RATIO={ratio!r}: expected a finite number >= 1")
     importance = mf.IMPORTANCE_SAMPLE_RATIO
-    if isinstance(importance, bool) or not isinstance(importance, (int, float)) or not (0 <= importance <= 1):
+    if not _valid_importance_sample_ratio(importance):
         raise ValueError(f"MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO={importance!r}: expected a number in [0, 1]")
     return {
         "num_points": num_points,

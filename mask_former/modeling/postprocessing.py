@@ -534,13 +534,7 @@ def mask_wise_panoptic_inference(
     mask_cls: torch.Tensor,
     mask_pred: torch.Tensor,
     thing_ids: Collection[int],
-    alpha: float = 1.0,
-    beta: float = 2.0,
-    mask_threshold: float = 0.5,
-    thing_quality_threshold: float = 0.25,
-    stuff_quality_threshold: float = 0.25,
-    thing_overlap_threshold: float = 0.4,
-    stuff_overlap_threshold: float = 0.2,
+    **merge_params: float,
 ) -> Tuple[torch.Tensor, List[Dict]]:
     """
     :func:`mask_wise_merge` on MaskFormer's outputs, a drop-in alternative to
@@ -556,8 +550,8 @@ def mask_wise_panoptic_inference(
         mask_cls: Q x (K+1) class logits.
         mask_pred: Q x H x W mask logits at the output size.
         thing_ids: contiguous class ids that are things.
-        alpha ... stuff_overlap_threshold: as in :func:`mask_wise_merge` (the defaults are those of
-            the Panoptic SegFormer release).
+        merge_params: the keyword arguments of :func:`mask_wise_merge` (``alpha`` ...
+            ``stuff_overlap_threshold``; its defaults are those of the Panoptic SegFormer release).
 
     Returns:
         panoptic_seg (H x W int32), segments_info: as :func:`mask_wise_merge`.
@@ -565,11 +559,7 @@ def mask_wise_panoptic_inference(
     _check_predictions(mask_cls, mask_pred)
     thing_ids = _check_thing_ids(thing_ids, mask_cls.shape[1] - 1)
     scores, labels = _max_over_classes(F.softmax(mask_cls, dim=-1)[:, :-1])
-    return mask_wise_merge(
-        labels, scores, mask_pred.sigmoid(), thing_ids, alpha=alpha, beta=beta, mask_threshold=mask_threshold,
-        thing_quality_threshold=thing_quality_threshold, stuff_quality_threshold=stuff_quality_threshold,
-        thing_overlap_threshold=thing_overlap_threshold, stuff_overlap_threshold=stuff_overlap_threshold,
-    )
+    return mask_wise_merge(labels, scores, mask_pred.sigmoid(), thing_ids, **merge_params)
 
 
 # ----------------------------------------------------------------------------- instance

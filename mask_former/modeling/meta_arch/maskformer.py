@@ -13,7 +13,6 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ...tasks import enabled_tasks, get_task
 from ..criterion import build_criterion
 from ..inference_optimization import (
     InferenceWeights,
@@ -25,10 +24,9 @@ from ..inference_optimization import (
 from ..matcher import NonFiniteCostError
 from ..postprocessing import instance_inference, mask_wise_panoptic_inference, panoptic_inference, semantic_inference
 from ..transformer_decoder.transformer import fused_attention
+from .base import INSTANCE, PANOPTIC, SEMANTIC, SegmentationMetaArch, task_switches
 
 logger = logging.getLogger(__name__)
-
-SEMANTIC, PANOPTIC, INSTANCE = (get_task(name) for name in ("semantic", "panoptic", "instance"))
 
 
 def mask_merge_params(cfg) -> Dict[str, float]:
@@ -65,7 +63,7 @@ def thing_ids_from_metadata(metadata) -> Optional[Set[int]]:
 
 
 @META_ARCH_REGISTRY.register()
-class MaskFormer(nn.Module):
+class MaskFormer(SegmentationMetaArch):
     """Mask classification: N (class, mask) predictions matched to the ground-truth segments in
     training; combined into semantic, panoptic and/or instance results in inference."""
 
@@ -136,19 +134,12 @@ class MaskFormer(nn.Module):
         self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self.semantic_on = semantic_on
-        self.panoptic_on = panoptic_on
-        self.instance_on = instance_on
         self.detections_per_image = detections_per_image
         inference_dtype(precision)  # validates
         self.precision = precision
         self.optimize_inference = optimize_inference
         self._inference_weights: Optional[InferenceWeights] = None  # inference-only cache
-        if not (semantic_on or panoptic_on or instance_on):
-            raise ValueError(
-                "MODEL.MASK_FORMER.TEST.{SEMANTIC_ON,PANOPTIC_ON,INSTANCE_ON} are all False: "
-                "inference would produce nothing"
-            )
+        self.set_task_switches(semantic_on, panoptic_on, instance_on)
         self.thing_ids = thing_ids_from_metadata(metadata)
         if instance_on and self.thing_ids is None:
             logger.warning(
@@ -187,21 +178,10 @@ class MaskFormer(nn.Module):
             ),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "semantic_on": SEMANTIC.name in tasks,
-            "panoptic_on": PANOPTIC.name in tasks,
-            "instance_on": INSTANCE.name in tasks,
+            **task_switches(tasks),
             "detections_per_image": detections_per_image(cfg),
             "precision": mf.TEST.PRECISION,
         }
-
-    @classmethod
-    def output_tasks(cls, cfg) -> Tuple[str, ...]:
-        """Names of the tasks (``mask_former.tasks``) whose results inference returns under ``cfg``."""
-        return tuple(task.name for task in enabled_tasks(cfg))
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
 
     def train(self, mode: bool = True):
         if mode:
@@ -299,12 +279,6 @@ class MaskFormer(nn.Module):
 
         return self.inference(outputs, batched_inputs, images)
 
-    def preprocess_images(self, batched_inputs: List[Dict[str, object]]) -> ImageList:
-        """Normalize the inputs' images and pad them into one batch (to ``size_divisibility``)."""
-        images = [x["image"].to(self.device) for x in batched_inputs]
-        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
-        return ImageList.from_tensors(images, self.size_divisibility)
-
     def prepare_targets(self, batched_inputs, images: ImageList) -> List[Dict[str, Tensor]]:
         """Pad each image's gt masks with zeros to the padded batch size."""
         if any("instances" not in x for x in batched_inputs):
@@ -342,23 +316,26 @@ class MaskFormer(nn.Module):
         ):
             height = input_per_image.get("height", image_size[0])
             width = input_per_image.get("width", image_size[1])
-            result: Dict[str, object] = {}
-            if self.sem_seg_postprocess_before_inference:
-                mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
-            if self.semantic_on:
-                sem_seg = semantic_inference(mask_cls, mask_pred)
-                if not self.sem_seg_postprocess_before_inference:
-                    sem_seg = sem_seg_postprocess(sem_seg, image_size, height, width)
-                result[SEMANTIC.output_key] = sem_seg
-            if self.panoptic_on:
-                result[PANOPTIC.output_key] = self.panoptic_merge(mask_cls, mask_pred)
-            if self.instance_on:
-                result[INSTANCE.output_key] = instance_inference(
-                    mask_cls, mask_pred, self.sem_seg_head.num_classes, self.detections_per_image,
-                    self.thing_ids,
-                )
-            processed_results.append(result)
+            sem_seg, mask_pred = semantic_postprocess(
+                mask_cls, mask_pred, image_size, height, width,
+                masks_first=self.sem_seg_postprocess_before_inference, semantic_on=self.semantic_on,
+            )
+            result: Dict[str, object] = {} if sem_seg is None else {SEMANTIC.output_key: sem_seg}
+            processed_results.append(self._add_mask_results(result, mask_cls, mask_pred))
         return processed_results
+
+    def _add_mask_results(self, result: Dict[str, object], mask_cls: Tensor, mask_pred: Tensor
+                          ) -> Dict[str, object]:
+        """``result`` with one image's panoptic and instance results added (those switched on),
+        from Q x (K+1) class logits and Q x H x W mask logits at their size."""
+        if self.panoptic_on:
+            result[PANOPTIC.output_key] = self.panoptic_merge(mask_cls, mask_pred)
+        if self.instance_on:
+            result[INSTANCE.output_key] = instance_inference(
+                mask_cls, mask_pred, self.sem_seg_head.num_classes, self.detections_per_image,
+                self.thing_ids,
+            )
+        return result
 
     def optimized_inference(self, outputs, batched_inputs, images: ImageList) -> List[Dict[str, object]]:
         """
@@ -391,15 +368,38 @@ class MaskFormer(nn.Module):
                 if self.panoptic_on or self.instance_on:  # as ``inference``: at the padded size
                     mask_pred = F.interpolate(mask_pred[None], size=padded_size, mode="bilinear",
                                               align_corners=False)[0]
-            if self.panoptic_on:
-                result[PANOPTIC.output_key] = self.panoptic_merge(mask_cls, mask_pred)
-            if self.instance_on:
-                result[INSTANCE.output_key] = instance_inference(
-                    mask_cls, mask_pred, self.sem_seg_head.num_classes, self.detections_per_image,
-                    self.thing_ids,
-                )
-            processed_results.append(result)
+            processed_results.append(self._add_mask_results(result, mask_cls, mask_pred))
         return processed_results
+
+
+def semantic_postprocess(mask_cls: Tensor, mask_pred: Tensor, image_size: Tuple[int, int], height: int,
+                         width: int, *, masks_first: bool, semantic_on: bool = True
+                         ) -> Tuple[Optional[Tensor], Tensor]:
+    """
+    The reference path's resizing and semantic combination of one image (``MaskFormer.inference``;
+    also what an exported network's outputs go through).
+
+    Args:
+        mask_cls: Q x (K+1) class logits.
+        mask_pred: Q x H' x W' mask logits at the padded input size.
+        image_size: (H, W) of the image inside the padding (top left).
+        height, width: the output size.
+        masks_first: resize the mask logits to the output size before the semantic combination
+            (``sem_seg_postprocess_before_inference``); else resize the semantic scores after it.
+        semantic_on: compute the semantic scores.
+    Returns:
+        sem_seg: K x height x width scores (None unless ``semantic_on``);
+        mask_pred: the mask logits panoptic and instance inference take: at the output size with
+            ``masks_first``, else as given (padded size).
+    """
+    if masks_first:
+        mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
+    if not semantic_on:
+        return None, mask_pred
+    sem_seg = semantic_inference(mask_cls, mask_pred)
+    if not masks_first:
+        sem_seg = sem_seg_postprocess(sem_seg, image_size, height, width)
+    return sem_seg, mask_pred
 
 
 def _resize(x: Tensor, size: Tuple[int, int], output_size: Tuple[int, int]) -> Tensor:

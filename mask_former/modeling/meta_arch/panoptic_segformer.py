@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import box_convert
 
-from ...tasks import enabled_tasks, get_task
 from ..panoptic_segformer import (
     LocationDecoder,
     PanopticSegFormerCriterion,
@@ -25,9 +24,8 @@ from ..panoptic_segformer import (
     build_psf_mask_decoder,
 )
 from ..postprocessing import mask_wise_merge
+from .base import INSTANCE, PANOPTIC, SEMANTIC, SegmentationMetaArch, task_switches
 from .maskformer import mask_merge_params
-
-SEMANTIC, PANOPTIC, INSTANCE = (get_task(name) for name in ("semantic", "panoptic", "instance"))
 
 
 def thing_and_stuff_ids(cfg) -> Tuple[List[int], List[int]]:
@@ -56,7 +54,7 @@ def thing_and_stuff_ids(cfg) -> Tuple[List[int], List[int]]:
 
 
 @META_ARCH_REGISTRY.register()
-class PanopticSegFormer(nn.Module):
+class PanopticSegFormer(SegmentationMetaArch):
     """Thing queries located by a deformable DETR decoder and one class-fixed query per stuff
     class, decoded into masks from attention maps; trained with deep supervision, merged mask-wise."""
 
@@ -118,12 +116,7 @@ class PanopticSegFormer(nn.Module):
         self.register_buffer("_stuff_index", torch.full((self.num_classes,), -1, dtype=torch.long), False)
         self._thing_index[self.thing_ids] = torch.arange(len(self.thing_ids))
         self._stuff_index[self.stuff_ids] = torch.arange(len(self.stuff_ids))
-        self.semantic_on, self.panoptic_on, self.instance_on = semantic_on, panoptic_on, instance_on
-        if not (semantic_on or panoptic_on or instance_on):
-            raise ValueError(
-                "MODEL.MASK_FORMER.TEST.{SEMANTIC_ON,PANOPTIC_ON,INSTANCE_ON} are all False: "
-                "inference would produce nothing"
-            )
+        self.set_task_switches(semantic_on, panoptic_on, instance_on)
         self.num_test_things = num_test_things
         self.merge_params = dict(merge_params or {})
 
@@ -157,21 +150,10 @@ class PanopticSegFormer(nn.Module):
             "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "semantic_on": SEMANTIC.name in tasks,
-            "panoptic_on": PANOPTIC.name in tasks,
-            "instance_on": INSTANCE.name in tasks,
+            **task_switches(tasks),
             "num_test_things": test.NUM_THINGS,
             "merge_params": mask_merge_params(cfg),
         }
-
-    @classmethod
-    def output_tasks(cls, cfg) -> Tuple[str, ...]:
-        """Names of the tasks (``mask_former.tasks``) whose results inference returns under ``cfg``."""
-        return tuple(task.name for task in enabled_tasks(cfg))
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
 
     def forward(self, batched_inputs: List[Dict[str, object]]):
         """
@@ -182,8 +164,7 @@ class PanopticSegFormer(nn.Module):
             training: dict of weighted losses; inference: per image "sem_seg", "panoptic_seg"
             and/or "instances", as MaskFormer returns them.
         """
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.size_divisibility)
+        images = self.preprocess_images(batched_inputs)
         padding_mask = torch.ones(images.tensor.shape[0], *images.tensor.shape[-2:], dtype=torch.bool,
                                   device=self.device)
         for i, (h, w) in enumerate(images.image_sizes):

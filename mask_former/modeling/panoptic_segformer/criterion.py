@@ -148,18 +148,6 @@ class PanopticSegFormerCriterion(nn.Module):
         onehot = F.one_hot(target_classes, logits.shape[-1] + 1)[..., :-1].to(logits.dtype)
         return sigmoid_focal_loss(logits, onehot, alpha=self.alpha, gamma=self.gamma, reduction="sum") / num
 
-    def _masks_at(self, pred_masks: Tensor, targets: Sequence[Dict[str, Tensor]], key: str) -> Tensor:
-        """Predicted masks upsampled to the padded target size (bilinear)."""
-        height = max(t[key].shape[-2] for t in targets)
-        width = max(t[key].shape[-1] for t in targets)
-        if pred_masks.shape[-2:] == (height, width):
-            return pred_masks
-        return F.interpolate(pred_masks, size=(height, width), mode="bilinear", align_corners=False)
-
-    @staticmethod
-    def _padded(masks: Tensor, height: int, width: int) -> Tensor:
-        return F.pad(masks.float(), (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
-
     def forward(self, outputs: Dict[str, object], targets: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """
         Args:
@@ -192,15 +180,12 @@ class PanopticSegFormerCriterion(nn.Module):
 
     def _location_losses(self, i, logits, boxes, targets, indices, num):
         batch_idx, query_idx = _gather(indices)
-        target_classes = torch.full(logits.shape[:2], logits.shape[-1], dtype=torch.int64, device=logits.device)
-        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        target_classes[batch_idx, query_idx] = matched_labels
         src_boxes = boxes[batch_idx, query_idx]
         tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
         giou = torch.diag(generalized_box_iou(box_convert(src_boxes, "cxcywh", "xyxy"),
                                               box_convert(tgt_boxes, "cxcywh", "xyxy")))
         return {
-            f"loss_loc_class_{i}": self.focal_class_loss(logits, target_classes, num),
+            f"loss_loc_class_{i}": self.focal_class_loss(logits, _matched_classes(logits, targets, indices), num),
             f"loss_loc_l1_{i}": F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num,
             f"loss_loc_giou_{i}": (1 - giou).sum() / num,
         }
@@ -208,34 +193,50 @@ class PanopticSegFormerCriterion(nn.Module):
     def _thing_mask_losses(self, i, layer, targets, indices, num):
         logits = layer["pred_logits"].float()
         batch_idx, query_idx = _gather(indices)
-        target_classes = torch.full(logits.shape[:2], logits.shape[-1], dtype=torch.int64, device=logits.device)
-        target_classes[batch_idx, query_idx] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        losses = {f"loss_thing_class_{i}": self.focal_class_loss(logits, target_classes, num)}
-        pred_masks = layer["pred_masks"]
-        if batch_idx.numel() == 0:
-            losses[f"loss_thing_dice_{i}"] = pred_masks.float().sum() * 0.0
-            return losses
-        src = self._masks_at(pred_masks[batch_idx, query_idx][None].float(), targets, "masks")[0]
-        height, width = src.shape[-2:]
-        tgt = torch.cat([self._padded(t["masks"][j], height, width) for t, (_, j) in zip(targets, indices)])
-        losses[f"loss_thing_dice_{i}"] = dice_loss(src.flatten(1), tgt.flatten(1), num)
-        return losses
+        tgt_masks = [t["masks"][j] for t, (_, j) in zip(targets, indices)]
+        return {
+            f"loss_thing_class_{i}": self.focal_class_loss(logits, _matched_classes(logits, targets, indices), num),
+            f"loss_thing_dice_{i}": _dice_of_pairs(layer["pred_masks"], batch_idx, query_idx, tgt_masks, num),
+        }
 
     def _stuff_losses(self, i, layer, targets, num):
         logits = layer["pred_logits"].float()[..., 0]  # B x Ns
         present = torch.zeros_like(logits)
         for b, t in enumerate(targets):
             present[b, t["stuff_labels"]] = 1.0
-        losses = {f"loss_stuff_class_{i}": sigmoid_focal_loss(logits, present, alpha=self.alpha, gamma=self.gamma,
-                                                              reduction="sum") / num}
         batch_idx = torch.cat([torch.full_like(t["stuff_labels"], b) for b, t in enumerate(targets)])
         query_idx = torch.cat([t["stuff_labels"] for t in targets])
-        pred_masks = layer["pred_masks"]
-        if batch_idx.numel() == 0:
-            losses[f"loss_stuff_dice_{i}"] = pred_masks.float().sum() * 0.0
-            return losses
-        src = self._masks_at(pred_masks[batch_idx, query_idx][None].float(), targets, "stuff_masks")[0]
-        height, width = src.shape[-2:]
-        tgt = torch.cat([self._padded(t["stuff_masks"], height, width) for t in targets])
-        losses[f"loss_stuff_dice_{i}"] = dice_loss(src.flatten(1), tgt.flatten(1), num)
-        return losses
+        tgt_masks = [t["stuff_masks"] for t in targets]
+        return {
+            f"loss_stuff_class_{i}": sigmoid_focal_loss(logits, present, alpha=self.alpha, gamma=self.gamma,
+                                                        reduction="sum") / num,
+            f"loss_stuff_dice_{i}": _dice_of_pairs(layer["pred_masks"], batch_idx, query_idx, tgt_masks, num),
+        }
+
+
+def _matched_classes(logits: Tensor, targets: Sequence[Dict[str, Tensor]],
+                     indices: List[Tuple[Tensor, Tensor]]) -> Tensor:
+    """B x Q int64 class targets: the matched target's label, C (no class) for unmatched queries."""
+    batch_idx, query_idx = _gather(indices)
+    target_classes = torch.full(logits.shape[:2], logits.shape[-1], dtype=torch.int64, device=logits.device)
+    target_classes[batch_idx, query_idx] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+    return target_classes
+
+
+def _dice_of_pairs(pred_masks: Tensor, batch_idx: Tensor, query_idx: Tensor, tgt_masks: Sequence[Tensor],
+                   num: float) -> Tensor:
+    """Dice loss of the predicted masks ``pred_masks[batch_idx, query_idx]`` against the
+    concatenated ``tgt_masks`` (per image, in the same order), divided by ``num``.
+
+    The predictions (B x Q x h x w logits) are upsampled bilinearly to the largest target size,
+    the targets are zero-padded to it. Without pairs: a zero that keeps the graph.
+    """
+    if batch_idx.numel() == 0:
+        return pred_masks.float().sum() * 0.0
+    height = max(m.shape[-2] for m in tgt_masks)
+    width = max(m.shape[-1] for m in tgt_masks)
+    src = pred_masks[batch_idx, query_idx].float()
+    if src.shape[-2:] != (height, width):
+        src = F.interpolate(src[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    tgt = torch.cat([F.pad(m.float(), (0, width - m.shape[-1], 0, height - m.shape[-2])) for m in tgt_masks])
+    return dice_loss(src.flatten(1), tgt.flatten(1), num)

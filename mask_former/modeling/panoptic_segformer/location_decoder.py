@@ -11,31 +11,25 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ...layers import MSDeformAttn, MultiLevelTokens
+from ..transformer_decoder.standard_transformer_decoder import MLP
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """logit(x), with x clamped to [eps, 1 - eps]."""
+    """Deformable DETR's logit: ``log(max(x, eps) / max(1 - x, eps))`` of x clamped to [0, 1].
+
+    Not ``torch.logit(x, eps)``, which clamps x itself to [eps, 1 - eps]: the two differ (values
+    and gradients) for x within eps of 0 or 1, and this one is what the published weights saw.
+    """
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-class MLP(nn.Module):
-    """Linear layers with ReLU between them."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
-
-
 class LocationDecoderLayer(nn.Module):
     """Self-attention among the queries, multi-scale deformable cross-attention to the encoder's
-    tokens around each query's reference point / box, feed-forward network; post-norm."""
+    tokens around each query's reference point / box, feed-forward network; post-norm.
+
+    Module names are Deformable DETR's decoder layer's (``norm2`` after the self-attention,
+    ``norm1`` after the cross-attention, ``norm3`` after the FFN), so its weights map one to one."""
 
     def __init__(self, d_model: int, n_heads: int, d_ffn: int, dropout: float, n_levels: int, n_points: int):
         super().__init__()

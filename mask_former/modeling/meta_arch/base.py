@@ -1,0 +1,58 @@
+"""What the meta-architectures share: the tasks their inference returns (``output_tasks``, read by
+``mask_former.evaluation``), their switches, and the normalization and padding of the input images.
+
+A new meta-architecture subclasses :class:`SegmentationMetaArch`, registers ``pixel_mean`` and
+``pixel_std`` buffers (C x 1 x 1), sets ``size_divisibility`` and calls :meth:`set_task_switches`.
+"""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from detectron2.structures import ImageList
+from torch import nn
+
+from ...tasks import enabled_tasks, get_task
+
+__all__ = ["SegmentationMetaArch", "task_switches"]
+
+SEMANTIC, PANOPTIC, INSTANCE = (get_task(name) for name in ("semantic", "panoptic", "instance"))
+
+
+def task_switches(tasks: Sequence[str]) -> Dict[str, bool]:
+    """The constructor keywords ``semantic_on``, ``panoptic_on``, ``instance_on`` of the task names
+    ``tasks`` (``output_tasks(cfg)``)."""
+    return {
+        "semantic_on": SEMANTIC.name in tasks,
+        "panoptic_on": PANOPTIC.name in tasks,
+        "instance_on": INSTANCE.name in tasks,
+    }
+
+
+class SegmentationMetaArch(nn.Module):
+    """Base of MaskFormer and PanopticSegFormer (see the module docstring)."""
+
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+    size_divisibility: int
+
+    @classmethod
+    def output_tasks(cls, cfg) -> Tuple[str, ...]:
+        """Names of the tasks (``mask_former.tasks``) whose results inference returns under ``cfg``."""
+        return tuple(task.name for task in enabled_tasks(cfg))
+
+    def set_task_switches(self, semantic_on: bool, panoptic_on: bool, instance_on: bool) -> None:
+        """Keep the switches; a ValueError when all are off."""
+        if not (semantic_on or panoptic_on or instance_on):
+            raise ValueError(
+                "MODEL.MASK_FORMER.TEST.{SEMANTIC_ON,PANOPTIC_ON,INSTANCE_ON} are all False: "
+                "inference would produce nothing"
+            )
+        self.semantic_on, self.panoptic_on, self.instance_on = semantic_on, panoptic_on, instance_on
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_images(self, batched_inputs: List[Dict[str, object]]) -> ImageList:
+        """Normalize the inputs' images and pad them into one batch (to ``size_divisibility``)."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
