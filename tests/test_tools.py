@@ -153,6 +153,32 @@ def test_time_runs_reports_the_median():
     assert 0.05 <= result["min_s"] < 0.10
 
 
+def test_benchmark_compare_runs_the_paths_side_by_side(tmp_path, tiny_config):
+    """--compare: the reference and optimised paths of inference and training, in one process on
+    the same weights and inputs, each with its ratio to the reference and its agreement."""
+    out = tmp_path / "compare.json"
+    results = benchmark.main(["--config-file", str(tiny_config), "--input-size", "64", "64", "--device", "cpu",
+                              "--compare", "--reduced", "--no-memory", "--num-threads", "1", "--batch-size", "1",
+                              "--num-gt-masks", "2", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    inference = results["inference"]["paths"]
+    assert set(inference) == {"reference", "fp32", "bf16"}
+    assert results["inference"]["input_size"] == [64, 64]
+    assert inference["reference"]["cpu_ratio"] == 1.0
+    # the exact path agrees with the reference to the documented 1e-4
+    assert inference["fp32"]["agreement"]["sem_seg_max_rel_diff"] < 1e-4
+    assert inference["fp32"]["agreement"]["sem_seg_argmax_agreement"] == 1.0
+    for path in inference.values():
+        assert path["runs"] == 2 and path["cpu_s"] > 0
+    training = results["training"]["paths"]
+    assert list(training) == ["reference", "full", "points", "points_bf16"]
+    assert training["reference"]["step_ratio"] == 1.0
+    assert training["points"]["train_num_points"] > 0 and training["points_bf16"]["autocast"] == "bfloat16"
+    # the batched matcher gives the reference's first loss (same weights, batch and seed)
+    assert training["full"]["loss_rel_diff"] == pytest.approx(0.0, abs=1e-6)
+    assert results["training"]["settings"]["batch_size"] == 1
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--input-size", "0", "64"], "--input-size"),
     (["--input-size", "64", "64", "--runs", "0"], "--runs"),

@@ -28,8 +28,20 @@ Measures, each as the median (and mean, min) of --runs timed runs after --warmup
 
 ``--parts`` picks what to run (default: all): ``model`` (the first four, which build the model),
 ``postprocessing`` (postprocessing_many_kept) and ``assignment`` (these two build no model).
+
+``--compare`` instead runs the side-by-side comparisons of today's reference path with the
+optimised ones, in one process each, on the same weights and inputs, and prints every figure
+with its ratio to the reference and the outputs' agreement; memory per path in a fresh
+subprocess (``--no-memory`` skips it):
+
+* inference (``tools/benchmark_inference.py``): reference (fp32, no folding, the original
+  post-processing), fp32 (the exact optimised path), bf16;
+* training (``tools/benchmark_training.py``, batch ``--batch-size``, ``--num-gt-masks`` masks
+  per image): reference (full-resolution losses, image-by-image matcher), full (batched
+  matcher), points (point-sampled losses and costs), points_bf16 (and bf16 autocast).
 """
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -88,6 +100,10 @@ def get_parser() -> argparse.ArgumentParser:
                         "iteration, matcher and post-processing on the model's outputs; "
                         "postprocessing = post-processing on constructed confident outputs; "
                         "assignment = the PyTorch assignment solver against scipy")
+    parser.add_argument("--compare", action="store_true",
+                        help="compare today's reference path with the optimised paths (inference and "
+                        "training, see the module docstring) instead of --parts")
+    parser.add_argument("--no-memory", action="store_true", help="with --compare: skip the memory subprocesses")
     parser.add_argument("--reduced", action="store_true",
                         help=f"tiny run for tests: {REDUCED['runs']} runs, {REDUCED['warmup']} warm-up")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
@@ -411,6 +427,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.reduced:
         args.runs, args.warmup = REDUCED["runs"], REDUCED["warmup"]
+    if args.compare:
+        results = run_comparisons(args)
+        _write_json(results, args.json)
+        return results
     cfg = setup_cfg(args)
     previous_threads = torch.get_num_threads()
     if args.num_threads is not None:
@@ -420,12 +440,46 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     finally:
         torch.set_num_threads(previous_threads)
     print(format_table(results))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        logger.info(f"Wrote {args.json}")
+    _write_json(results, args.json)
     return results
+
+
+def _write_json(results: Dict, path: Optional[str]) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+        logger.info(f"Wrote {path}")
+
+
+def _load_tool(name: str):
+    """A sibling script of this folder as a module."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_comparisons(args) -> Dict:
+    """``--compare``: ``{"inference": ..., "training": ...}``, the reports of
+    ``tools/benchmark_inference.py`` and ``tools/benchmark_training.py`` run with this command's
+    config, input size, runs, threads and overrides."""
+    common = ["--config-file", args.config_file, "--input-size", *map(str, args.input_size)]
+    threads = [] if args.num_threads is None else ["--num-threads", str(args.num_threads)]
+    no_memory = ["--no-memory"] if args.no_memory else []
+    opts = list(args.opts)
+    inference_argv = common + threads + no_memory + ["--runs", str(args.runs), "--warmup", str(args.warmup)]
+    if args.device == "cuda":
+        logger.warning("--compare: the inference comparison runs on the CPU (tools/benchmark_inference.py)")
+    training_argv = common + threads + no_memory + [
+        "--device", args.device, "--batch-size", str(args.batch_size), "--num-gt-masks", str(args.num_gt_masks),
+        "--steps", str(args.runs), "--warmup", str(args.warmup),
+    ]
+    return {
+        "inference": _load_tool("benchmark_inference").main(inference_argv + opts),
+        "training": _load_tool("benchmark_training").main(training_argv + opts),
+    }
 
 
 def run_benchmarks(cfg, args) -> Dict:

@@ -187,6 +187,7 @@ class PathRunner:
         cfg.freeze()
         self.cfg = cfg
         self.device = torch.device(args.device)
+        self.seed = args.seed
         torch.manual_seed(args.seed)
         self.model = build_model(cfg).train()
         self.optimizer = build_optimizer(cfg, self.model)
@@ -211,6 +212,8 @@ class PathRunner:
         self.criterion_watch.reset()
         self._sync()
         start, cpu_start = time.perf_counter(), time.process_time()
+        if self.first_loss is None:
+            torch.manual_seed(self.seed)  # the same dropout in every path's first step: comparable losses
         self.optimizer.zero_grad()
         dtype = self.autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -237,7 +240,6 @@ def time_paths(args, paths: List[str]) -> Dict[str, Dict]:
     for name in paths:
         runners.append(PathRunner(args, name, batch=runners[0].batch if runners else None))
     for runner in runners:
-        torch.manual_seed(args.seed)  # the same dropout in every path's first step: comparable losses
         for _ in range(args.warmup):
             runner.step(timed=False)
     for i in range(args.steps):
