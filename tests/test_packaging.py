@@ -91,6 +91,7 @@ def test_wheel_contents(installed):
     assert "License-Expression: Apache-2.0" in metadata
     assert "Requires-Python: <3.13,>=3.11" in metadata
     assert "Provides-Extra: hf" in metadata and "Provides-Extra: dev" in metadata
+    assert "Provides-Extra: fast-eval" in metadata
     assert any(n.startswith(f"{dist_info}/licenses/LICENSE") for n in names)
 
 

@@ -17,7 +17,9 @@ from detectron2.utils.registry import Registry
 
 from ..data.dataset_mappers import check_num_classes
 from ..tasks import TASKS
+from .backends import CONFIG_KEY, check_eval_backend
 from .instance_evaluation import InstanceSegEvaluator
+from .panoptic_evaluation import HotcocoPanopticEvaluator
 from .sem_seg_evaluation import CheckedSemSegEvaluator
 
 logger = logging.getLogger(__name__)
@@ -28,14 +30,16 @@ COCO_FORMAT_PANOPTIC_TYPES = ("coco_panoptic_seg", "ade20k_panoptic_seg")
 
 TASK_EVALUATORS = Registry("TASK_EVALUATOR")
 TASK_EVALUATORS.__doc__ = """
-Per task, a function ``(dataset_name, evaluator_type, metadata, output_folder) -> list of
-DatasetEvaluator`` (empty when the task is not scored on that kind of dataset), registered under
-the name the task's ``evaluator`` field gives (``mask_former.tasks.TASKS``).
+Per task, a function ``(dataset_name, evaluator_type, metadata, output_folder, *, backend) -> list
+of DatasetEvaluator`` (empty when the task is not scored on that kind of dataset), registered under
+the name the task's ``evaluator`` field gives (``mask_former.tasks.TASKS``). ``backend`` is
+``TEST.EVAL_BACKEND`` ("pycocotools" or "hotcoco", checked), the library of mask AP and PQ; a
+builder whose metrics do not depend on it ignores it.
 """
 
 
 @TASK_EVALUATORS.register()
-def semantic(dataset_name, evaluator_type, metadata, output_folder) -> List[DatasetEvaluator]:
+def semantic(dataset_name, evaluator_type, metadata, output_folder, *, backend="pycocotools") -> List[DatasetEvaluator]:
     """mIoU, fwIoU and pixel accuracy on semantic and panoptic datasets (label maps checked like
     the training mapper checks them)."""
     if evaluator_type == "sem_seg" or evaluator_type in PANOPTIC_EVALUATOR_TYPES:
@@ -46,23 +50,27 @@ def semantic(dataset_name, evaluator_type, metadata, output_folder) -> List[Data
 
 
 @TASK_EVALUATORS.register()
-def panoptic(dataset_name, evaluator_type, metadata, output_folder) -> List[DatasetEvaluator]:
-    """PQ, SQ, RQ on panoptic datasets (not Cityscapes', whose panoptic evaluation is not wired)."""
+def panoptic(dataset_name, evaluator_type, metadata, output_folder, *, backend="pycocotools") -> List[DatasetEvaluator]:
+    """PQ, SQ, RQ on panoptic datasets (not Cityscapes', whose panoptic evaluation is not wired):
+    panopticapi's ``pq_compute`` (detectron2's evaluator) or hotcoco's."""
     if evaluator_type in COCO_FORMAT_PANOPTIC_TYPES:
+        if check_eval_backend(backend) == "hotcoco":
+            return [HotcocoPanopticEvaluator(dataset_name, output_folder)]
         return [COCOPanopticEvaluator(dataset_name, output_folder)]
     return []
 
 
 @TASK_EVALUATORS.register()
-def instance(dataset_name, evaluator_type, metadata, output_folder) -> List[DatasetEvaluator]:
-    """Mask AP on instance datasets and on panoptic datasets whose metadata names an instance JSON."""
+def instance(dataset_name, evaluator_type, metadata, output_folder, *, backend="pycocotools") -> List[DatasetEvaluator]:
+    """Mask AP (pycocotools or hotcoco) on instance datasets and on panoptic datasets whose
+    metadata names an instance JSON."""
     if evaluator_type in COCO_FORMAT_PANOPTIC_TYPES:
         if metadata.get("json_file", None):
-            return [InstanceSegEvaluator(dataset_name, output_dir=output_folder)]
+            return [InstanceSegEvaluator(dataset_name, output_dir=output_folder, backend=backend)]
         logger.warning(f"{dataset_name} has no instance json_file in its metadata: no mask AP")
         return []
     if evaluator_type == "coco":
-        return [InstanceSegEvaluator(dataset_name, output_dir=output_folder)]
+        return [InstanceSegEvaluator(dataset_name, output_dir=output_folder, backend=backend)]
     if evaluator_type == "cityscapes_instance":
         return [CityscapesInstanceEvaluator(dataset_name)]
     return []
@@ -84,8 +92,11 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None) -> Datase
     dataset's ``evaluator_type`` can score: semantic datasets ("sem_seg") -> mIoU;
     panoptic datasets -> PQ + mIoU + mask AP where an instance JSON exists; instance datasets
     ("coco") -> mask AP; Cityscapes -> its own evaluators. ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``
-    must agree with the dataset's class metadata (:func:`check_num_classes`).
+    must agree with the dataset's class metadata (:func:`check_num_classes`). ``TEST.EVAL_BACKEND``
+    chooses the library of mask AP and PQ (a ValueError for an unknown one; an ImportError for
+    "hotcoco" without hotcoco installed, when a task needs it).
     """
+    backend = check_eval_backend(cfg.TEST.EVAL_BACKEND, CONFIG_KEY)
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
     metadata = MetadataCatalog.get(dataset_name)
@@ -102,7 +113,7 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None) -> Datase
     for task in TASKS:
         if task.name in tasks_on:
             build = TASK_EVALUATORS.get(task.evaluator)
-            evaluators.extend(build(dataset_name, evaluator_type, metadata, output_folder))
+            evaluators.extend(build(dataset_name, evaluator_type, metadata, output_folder, backend=backend))
     # after building: the evaluators have loaded the dataset, which completes lazy metadata
     check_num_classes(cfg, [dataset_name], "DATASETS.TEST")
     if not evaluators:
