@@ -143,6 +143,10 @@ def add_mask_former_config(cfg):
     psf.DEC_LAYERS = 6
     # thing queries of the location decoder
     psf.NUM_THING_QUERIES = 300
+    # positional part of the thing queries in the mask decoder: "learned" (published: the location
+    # decoder's learned query position) or "box" (not in the publication: an MLP on the sine
+    # embedding of the location decoder's last boxes, which tells the mask attention where to look)
+    psf.THING_QUERY_POS = "learned"
     # name in PSF_MASK_DECODER_REGISTRY of the mask decoder
     psf.MASK_DECODER_NAME = "AttentionMaskDecoder"
     # mask-decoder layers for the thing queries

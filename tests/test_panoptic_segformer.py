@@ -15,6 +15,7 @@ from detectron2.structures import ImageList, Instances
 from mask_former import add_mask_former_config
 from mask_former.layers import flatten_levels
 from mask_former.modeling.panoptic_segformer import BoxMaskMatcher, LocationDecoder, PanopticSegFormerCriterion
+from mask_former.modeling.panoptic_segformer.location_decoder import sine_box_embedding
 from mask_former.solver import get_param_groups
 from model_utils import CONFIG_DIR
 from train_utils import REPO_ROOT, read_metrics, train_net_cmd, train_net_env
@@ -81,6 +82,44 @@ def test_box_refinement_per_layer_keeps_boxes_in_unit_square():
     for i in (1, 2):
         torch.testing.assert_close(seen[i][:, :, 0], out["pred_boxes"][i - 1])
         assert not torch.allclose(out["pred_boxes"][i], out["pred_boxes"][i - 1])
+
+
+def test_sine_box_embedding_by_hand():
+    # 4 features per coordinate: frequencies 1, 1, 1/100, 1/100 (temperature 10000 ** (2 * (i // 2) / 4))
+    boxes = torch.tensor([[0.5, 0.25, 0.0, 1.0]])
+    expected = []
+    for x in boxes[0].tolist():
+        a = 2 * math.pi * x
+        expected += [math.sin(a), math.cos(a), math.sin(a / 100), math.cos(a / 100)]
+    torch.testing.assert_close(sine_box_embedding(boxes, 4), torch.tensor([expected]), atol=1e-6, rtol=1e-6)
+
+
+def test_thing_query_pos_from_boxes():
+    """THING_QUERY_POS "box": the mask decoder's thing query position is an MLP of the last boxes'
+    sine embedding, detached from the boxes; "learned" keeps the location decoder's learned one."""
+    features = [torch.randn(2, 16, 6, 5), torch.randn(2, 16, 3, 3)]
+    memory = flatten_levels(features, level_embed=torch.zeros(2, 16))
+    kwargs = dict(num_queries=5, hidden_dim=16, num_layers=2, num_classes=2, nheads=4, dim_feedforward=32,
+                  dropout=0.0, num_levels=2, n_points=2)
+    torch.manual_seed(0)
+    learned = LocationDecoder(**kwargs)(memory)
+    torch.testing.assert_close(learned["query_pos"][0], learned["query_pos"][1])  # the same for every image
+    torch.manual_seed(0)
+    decoder = LocationDecoder(**kwargs, query_pos_from_boxes=True)
+    for branch in decoder.box_branches:  # boxes that depend on the image (zero-initialized last layer)
+        torch.nn.init.normal_(branch.layers[-1].weight, std=0.5)
+    out = decoder(memory)
+    mlp = decoder.box_query_pos.mlp
+    hidden = torch.relu(mlp.layers[0](sine_box_embedding(out["pred_boxes"][-1], 4)))
+    torch.testing.assert_close(out["query_pos"], mlp.layers[1](hidden))
+    assert not torch.allclose(out["query_pos"][0], out["query_pos"][1])  # per image: its boxes
+    out["query_pos"].sum().backward()
+    assert decoder.box_branches[-1].layers[0].weight.grad is None  # boxes detached
+    assert mlp.layers[0].weight.grad.abs().sum() > 0
+    cfg = psf_cfg()
+    cfg.MODEL.PANOPTIC_SEGFORMER.THING_QUERY_POS = "boxes"
+    with pytest.raises(ValueError, match="THING_QUERY_POS='boxes'"):
+        build_model(cfg)
 
 
 # ---------------------------------------------------------------- matcher against brute force
@@ -173,6 +212,47 @@ def test_full_loss_on_a_hand_built_case():
     assert losses["loss_stuff_dice_0"].item() == pytest.approx(stuff_dice, rel=1e-5)
 
 
+def test_optional_per_pixel_focal_mask_loss_on_a_hand_built_case():
+    """MASK_FOCAL_WEIGHT > 0 adds MaskFormer's per-pixel focal loss on the dice loss's pairs:
+    per mask the mean over its pixels, summed, divided by the number of segments."""
+    def focal(x, y, alpha=0.25, gamma=2.0):
+        p = 1 / (1 + math.exp(-x))
+        ce = -math.log(p) if y else -math.log(1 - p)
+        p_t = p if y else 1 - p
+        return (alpha if y else 1 - alpha) * (1 - p_t) ** gamma * ce
+
+    tgt_mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    tgt_mask[0, 1:3, 1:3] = True
+    target = {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]]), "masks": tgt_mask,
+              "stuff_labels": torch.tensor([0]), "stuff_masks": ~tgt_mask}
+    thing_masks = torch.full((1, 1, 4, 4), -1.0)
+    thing_masks[0, 0, 1:3, 1:3] = 3.0
+    stuff_masks = torch.full((1, 1, 4, 4), 0.5)
+    outputs = {"location": {"pred_logits": [torch.zeros(1, 1, 1)], "pred_boxes": [torch.full((1, 1, 4), 0.5)]},
+               "masks": {"things": [{"pred_logits": torch.zeros(1, 1, 1), "pred_masks": thing_masks}],
+                         "stuff": [{"pred_logits": torch.zeros(1, 1, 1), "pred_masks": stuff_masks}]}}
+    published = PanopticSegFormerCriterion(class_weight=2.0, l1_weight=5.0, giou_weight=2.0, dice_weight=2.0)
+    with_focal = PanopticSegFormerCriterion(class_weight=2.0, l1_weight=5.0, giou_weight=2.0, dice_weight=2.0,
+                                            mask_focal_weight=20.0)
+    assert not any("_mask_" in k for k in published(outputs, [target]))
+    assert not any("_mask_" in k for k in published.weight_dict(1, 1, 1))
+    losses = with_focal(outputs, [target])
+    # thing: 4 pixels at logit 3 inside the mask, 12 at -1 outside
+    assert losses["loss_thing_mask_0"].item() == pytest.approx((4 * focal(3.0, 1) + 12 * focal(-1.0, 0)) / 16,
+                                                               rel=1e-5)
+    # stuff: logit 0.5 everywhere, 12 pixels inside the mask, 4 outside
+    assert losses["loss_stuff_mask_0"].item() == pytest.approx((12 * focal(0.5, 1) + 4 * focal(0.5, 0)) / 16,
+                                                               rel=1e-5)
+    # the other losses are the published ones
+    for name, value in published(outputs, [target]).items():
+        assert losses[name].item() == pytest.approx(value.item(), rel=1e-6), name
+    weights = with_focal.weight_dict(1, 1, 1)
+    assert weights["loss_thing_mask_0"] == weights["loss_stuff_mask_0"] == 20.0
+    with pytest.raises(ValueError, match="MASK_FOCAL_WEIGHT=-1"):
+        PanopticSegFormerCriterion(class_weight=2.0, l1_weight=5.0, giou_weight=2.0, dice_weight=2.0,
+                                   mask_focal_weight=-1)
+
+
 def test_stuff_queries_are_assigned_to_their_own_class():
     """A stuff query whose mask equals its class's mask has dice 0 whatever the other queries do;
     swapping two stuff queries' masks makes it positive."""
@@ -204,12 +284,15 @@ def test_model_trains_and_infers_the_three_outputs():
     psf = cfg.MODEL.PANOPTIC_SEGFORMER
     losses = model(make_batch())
     expected = {f"loss_loc_{k}_{i}" for k in ("class", "l1", "giou") for i in range(psf.DEC_LAYERS)}
-    expected |= {f"loss_thing_{k}_{i}" for k in ("class", "dice") for i in range(psf.THING_MASK_DEC_LAYERS)}
-    expected |= {f"loss_stuff_{k}_{i}" for k in ("class", "dice") for i in range(psf.STUFF_MASK_DEC_LAYERS)}
+    # the synthetic config adds the per-pixel focal mask loss ("mask") to the published ones
+    assert psf.MASK_FOCAL_WEIGHT > 0
+    expected |= {f"loss_thing_{k}_{i}" for k in ("class", "dice", "mask") for i in range(psf.THING_MASK_DEC_LAYERS)}
+    expected |= {f"loss_stuff_{k}_{i}" for k in ("class", "dice", "mask") for i in range(psf.STUFF_MASK_DEC_LAYERS)}
     assert set(losses) == expected
     sum(losses.values()).backward()
     for name in ("location_decoder.query_embedding.weight", "stuff_query.weight",
-                 "mask_decoder.thing_decoder.mask_heads.1.fuse.weight", "backbone.res3.0.conv1.weight"):
+                 "mask_decoder.thing_decoder.mask_heads.1.fuse.weight", "backbone.res3.0.conv1.weight",
+                 "location_decoder.box_query_pos.mlp.layers.0.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -274,7 +357,6 @@ PSF_CONFIG = CONFIG_DIR / "synthetic" / "panoptic_segformer_R18.yaml"
 PSF_TINY_OPTS = [
     "MODEL.PANOPTIC_SEGFORMER.HIDDEN_DIM", "32", "MODEL.PANOPTIC_SEGFORMER.DIM_FEEDFORWARD", "64",
     "MODEL.PANOPTIC_SEGFORMER.ENC_LAYERS", "1", "MODEL.PANOPTIC_SEGFORMER.DEC_LAYERS", "2",
-    "MODEL.PANOPTIC_SEGFORMER.NUM_FEATURE_LEVELS", "3",  # 64 px images: no 1 x 1 stride-64 level
     "MODEL.PANOPTIC_SEGFORMER.NUM_THING_QUERIES", "10", "MODEL.PANOPTIC_SEGFORMER.TEST.NUM_THINGS", "10",
     "MODEL.PANOPTIC_SEGFORMER.THING_MASK_DEC_LAYERS", "2", "MODEL.PANOPTIC_SEGFORMER.STUFF_MASK_DEC_LAYERS", "2",
 ]

@@ -28,6 +28,14 @@ from .base import INSTANCE, PANOPTIC, SEMANTIC, SegmentationMetaArch, task_switc
 from .maskformer import mask_merge_params
 
 
+def thing_query_pos_from_boxes(value: str) -> bool:
+    """MODEL.PANOPTIC_SEGFORMER.THING_QUERY_POS: "learned" (published) -> False, "box" -> True."""
+    if value not in ("learned", "box"):
+        raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.THING_QUERY_POS={value!r}: expected 'learned' (the published "
+                         "learned positional part) or 'box' (an embedding of the location decoder's boxes)")
+    return value == "box"
+
+
 def thing_and_stuff_ids(cfg) -> Tuple[List[int], List[int]]:
     """Contiguous ids of the thing classes and of the stuff classes (all others in [0, K)), from
     the metadata of the first training (else test) dataset."""
@@ -130,10 +138,12 @@ class PanopticSegFormer(SegmentationMetaArch):
             num_queries=psf.NUM_THING_QUERIES, hidden_dim=psf.HIDDEN_DIM, num_layers=psf.DEC_LAYERS,
             num_classes=len(thing_ids), nheads=psf.NHEADS, dim_feedforward=psf.DIM_FEEDFORWARD,
             dropout=psf.DROPOUT, num_levels=psf.NUM_FEATURE_LEVELS, n_points=psf.N_POINTS,
+            query_pos_from_boxes=thing_query_pos_from_boxes(psf.THING_QUERY_POS),
         )
         criterion = PanopticSegFormerCriterion(
             class_weight=psf.CLASS_WEIGHT, l1_weight=psf.BOX_L1_WEIGHT, giou_weight=psf.GIOU_WEIGHT,
             dice_weight=psf.DICE_WEIGHT, alpha=psf.FOCAL_ALPHA, gamma=psf.FOCAL_GAMMA,
+            mask_focal_weight=psf.MASK_FOCAL_WEIGHT,
         )
         tasks = cls.output_tasks(cfg)
         test = psf.TEST

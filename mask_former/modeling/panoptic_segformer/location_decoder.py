@@ -65,6 +65,41 @@ class LocationDecoderLayer(nn.Module):
         return self.norm3(query + self.dropout4(hidden))
 
 
+def sine_box_embedding(boxes: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
+    """Sine embedding of normalized boxes, as the encoder's sine position encoding of a pixel:
+    per coordinate ``num_feats`` features (sin / cos pairs of ``2 pi x / temperature^(2i/num_feats)``).
+
+    Args:
+        boxes: ... x 4 (cx, cy, w, h) in [0, 1].
+    Returns:
+        ... x 4 num_feats.
+    """
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+    angles = boxes.float()[..., None] * (2 * math.pi) / dim_t  # ... x 4 x F
+    embedding = torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+    return embedding.flatten(-2).to(boxes.dtype)
+
+
+class BoxQueryPosition(nn.Module):
+    """The thing queries' positional part for the mask decoder made from their boxes (not in the
+    publication, ``MODEL.PANOPTIC_SEGFORMER.THING_QUERY_POS "box"``): a 2-layer MLP on the sine
+    embedding of the location decoder's last boxes (detached: the mask losses do not move the
+    boxes). It tells each thing query's mask attention where its object is, as the keys carry the
+    sine position of their pixels."""
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        if hidden_dim % 4:
+            raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.HIDDEN_DIM={hidden_dim} must be divisible by 4 with "
+                             "THING_QUERY_POS 'box'")
+        self.mlp = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
+
+    def forward(self, boxes: Tensor) -> Tensor:
+        """B x N x 4 boxes (cx, cy, w, h) -> B x N x C."""
+        return self.mlp(sine_box_embedding(boxes.detach(), self.mlp.layers[0].in_features // 4))
+
+
 class LocationDecoder(nn.Module):
     """N learned thing queries through L layers with iterative box refinement.
 
@@ -75,7 +110,8 @@ class LocationDecoder(nn.Module):
     """
 
     def __init__(self, *, num_queries: int, hidden_dim: int, num_layers: int, num_classes: int,
-                 nheads: int, dim_feedforward: int, dropout: float, num_levels: int, n_points: int):
+                 nheads: int, dim_feedforward: int, dropout: float, num_levels: int, n_points: int,
+                 query_pos_from_boxes: bool = False):
         """
         Args:
             num_queries: thing queries.
@@ -83,6 +119,8 @@ class LocationDecoder(nn.Module):
             num_layers: decoder layers (>= 1).
             num_classes: thing classes (sigmoid scores, no "no object" class).
             nheads, dim_feedforward, dropout, num_levels, n_points: of each layer.
+            query_pos_from_boxes: the "query_pos" output (the mask decoder's) is
+                :class:`BoxQueryPosition` of the last boxes instead of the learned positional part.
         """
         super().__init__()
         if num_layers < 1:
@@ -100,6 +138,7 @@ class LocationDecoder(nn.Module):
         self.box_branches = nn.ModuleList(copy.deepcopy(box_branch) for _ in range(num_layers))
         nn.init.xavier_uniform_(self.reference_points.weight)
         nn.init.zeros_(self.reference_points.bias)
+        self.box_query_pos = BoxQueryPosition(hidden_dim) if query_pos_from_boxes else None
 
     @staticmethod
     def _init_branches(class_branch: nn.Linear, box_branch: MLP) -> None:
@@ -118,7 +157,8 @@ class LocationDecoder(nn.Module):
         Returns:
             dict with
             "hidden": B x N x C, the last layer's queries (the thing queries of the mask decoder);
-            "query_pos": B x N x C, their positional part;
+            "query_pos": B x N x C, their positional part for the mask decoder (the learned one, or
+            that of their last boxes with ``query_pos_from_boxes``);
             "pred_logits": list over layers of B x N x num_classes class logits;
             "pred_boxes": list over layers of B x N x 4 boxes (cx, cy, w, h) in [0, 1] of the
             (unpadded) image.
@@ -146,4 +186,6 @@ class LocationDecoder(nn.Module):
             pred_logits.append(class_branch(query))
             pred_boxes.append(boxes)
             reference = boxes.detach()
+        if self.box_query_pos is not None:
+            query_pos = self.box_query_pos(pred_boxes[-1])
         return {"hidden": query, "query_pos": query_pos, "pred_logits": pred_logits, "pred_boxes": pred_boxes}
