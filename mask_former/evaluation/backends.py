@@ -6,7 +6,7 @@ __all__ = ["CONFIG_KEY", "EVAL_BACKENDS", "HOTCOCO_REQUIREMENT", "check_eval_bac
 
 CONFIG_KEY = "TEST.EVAL_BACKEND"
 EVAL_BACKENDS = ("pycocotools", "hotcoco")
-# the version the extra "fast-eval" of setup.py installs and the tests compare with the references
+# the version the extra "fast-eval" (pyproject.toml) installs and the tests compare with the references
 HOTCOCO_REQUIREMENT = "hotcoco==1.3.0"
 
 
