@@ -22,7 +22,6 @@ import io
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -42,6 +41,7 @@ from tabulate import tabulate
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mask_former import add_mask_former_config  # noqa: E402
 from mask_former.evaluation import EVAL_BACKENDS, build_evaluator  # noqa: E402
+from mask_former.utils.cpu_info import cpu_model  # noqa: E402
 
 # result key of each task's metrics in the evaluators' results dict
 TASK_KEYS = {"instance": "segm", "panoptic": "panoptic_seg"}
@@ -150,17 +150,6 @@ def _max_abs_diff(a: Dict[str, float], b: Dict[str, float]) -> float:
             continue
         worst = max(worst, abs(x - y) if not (math.isnan(x) or math.isnan(y)) else math.inf)
     return worst
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:

@@ -50,7 +50,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -69,6 +68,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mask_former import add_mask_former_config  # noqa: E402
 from mask_former.checkpoint import MaskFormerCheckpointer  # noqa: E402
+from mask_former.utils.cpu_info import cpu_flags, cpu_model  # noqa: E402
 
 logger = logging.getLogger("mask_former.benchmark_inference")
 
@@ -281,18 +281,9 @@ def measure_memory(args, path: str) -> Dict[str, object]:
 
 
 def cpu_description() -> Dict[str, object]:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("unknown", "x86_64", ""):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    flags = cpu_flags()
     return {
-        "model": model,
+        "model": cpu_model(),
         "avx512f": "avx512f" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,

@@ -44,7 +44,6 @@ SOLVER.AMP.PRECISION bfloat16 trains), ``bf16`` (full resolution under bfloat16 
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -63,6 +62,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mask_former import add_mask_former_config  # noqa: E402
 from mask_former.solver import build_optimizer  # noqa: E402
+from mask_former.utils.cpu_info import cpu_flags, cpu_model  # noqa: E402
 
 # path name -> (TRAIN_NUM_POINTS > 0, autocast dtype or None, image-by-image matcher)
 PATHS = {
@@ -266,29 +266,6 @@ def measure_memory(args, name: str) -> Dict[str, float]:
 
 
 # ---------------------------------------------------------------- the driver
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> List[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return sorted(flags & {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-    except OSError:
-        pass
-    return []
-
-
 def run_in_subprocess(args, argv: List[str], name: str) -> Dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "result.json")
