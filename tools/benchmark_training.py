@@ -35,11 +35,15 @@ Columns:
 * ``loss_rel_diff``: the total weighted loss of the first step (same weights, same batch) relative
   to the reference's: what point sampling (random points) and bfloat16 change in the loss.
 
-Paths (``--paths``; default all but ``bf16``): ``reference`` (TRAIN_NUM_POINTS 0, the matcher
-called image by image as before batching: each image's costs computed and copied to the CPU on
-their own), ``full`` (TRAIN_NUM_POINTS 0, batched matcher), ``points`` (TRAIN_NUM_POINTS
+Paths (``--paths``; default all but ``points_plain`` and ``bf16``): ``reference``
+(TRAIN_NUM_POINTS 0, the matcher called image by image as before batching: each image's costs
+computed and copied to the CPU on their own; the modules as built, ``model.optimize_training =
+False``), ``full`` (TRAIN_NUM_POINTS 0, batched matcher), ``points`` (TRAIN_NUM_POINTS
 ``--num-points``), ``points_bf16`` (the same under ``torch.autocast`` with bfloat16, as
-SOLVER.AMP.PRECISION bfloat16 trains), ``bf16`` (full resolution under bfloat16 autocast).
+SOLVER.AMP.PRECISION bfloat16 trains), ``bf16`` (full resolution under bfloat16 autocast). All
+but the reference and ``points_plain`` (``points`` with the modules as built) train with
+channels-last convolutions and the frozen batch norms folded into them (``optimize_training``,
+the default).
 """
 import argparse
 import json
@@ -64,13 +68,15 @@ from mask_former import add_mask_former_config  # noqa: E402
 from mask_former.solver import build_optimizer  # noqa: E402
 from mask_former.utils.cpu_info import cpu_flags, cpu_model  # noqa: E402
 
-# path name -> (TRAIN_NUM_POINTS > 0, autocast dtype or None, image-by-image matcher)
+# path name -> (TRAIN_NUM_POINTS > 0, autocast dtype or None, image-by-image matcher,
+#               model.optimize_training)
 PATHS = {
-    "reference": (False, None, True),
-    "full": (False, None, False),
-    "points": (True, None, False),
-    "points_bf16": (True, torch.bfloat16, False),
-    "bf16": (False, torch.bfloat16, False),
+    "reference": (False, None, True, False),
+    "full": (False, None, False, True),
+    "points_plain": (True, None, False, False),
+    "points": (True, None, False, True),
+    "points_bf16": (True, torch.bfloat16, False, True),
+    "bf16": (False, torch.bfloat16, False, True),
 }
 DEFAULT_PATHS = ("reference", "full", "points", "points_bf16")
 
@@ -175,7 +181,7 @@ class PathRunner:
     """One path's model, optimizer and instruments, built from the same seed as every other path."""
 
     def __init__(self, args, name: str, batch: Optional[List[Dict]] = None):
-        points, self.autocast_dtype, image_by_image = PATHS[name]
+        points, self.autocast_dtype, image_by_image, optimize_training = PATHS[name]
         self.name = name
         cfg = get_cfg()
         add_mask_former_config(cfg)
@@ -190,6 +196,7 @@ class PathRunner:
         self.seed = args.seed
         torch.manual_seed(args.seed)
         self.model = build_model(cfg).train()
+        self.model.optimize_training = optimize_training
         self.optimizer = build_optimizer(cfg, self.model)
         height, width = args.input_size
         self.batch = batch or synthetic_batch(
@@ -283,11 +290,12 @@ def summarize(paths: List[str], timing: Dict[str, Dict], memory: Dict[str, Dict]
     reference path's where it was measured."""
     summary = {}
     for name in paths:
-        points, autocast_dtype, image_by_image = PATHS[name]
+        points, autocast_dtype, image_by_image, optimize_training = PATHS[name]
         entry = {
             "train_num_points": num_points if points else 0,
             "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
             "image_by_image_matcher": image_by_image,
+            "optimize_training": optimize_training,
         }
         if name in timing:
             times = timing[name]["times"]
@@ -335,7 +343,7 @@ def format_table(summary: Dict[str, Dict]) -> str:
     rows = []
     for name, e in summary.items():
         rows.append([
-            name, e["train_num_points"], e["autocast"] or "-",
+            name, e["train_num_points"], e["autocast"] or "-", "yes" if e["optimize_training"] else "no",
             cell(e, "step_s", ".2f", "step_ratio"), cell(e, "step_min_s", ".2f", "step_min_ratio"),
             cell(e, "step_cpu_s", ".2f", "step_cpu_ratio"),
             cell(e, "matcher_s", ".3f"), share(e, "matcher_share"),
@@ -343,8 +351,9 @@ def format_table(summary: Dict[str, Dict]) -> str:
             cell(e, "peak_rss_mb", ".0f", "peak_rss_ratio"), cell(e, "base_rss_mb", ".0f"),
             cell(e, "loss_rel_diff", "+.2e"),
         ])
-    headers = ["path", "points", "autocast", "step_s", "step_min_s", "step_cpu_s", "matcher_s", "matcher_share",
-               "matcher_cpu_s", "matcher_cpu_share", "criterion_s", "peak_rss_mb", "base_rss_mb", "loss_rel_diff"]
+    headers = ["path", "points", "autocast", "optimized", "step_s", "step_min_s", "step_cpu_s", "matcher_s",
+               "matcher_share", "matcher_cpu_s", "matcher_cpu_share", "criterion_s", "peak_rss_mb", "base_rss_mb",
+               "loss_rel_diff"]
     return tabulate(rows, headers=headers, tablefmt="pipe")
 
 

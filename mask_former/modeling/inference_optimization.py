@@ -32,6 +32,8 @@ __all__ = [
     "inference_dtype",
     "InferenceWeights",
     "fold_conv_norm",
+    "is_pointwise_conv",
+    "run_conv",
     "upsample_bilinear_rows",
     "upsample_bilinear_crop",
     "semantic_scores_from_low_res",
@@ -99,36 +101,44 @@ def fold_conv_norm(conv: Conv2d, dtype: Optional[torch.dtype] = None) -> Tuple[T
         return folded, shift.to(dtype)
 
 
-def _is_pointwise(conv: nn.Conv2d) -> bool:
+def is_pointwise_conv(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is a 1x1 convolution with stride 1, no padding and one group."""
     return (tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1)
             and tuple(conv.padding) == (0, 0) and conv.groups == 1)
 
 
+def run_conv(conv: Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_folded: bool,
+             pointwise: bool) -> Tensor:
+    """What detectron2's ``Conv2d.forward`` computes, with ``weight`` and ``bias`` in place of the
+    layer's own, its norm skipped when ``norm_folded`` (folded into them), and a 1x1 convolution
+    (``pointwise``) of a channels-last input run as one matrix product over the pixels (PyTorch
+    would otherwise copy the input to the planar layout for its single-threaded 1x1 kernel)."""
+    if pointwise and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        x = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    else:
+        x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if not norm_folded and conv.norm is not None:
+        x = conv.norm(x)
+    if conv.activation is not None:
+        x = conv.activation(x)
+    return x
+
+
 class _InferenceConvForward:
-    """``forward`` of one detectron2 ``Conv2d`` in inference: the folded weight and bias (and no
-    norm) when its norm was folded, else its own weight, bias and norm; a 1x1 convolution of a
-    channels-last input runs as one matrix product over the pixels (PyTorch would otherwise copy
-    the input to the planar layout for its single-threaded 1x1 kernel)."""
+    """``forward`` of one detectron2 ``Conv2d`` in inference (see :func:`run_conv`): the folded
+    weight and bias (and no norm) when its norm was folded, else its own weight, bias and norm."""
 
     __slots__ = ("conv", "weight", "bias", "pointwise")
 
     def __init__(self, conv: Conv2d, weight: Optional[Tensor], bias: Optional[Tensor]):
         self.conv, self.weight, self.bias = conv, weight, bias
-        self.pointwise = _is_pointwise(conv)
+        self.pointwise = is_pointwise_conv(conv)
 
     def __call__(self, x: Tensor) -> Tensor:
         conv = self.conv
         folded = self.weight is not None
         weight, bias = (self.weight, self.bias) if folded else (conv.weight, conv.bias)
-        if self.pointwise and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            x = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
-        else:
-            x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        if not folded and conv.norm is not None:
-            x = conv.norm(x)
-        if conv.activation is not None:
-            x = conv.activation(x)
-        return x
+        return run_conv(conv, x, weight, bias, folded, self.pointwise)
 
 
 def _low_precision_sources(module: nn.Module, folded: set) -> List[Tuple[str, Tensor]]:

@@ -1,0 +1,114 @@
+"""MaskFormer's optimised training path (``optimize_training``: frozen batch norms folded into their
+convolutions, channels-last convolutions, 1x1 convolutions as matrix products) against the modules
+as built: same losses and gradients to float rounding, no gradient for the norms' buffers, the
+modules and the state dict untouched."""
+import pytest
+import torch
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from torch.nn import functional as F
+
+from mask_former.modeling.training_optimization import folded_frozen_norms, frozen_norm_affine
+from model_utils import tiny_cfg
+from test_inference_paths import randomize_norms
+from test_model import make_batch, tiny_swin_cfg
+
+
+def frozen_norm(channels: int, seed: int) -> FrozenBatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    norm = FrozenBatchNorm2d(channels)
+    norm.weight.copy_(torch.rand(channels, generator=g) + 0.5)
+    norm.bias.copy_(torch.randn(channels, generator=g))
+    norm.running_mean.copy_(torch.randn(channels, generator=g))
+    norm.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
+    return norm
+
+
+def test_frozen_norm_affine_by_hand():
+    norm = frozen_norm(3, seed=0)
+    x = torch.randn(2, 3, 4, 5)
+    expected = (x - norm.running_mean.view(1, 3, 1, 1)) / torch.sqrt(norm.running_var.view(1, 3, 1, 1) + norm.eps)
+    expected = expected * norm.weight.view(1, 3, 1, 1) + norm.bias.view(1, 3, 1, 1)
+    scale, shift = frozen_norm_affine(norm)
+    torch.testing.assert_close(x * scale.view(1, 3, 1, 1) + shift.view(1, 3, 1, 1), expected)
+
+
+@pytest.mark.parametrize("kernel_size,stride,bias", [(1, 1, False), (1, 2, True), (3, 1, True), (3, 2, False)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_convolution_equals_conv_then_norm(kernel_size, stride, bias, channels_last):
+    """Values, the gradients of the input and of the convolution's weight and bias; the norm's
+    buffers get no gradient and stay as they were. The expectation is written out by hand:
+    convolution, then ``(y - mean) / sqrt(var + eps) * weight + bias``, then ReLU."""
+    torch.manual_seed(0)
+    norm = frozen_norm(6, seed=1)
+    conv = Conv2d(4, 6, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias, norm=norm,
+                  activation=F.relu)
+    buffers = {k: v.clone() for k, v in norm.state_dict().items()}
+    x = torch.randn(2, 4, 9, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_ref = x.detach().clone().requires_grad_(True)
+    x_opt = x.detach().clone().requires_grad_(True)
+
+    y = F.conv2d(x_ref, conv.weight, conv.bias, stride, kernel_size // 2)
+    y = (y - norm.running_mean.view(1, -1, 1, 1)) / torch.sqrt(norm.running_var.view(1, -1, 1, 1) + norm.eps)
+    expected = F.relu(y * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1))
+    upstream = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), [x_ref] + list(conv.parameters()))
+
+    with folded_frozen_norms(conv):
+        out = conv(x_opt)
+    grads = torch.autograd.grad((out * upstream).sum(), [x_opt] + list(conv.parameters()))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert "forward" not in conv.__dict__  # the layer runs as built again
+    for name, value in norm.state_dict().items():
+        assert torch.equal(value, buffers[name])
+        assert not value.requires_grad
+
+
+def training_losses_and_grads(model, batch, optimize_training: bool):
+    model.optimize_training = optimize_training
+    model.zero_grad()
+    torch.manual_seed(0)  # the same dropout in both runs
+    losses = model(batch)
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+@pytest.mark.parametrize("backbone", ["FrozenBN", "BN", "swin"])
+def test_optimized_training_equals_modules_as_built(backbone):
+    """A whole training step's losses and every parameter's gradient, both paths on the same model."""
+    cfg = tiny_swin_cfg() if backbone == "swin" else tiny_cfg()
+    if backbone != "swin":
+        cfg.MODEL.RESNETS.NORM = backbone
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    randomize_norms(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = make_batch()
+
+    losses, grads = training_losses_and_grads(model, batch, optimize_training=True)
+    ref_losses, ref_grads = training_losses_and_grads(model, batch, optimize_training=False)
+    assert losses.keys() == ref_losses.keys()
+    for key in losses:
+        torch.testing.assert_close(losses[key], ref_losses[key], rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    largest = max(float(g.abs().max()) for g in ref_grads.values())
+    for name in grads:
+        # relative to the tensor's largest gradient; gradients that are zero but for rounding
+        # (e.g. a bias followed by a normalization) relative to the model's largest
+        tolerance = 1e-3 * float(ref_grads[name].abs().max()) + 1e-5 * largest
+        assert float((grads[name] - ref_grads[name]).abs().max()) <= tolerance, name
+    if backbone == "FrozenBN":
+        frozen = [m for m in model.modules() if isinstance(m, Conv2d) and isinstance(m.norm, FrozenBatchNorm2d)]
+        assert frozen and all(m.weight.grad is not None for m in frozen)  # FREEZE_AT 0: all trained
+    # the modules run as built after the step, and nothing in the state dict moved or was replaced
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert state.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        if backbone == "BN" and ("running_" in key or "num_batches_tracked" in key):
+            continue  # a BatchNorm2d in training mode updates its statistics, in both paths alike
+        assert torch.equal(value, state[key]), key
