@@ -255,6 +255,33 @@ def test_pairwise_costs_against_pixel_loops(kind, cost_fn):
             assert got[q, t].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("kind,cost_fn", [("focal", sigmoid_focal_cost), ("bce", bce_cost)])
+def test_pairwise_costs_in_float32_at_extreme_logits(kind, cost_fn):
+    """Logits of +-60 (sigmoid saturates in float32) and near 0: the float32 cost is within 1e-5 of
+    the pixel loops in float64."""
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.cat([torch.randn(3, 8, generator=generator, dtype=torch.float64) * 60,
+                        torch.randn(2, 8, generator=generator, dtype=torch.float64) * 1e-3])
+    targets = (torch.rand(3, 8, generator=generator) > 0.5).double()
+
+    def neg_log_sigmoid(x):  # -log(sigmoid(x)), stable in float64 for any x
+        return math.log1p(math.exp(-x)) if x > 0 else -x + math.log1p(math.exp(x))
+
+    def pixel(x, y):
+        p = 1 / (1 + math.exp(-x))
+        pos, neg = neg_log_sigmoid(x), neg_log_sigmoid(-x)  # -log(p), -log(1 - p)
+        if kind == "bce":
+            return y * pos + (1 - y) * neg
+        return 0.25 * (1 - p) ** 2 * pos if y == 1 else 0.75 * p**2 * neg
+
+    got = cost_fn(inputs.float(), targets.float())
+    for q in range(inputs.shape[0]):
+        for t in range(3):
+            xs, ys = inputs[q].tolist(), targets[t].tolist()
+            expected = sum(pixel(x, y) for x, y in zip(xs, ys)) / len(xs)
+            assert got[q, t].item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
 def test_constructor_validation():
     with pytest.raises(ValueError, match="focal, bce, brier"):
         HungarianMatcher(mask_cost_type="dice")

@@ -88,9 +88,12 @@ def sigmoid_focal_cost(
     """
     num_pixels = inputs.shape[1]
     prob = inputs.sigmoid()
-    # -log(p) = softplus(-x) and -log(1 - p) = softplus(x), computed without overflow
-    focal_pos = (1 - prob) ** gamma * F.softplus(-inputs)
-    focal_neg = prob**gamma * F.softplus(inputs)
+    # -log(1 - p) = softplus(x) without overflow, and -log(p) = softplus(-x) = softplus(x) - x: one
+    # softplus for both (the subtraction's rounding, at most an ulp of x, is scaled by (1 - p)^gamma,
+    # which is tiny where x is large)
+    neg_log_one_minus_p = F.softplus(inputs)
+    focal_pos = (1 - prob) ** gamma * (neg_log_one_minus_p - inputs)
+    focal_neg = prob**gamma * neg_log_one_minus_p
     if alpha >= 0:
         focal_pos = focal_pos * alpha
         focal_neg = focal_neg * (1 - alpha)
