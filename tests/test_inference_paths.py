@@ -295,8 +295,28 @@ def test_channels_last_mask_logits_equal_einsum():
     expected = torch.einsum("lbqc,bchw->lbqhw", mask_embed, features)
     got = mask_logits(mask_embed, features.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, expected)
-    assert got[-1].is_contiguous(memory_format=torch.channels_last)
+    # one layer, as in inference: channels-last, what the band-wise upsampling reads
+    assert mask_logits(mask_embed[-1:], features.contiguous(memory_format=torch.channels_last))[0].is_contiguous(
+        memory_format=torch.channels_last)
     torch.testing.assert_close(mask_logits(mask_embed, features), expected)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mask_logits_gradients_equal_einsum(channels_last):
+    """Training takes the layers apart with ``unbind``: the gradients reaching the embeddings and
+    the features are einsum's."""
+    mask_embed = torch.randn(3, 2, 4, 8, requires_grad=True)
+    features = torch.randn(2, 8, 5, 6)
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    features.requires_grad_(True)
+    upstream = torch.randn(3, 2, 4, 5, 6)
+    expected = torch.autograd.grad((torch.einsum("lbqc,bchw->lbqhw", mask_embed, features) * upstream).sum(),
+                                   [mask_embed, features])
+    layers = mask_logits(mask_embed, features).unbind(0)
+    got = torch.autograd.grad(sum((layer * u).sum() for layer, u in zip(layers, upstream)), [mask_embed, features])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
 
 
 def test_swin_outputs_keep_the_input_layout():

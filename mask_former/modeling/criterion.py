@@ -152,6 +152,12 @@ class SetCriterion(nn.Module):
         pred_logits = outputs["pred_logits"]
         check_targets(targets, pred_logits.shape[0], self.num_classes, "SetCriterion")
         num_masks = self._num_masks(targets, pred_logits.device)
+        # the matcher and the mask losses of every layer read the target masks as float32 on the
+        # predictions' device: converted once here instead of once per layer and use
+        targets = [
+            dict(target, masks=target["masks"].to(device=pred_logits.device, dtype=torch.float32))
+            for target in targets
+        ]
 
         losses = {}
         # in float32 even under autocast, so that mixed precision training is safe

@@ -32,21 +32,25 @@ class MLP(nn.Module):
 def mask_logits(mask_embed: Tensor, mask_features: Tensor) -> Tensor:
     """
     ``einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)``: each query's mask embedding dotted
-    with every pixel's embedding.
+    with every pixel's embedding, for the L decoder layers at once.
 
-    Channels-last features (the optimised inference path) are used as they lie, a
-    (pixels x channels) matrix per image, and the result comes out channels-last too (queries
-    innermost, a ``b x q x h x w`` view of ``b x h x w x q`` memory), which is what the band-wise
-    upsampling of the masks reads; ``einsum`` would copy the features to the planar layout first
-    (slowly, in bfloat16).
+    Computed as one matrix product per image with the queries of all layers stacked
+    (``b x (l q) x c``), so the features are neither copied per layer (as a broadcasting product
+    does, L x B x HW x C) nor to another layout, and the result's backward has no such copies
+    either. Channels-last features (the optimised paths) are used as they lie, a (pixels x
+    channels) matrix per image, and the result comes out with the queries innermost (for one layer, as in
+    inference, a channels-last ``b x q x h x w`` view of ``b x h x w x q`` memory, which is what
+    the band-wise upsampling of the masks reads). The result is a view; ``unbind(0)`` gives the layers.
     """
-    if mask_features.is_contiguous() or not mask_features.is_contiguous(memory_format=torch.channels_last):
-        return torch.einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)
-    num_layers, batch, num_queries, _ = mask_embed.shape
+    num_layers, batch, num_queries, channels = mask_embed.shape
     height, width = mask_features.shape[-2:]
+    queries = mask_embed.permute(1, 0, 2, 3).reshape(batch, num_layers * num_queries, channels)
+    if mask_features.is_contiguous() or not mask_features.is_contiguous(memory_format=torch.channels_last):
+        masks = torch.bmm(queries, mask_features.flatten(2))  # b x lq x hw
+        return masks.view(batch, num_layers, num_queries, height, width).transpose(0, 1)
     pixels = mask_features.permute(0, 2, 3, 1).flatten(1, 2)  # b x hw x c, a view
-    masks = torch.matmul(pixels, mask_embed.transpose(-1, -2))  # l x b x hw x q
-    return masks.view(num_layers, batch, height, width, num_queries).permute(0, 1, 4, 2, 3)
+    masks = torch.bmm(pixels, queries.transpose(1, 2))  # b x hw x lq
+    return masks.view(batch, height, width, num_layers, num_queries).permute(3, 0, 4, 1, 2)
 
 
 @TRANSFORMER_DECODER_REGISTRY.register()
@@ -166,8 +170,10 @@ class StandardTransformerDecoder(nn.Module):
         if not with_aux:
             hs = hs[-1:]
         mask_embed = self.mask_embed(hs)
-        masks = mask_logits(mask_embed, mask_features)
-        logits = self.class_embed(hs) if self.mask_classification else None
+        # one view per layer; unbind's backward writes the layers' gradients into one tensor,
+        # where indexing would give every layer a zero-filled gradient of the whole stack
+        masks = mask_logits(mask_embed, mask_features).unbind(0)
+        logits = self.class_embed(hs).unbind(0) if self.mask_classification else None
 
         out: Dict[str, object] = {"pred_masks": masks[-1]}
         if logits is not None:
@@ -179,7 +185,7 @@ class StandardTransformerDecoder(nn.Module):
     @torch.jit.unused
     def _aux_outputs(self, logits, masks) -> List[Dict[str, Tensor]]:
         aux = []
-        for i in range(masks.shape[0] - 1):
+        for i in range(len(masks) - 1):
             layer_out = {"pred_masks": masks[i]}
             if logits is not None:
                 layer_out["pred_logits"] = logits[i]
