@@ -12,6 +12,8 @@ from mask_former.modeling.training_optimization import folded_frozen_norms, froz
 from model_utils import tiny_cfg
 from test_inference_paths import randomize_norms
 from test_model import make_batch, tiny_swin_cfg
+from test_panoptic_segformer import make_batch as psf_batch
+from test_panoptic_segformer import psf_cfg
 
 
 def frozen_norm(channels: int, seed: int) -> FrozenBatchNorm2d:
@@ -78,17 +80,21 @@ def training_losses_and_grads(model, batch, optimize_training: bool):
     return {k: v.detach() for k, v in losses.items()}, grads
 
 
-@pytest.mark.parametrize("backbone", ["FrozenBN", "BN", "swin"])
+@pytest.mark.parametrize("backbone", ["FrozenBN", "BN", "swin", "panoptic_segformer"])
 def test_optimized_training_equals_modules_as_built(backbone):
-    """A whole training step's losses and every parameter's gradient, both paths on the same model."""
-    cfg = tiny_swin_cfg() if backbone == "swin" else tiny_cfg()
-    if backbone != "swin":
-        cfg.MODEL.RESNETS.NORM = backbone
+    """A whole training step's losses and every parameter's gradient, both paths on the same model
+    (MaskFormer with three backbones; Panoptic SegFormer with a FrozenBN ResNet)."""
+    if backbone == "panoptic_segformer":
+        cfg, batch = psf_cfg(), psf_batch()
+        cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    else:
+        cfg, batch = (tiny_swin_cfg() if backbone == "swin" else tiny_cfg()), make_batch()
+        if backbone != "swin":
+            cfg.MODEL.RESNETS.NORM = backbone
     torch.manual_seed(0)
     model = build_model(cfg).train()
     randomize_norms(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    batch = make_batch()
 
     losses, grads = training_losses_and_grads(model, batch, optimize_training=True)
     ref_losses, ref_grads = training_losses_and_grads(model, batch, optimize_training=False)
@@ -102,7 +108,7 @@ def test_optimized_training_equals_modules_as_built(backbone):
         # (e.g. a bias followed by a normalization) relative to the model's largest
         tolerance = 1e-3 * float(ref_grads[name].abs().max()) + 1e-5 * largest
         assert float((grads[name] - ref_grads[name]).abs().max()) <= tolerance, name
-    if backbone == "FrozenBN":
+    if backbone in ("FrozenBN", "panoptic_segformer"):
         frozen = [m for m in model.modules() if isinstance(m, Conv2d) and isinstance(m.norm, FrozenBatchNorm2d)]
         assert frozen and all(m.weight.grad is not None for m in frozen)  # FREEZE_AT 0: all trained
     # the modules run as built after the step, and nothing in the state dict moved or was replaced

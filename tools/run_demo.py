@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """`make demo`: the whole pipeline on the built-in synthetic dataset, on 2 CPU cores, for the built-in
-MaskFormer (about 13 minutes), or for both model families side by side with
+MaskFormer (about 12 minutes), or for both model families side by side with
 ``--models maskformer panoptic_segformer`` (about twice as long; `make demo DEMO_MODELS=...`):
 
 1. generate the synthetic dataset (skipped when it exists);

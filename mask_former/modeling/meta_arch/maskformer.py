@@ -23,7 +23,6 @@ from ..inference_optimization import (
 )
 from ..matcher import NonFiniteCostError
 from ..postprocessing import instance_inference, mask_wise_panoptic_inference, panoptic_inference, semantic_inference
-from ..training_optimization import folded_frozen_norms
 from ..transformer_decoder.transformer import fused_attention
 from .base import INSTANCE, PANOPTIC, SEMANTIC, SegmentationMetaArch, task_switches
 
@@ -115,9 +114,9 @@ class MaskFormer(SegmentationMetaArch):
                 channels-last convolutions, band-wise upsampling and semantic combination; see
                 ``prepare_for_inference``). False runs the reference path (plain modules,
                 full-resolution intermediates), which is always float32.
-            optimize_training: train with channels-last convolutions and frozen batch norms folded
-                into them (``training_optimization.folded_frozen_norms``; same losses and
-                gradients to float rounding). False trains the modules as built.
+            optimize_training: train with channels-last convolutions and the backbone's frozen
+                batch norms folded into them (``backbone_features``; same losses and gradients to
+                float rounding). False trains the modules as built.
         """
         super().__init__()
         self.backbone = backbone
@@ -268,13 +267,8 @@ class MaskFormer(SegmentationMetaArch):
             # The optimised path reads cached copies of some weights: no gradients reach them.
             outputs = self.run_network_for_inference(images.tensor)
             return self.optimized_inference(outputs, batched_inputs, images)
-        if self.training and self.optimize_training:
-            with folded_frozen_norms(self):
-                features = self.backbone(images.tensor.contiguous(memory_format=torch.channels_last))
-                outputs = self.sem_seg_head(features)
-        else:
-            features = self.backbone(images.tensor)
-            outputs = self.sem_seg_head(features)
+        features = self.backbone_features(images.tensor)
+        outputs = self.sem_seg_head(features)
 
         if self.training:
             targets = self.prepare_targets(batched_inputs, images)

@@ -179,7 +179,7 @@ class PanopticSegFormer(SegmentationMetaArch):
                                   device=self.device)
         for i, (h, w) in enumerate(images.image_sizes):
             padding_mask[i, :h, :w] = False
-        features = self.backbone(images.tensor)
+        features = self.backbone_features(images.tensor)
         memory = self.encoder(features, padding_mask)
         location = self.location_decoder(memory)
         batch = images.tensor.shape[0]
