@@ -6,6 +6,9 @@ equal what they replace."""
 import copy
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -352,3 +355,15 @@ def test_benchmark_inference_tool_runs(tmp_path):
     assert paths["fp32"]["agreement"]["sem_seg_max_rel_diff"] < EXACT
     assert paths["bf16"]["agreement"]["sem_seg_argmax_agreement"] >= 0.995
     assert "amx_bf16" in report["cpu"]
+
+
+@pytest.mark.parametrize("preset,expected", [(None, "1"), ("0", "0")])
+def test_import_turns_on_huge_pages_for_large_tensors_unless_set(preset, expected):
+    """``import mask_former`` sets THP_MEM_ALLOC_ENABLE=1 (read by torch at its first large
+    allocation) unless the user set it."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = "import os, torch, mask_former; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == expected
