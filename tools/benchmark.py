@@ -37,8 +37,9 @@ subprocess (``--no-memory`` skips it):
 * inference (``tools/benchmark_inference.py``): reference (fp32, no folding, the original
   post-processing), fp32 (the exact optimised path), bf16;
 * training (``tools/benchmark_training.py``, batch ``--batch-size``, ``--num-gt-masks`` masks
-  per image): reference (full-resolution losses, image-by-image matcher), full (batched
-  matcher), points (point-sampled losses and costs), points_bf16 (and bf16 autocast).
+  per image): reference (full-resolution losses, image-by-image matcher, the modules as built),
+  full (batched matcher, channels-last convolutions with the frozen batch norms folded), points
+  (point-sampled losses and costs), points_bf16 (and bf16 autocast).
 """
 import argparse
 import importlib.util
