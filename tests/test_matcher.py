@@ -282,6 +282,29 @@ def test_pairwise_costs_in_float32_at_extreme_logits(kind, cost_fn):
             assert got[q, t].item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
+@pytest.mark.parametrize("cost_fn", [sigmoid_focal_cost, bce_cost, brier_cost, dice_cost])
+def test_builtin_costs_take_a_batch(cost_fn):
+    """B x Q x P and B x T x P give each image's Q x T cost (the matcher calls them so, without vmap)."""
+    generator = torch.Generator().manual_seed(6)
+    inputs = torch.randn(3, 5, 40, generator=generator) * 4
+    targets = (torch.rand(3, 2, 40, generator=generator) > 0.5).float()
+    batched = cost_fn(inputs, targets)
+    assert batched.shape == (3, 5, 2)
+    for b in range(3):
+        torch.testing.assert_close(batched[b], cost_fn(inputs[b], targets[b]), rtol=1e-6, atol=1e-6)
+
+
+def test_focal_cost_is_differentiable():
+    """Without autograd the focal cost updates its intermediates in place; with it, it is the same
+    function and its gradient passes gradcheck."""
+    generator = torch.Generator().manual_seed(7)
+    inputs = torch.randn(3, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    targets = (torch.rand(2, 7, generator=generator) > 0.5).double()
+    assert torch.autograd.gradcheck(lambda x: sigmoid_focal_cost(x, targets), (inputs,))
+    with torch.no_grad():
+        torch.testing.assert_close(sigmoid_focal_cost(inputs, targets), sigmoid_focal_cost(inputs, targets).detach())
+
+
 def test_constructor_validation():
     with pytest.raises(ValueError, match="focal, bce, brier"):
         HungarianMatcher(mask_cost_type="dice")

@@ -9,7 +9,9 @@ Two families of functions, one per kind of mask loss:
 - ``*_cost(inputs, targets)``: the same quantity for every (query, target) pair, as a Q x T
   matrix, without the division by ``num_masks``. ``inputs`` is Q x P, ``targets`` is T x P. The
   matcher maps a cost over the images of a batch with ``torch.vmap``, so a cost must be a plain
-  tensor function (no ``.item()``, no branching on values).
+  tensor function (no ``.item()``, no branching on values); a cost that also takes a batch
+  (B x Q x P, B x T x P -> B x Q x T), as the built-in ones do, declares ``batched=True`` in its
+  :class:`MaskLossType` and is called on the whole batch at once instead.
 
 ``inputs`` are mask logits (before the sigmoid) and ``targets`` are binary masks as float in
 {0, 1}. The costs are computed with matrix products; the focal cost relies on the targets being
@@ -24,6 +26,7 @@ criterion's output and the config key of its weight. A new mask loss is one call
 from dataclasses import dataclass
 from typing import Callable, Dict
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -79,26 +82,45 @@ def sigmoid_focal_cost(
 ) -> Tensor:
     """Pixel-mean sigmoid focal loss of every (query, target) pair.
 
+    With ``pos``/``neg`` the focal loss of a pixel as foreground/background, the cost is
+    ``(pos @ t^T + neg @ (1 - t)^T) / P``; the passes over the Q x P values are the matcher's main
+    work when masks are large, so they are few.
+
     Args:
-        inputs: Q x P mask logits.
-        targets: T x P binary targets (float in {0, 1}).
+        inputs: Q x P mask logits (or B x Q x P).
+        targets: T x P binary targets (float in {0, 1}) (or B x T x P).
 
     Returns:
-        Q x T cost matrix.
+        Q x T cost matrix (or B x Q x T).
     """
-    num_pixels = inputs.shape[1]
+    num_pixels = inputs.shape[-1]
+    # Without autograd (the matcher), the intermediate Q x P tensors are updated in place (fewer
+    # allocations of large tensors), and alpha scales the Q x T products, not the Q x P terms.
+    in_place = not (torch.is_grad_enabled() and inputs.requires_grad)
     prob = inputs.sigmoid()
     # -log(1 - p) = softplus(x) without overflow, and -log(p) = softplus(-x) = softplus(x) - x: one
     # softplus for both (the subtraction's rounding, at most an ulp of x, is scaled by (1 - p)^gamma,
     # which is tiny where x is large)
-    neg_log_one_minus_p = F.softplus(inputs)
-    focal_pos = (1 - prob) ** gamma * (neg_log_one_minus_p - inputs)
-    focal_neg = prob**gamma * neg_log_one_minus_p
+    softplus = F.softplus(inputs)
+    if gamma == 2:
+        focal_neg = prob * softplus
+        focal_neg = focal_neg.mul_(prob) if in_place else focal_neg * prob
+        focal_pos = torch.rsub(prob, 1)
+        focal_pos = focal_pos.square_() if in_place else focal_pos.square()
+    else:
+        focal_neg = prob.pow(gamma) * softplus
+        focal_pos = torch.rsub(prob, 1).pow(gamma)
+    if in_place:
+        focal_pos.mul_(softplus.sub_(inputs))
+    else:
+        focal_pos = focal_pos * (softplus - inputs)
+    targets_t = targets.transpose(-1, -2)
+    # two products rather than (pos - neg) @ t^T + sum(neg): that form cancels large terms where
+    # the logits are large, in float32 (the matcher's dtype)
+    pos_cost, neg_cost = focal_pos @ targets_t, focal_neg @ (1 - targets_t)
     if alpha >= 0:
-        focal_pos = focal_pos * alpha
-        focal_neg = focal_neg * (1 - alpha)
-    cost = focal_pos @ targets.T + focal_neg @ (1 - targets).T
-    return cost / num_pixels
+        pos_cost, neg_cost = pos_cost * alpha, neg_cost * (1 - alpha)
+    return (pos_cost + neg_cost) / num_pixels
 
 
 def bce_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
@@ -120,14 +142,15 @@ def bce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     """Pixel-mean binary cross-entropy of every (query, target) pair.
 
     Args:
-        inputs: Q x P mask logits.
-        targets: T x P targets in [0, 1].
+        inputs: Q x P mask logits (or B x Q x P).
+        targets: T x P targets in [0, 1] (or B x T x P).
 
     Returns:
-        Q x T cost matrix.
+        Q x T cost matrix (or B x Q x T).
     """
-    num_pixels = inputs.shape[1]
-    cost = F.softplus(-inputs) @ targets.T + F.softplus(inputs) @ (1 - targets).T
+    num_pixels = inputs.shape[-1]
+    targets_t = targets.transpose(-1, -2)
+    cost = F.softplus(-inputs) @ targets_t + F.softplus(inputs) @ (1 - targets_t)
     return cost / num_pixels
 
 
@@ -150,16 +173,16 @@ def brier_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     """Pixel-mean Brier score of every (query, target) pair.
 
     Args:
-        inputs: Q x P mask logits.
-        targets: T x P targets in [0, 1].
+        inputs: Q x P mask logits (or B x Q x P).
+        targets: T x P targets in [0, 1] (or B x T x P).
 
     Returns:
-        Q x T cost matrix.
+        Q x T cost matrix (or B x Q x T).
     """
-    num_pixels = inputs.shape[1]
+    num_pixels = inputs.shape[-1]
     prob = inputs.sigmoid()
     # sum (p - y)^2 = sum p^2 - 2 sum p*y + sum y^2
-    cost = (prob**2).sum(1)[:, None] - 2 * prob @ targets.T + (targets**2).sum(1)[None, :]
+    cost = (prob**2).sum(-1)[..., :, None] - 2 * prob @ targets.transpose(-1, -2) + (targets**2).sum(-1)[..., None, :]
     # the expansion can round to slightly below zero
     return cost.clamp(min=0) / num_pixels
 
@@ -186,15 +209,15 @@ def dice_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     """Dice loss of every (query, target) pair.
 
     Args:
-        inputs: Q x P mask logits.
-        targets: T x P targets in [0, 1].
+        inputs: Q x P mask logits (or B x Q x P).
+        targets: T x P targets in [0, 1] (or B x T x P).
 
     Returns:
-        Q x T cost matrix.
+        Q x T cost matrix (or B x Q x T).
     """
     prob = inputs.sigmoid()
-    numerator = 2 * prob @ targets.T
-    denominator = prob.sum(1)[:, None] + targets.sum(1)[None, :]
+    numerator = 2 * prob @ targets.transpose(-1, -2)
+    denominator = prob.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :]
     return 1 - (numerator + 1) / (denominator + 1)
 
 
@@ -211,6 +234,9 @@ class MaskLossType:
     pointwise: bool
     # key under MODEL.MASK_FORMER of this loss's weight (also its matching-cost weight)
     weight_key: str
+    # True when ``cost`` also takes a batch (B x Q x P, B x T x P -> B x Q x T); otherwise the
+    # matcher maps it over the images with torch.vmap
+    batched: bool = False
 
 
 # Every mask loss, by the name MODEL.MASK_FORMER.MASK_LOSSES uses. Add one with register_mask_loss.
@@ -240,10 +266,12 @@ def register_mask_loss(name: str, loss_type: MaskLossType) -> MaskLossType:
     return loss_type
 
 
-register_mask_loss("focal", MaskLossType(sigmoid_focal_loss, sigmoid_focal_cost, "loss_mask", True, "MASK_WEIGHT"))
-register_mask_loss("bce", MaskLossType(bce_loss, bce_cost, "loss_bce", True, "BCE_WEIGHT"))
-register_mask_loss("brier", MaskLossType(brier_loss, brier_cost, "loss_brier", True, "BRIER_WEIGHT"))
-register_mask_loss("dice", MaskLossType(dice_loss, dice_cost, "loss_dice", False, "DICE_WEIGHT"))
+register_mask_loss(
+    "focal", MaskLossType(sigmoid_focal_loss, sigmoid_focal_cost, "loss_mask", True, "MASK_WEIGHT", batched=True)
+)
+register_mask_loss("bce", MaskLossType(bce_loss, bce_cost, "loss_bce", True, "BCE_WEIGHT", batched=True))
+register_mask_loss("brier", MaskLossType(brier_loss, brier_cost, "loss_brier", True, "BRIER_WEIGHT", batched=True))
+register_mask_loss("dice", MaskLossType(dice_loss, dice_cost, "loss_dice", False, "DICE_WEIGHT", batched=True))
 
 
 def get_mask_loss(

@@ -152,9 +152,9 @@ class HungarianMatcher(nn.Module):
         self.check_inputs = check_inputs
         self.num_points = num_points
         self.solver = solver
-        self._mask_cost = get_mask_loss(
-            mask_cost_type, pointwise_only=True, where="HungarianMatcher mask_cost_type"
-        ).cost
+        mask_cost = get_mask_loss(mask_cost_type, pointwise_only=True, where="HungarianMatcher mask_cost_type")
+        # the costs take one image (Q x P, T x P); vmap maps those that do not take a batch
+        self._mask_cost = mask_cost.cost if mask_cost.batched else torch.vmap(mask_cost.cost)
 
     def extra_repr(self) -> str:
         return (
@@ -230,11 +230,10 @@ class HungarianMatcher(nn.Module):
                 terms.append(("class", self.cost_class, -class_prob))
             if self.cost_mask > 0 or self.cost_dice > 0:
                 pred, tgt = self._mask_values(pred_masks, targets, max_targets)
-                # the cost functions take one image (Q x P, T x P); vmap maps them over the batch
                 if self.cost_mask > 0:
-                    terms.append(("mask", self.cost_mask, torch.vmap(self._mask_cost)(pred, tgt)))
+                    terms.append(("mask", self.cost_mask, self._mask_cost(pred, tgt)))
                 if self.cost_dice > 0:
-                    terms.append(("dice", self.cost_dice, torch.vmap(dice_cost)(pred, tgt)))
+                    terms.append(("dice", self.cost_dice, dice_cost(pred, tgt)))
             for _, weight, term in terms:
                 cost += weight * term
         self._check_finite(cost, terms, num_targets)
