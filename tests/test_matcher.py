@@ -301,8 +301,11 @@ def test_focal_cost_is_differentiable():
     inputs = torch.randn(3, 7, generator=generator, dtype=torch.float64, requires_grad=True)
     targets = (torch.rand(2, 7, generator=generator) > 0.5).double()
     assert torch.autograd.gradcheck(lambda x: sigmoid_focal_cost(x, targets), (inputs,))
+    differentiable = sigmoid_focal_cost(inputs, targets)
+    assert differentiable.grad_fn is not None
     with torch.no_grad():
-        torch.testing.assert_close(sigmoid_focal_cost(inputs, targets), sigmoid_focal_cost(inputs, targets).detach())
+        in_place = sigmoid_focal_cost(inputs, targets)
+    torch.testing.assert_close(in_place, differentiable.detach())
 
 
 def test_constructor_validation():
