@@ -8,7 +8,11 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch.nn import functional as F
 
-from mask_former.modeling.training_optimization import folded_frozen_norms, frozen_norm_affine
+from mask_former.modeling.training_optimization import (
+    channels_last_conv_weights,
+    folded_frozen_norms,
+    frozen_norm_affine,
+)
 from model_utils import tiny_cfg
 from test_inference_paths import randomize_norms
 from test_model import make_batch, tiny_swin_cfg
@@ -131,3 +135,48 @@ def test_optimized_training_equals_modules_as_built(backbone):
     assert state.keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def conv_weights(model):
+    return {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+
+def test_channels_last_conv_weights_keeps_values_and_parameters():
+    """Every Conv2d weight becomes channels-last in place: the same Parameter objects (an optimizer
+    built before keeps them), the same values; other parameters are not touched; a second call
+    changes nothing."""
+    model = build_model(tiny_cfg())
+    weights = conv_weights(model)
+    values = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    others = {n: p for n, p in model.named_parameters() if p.dim() != 4}
+    assert any(not w.is_contiguous(memory_format=torch.channels_last) for w in weights.values())
+
+    changed = channels_last_conv_weights(model)
+    assert changed > 0
+    assert conv_weights(model) == weights  # same objects
+    for w in weights.values():
+        assert w.is_contiguous(memory_format=torch.channels_last)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, values[k]), k
+    for n, p in model.named_parameters():
+        if p.dim() != 4:
+            assert p is others[n] and p.is_contiguous()
+    assert channels_last_conv_weights(model) == 0
+
+
+@pytest.mark.parametrize("optimize_training", [True, False])
+def test_training_step_stores_conv_weights_channels_last(optimize_training):
+    """The first optimised training step leaves the convolution weights and their gradients
+    channels-last (no reorder at every call); the modules as built keep their layout."""
+    model = build_model(tiny_cfg()).train()
+    model.optimize_training = optimize_training
+    sum(model(make_batch()).values()).backward()
+    for name, w in conv_weights(model).items():
+        if w.grad is None:
+            continue
+        # (a 1x1 kernel is contiguous in both layouts)
+        layout = torch.channels_last if optimize_training else torch.contiguous_format
+        assert w.is_contiguous(memory_format=layout), name
+        assert w.grad.is_contiguous(memory_format=layout), name
+    if not optimize_training:
+        assert any(not w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(model).values())

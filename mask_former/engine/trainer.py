@@ -21,6 +21,7 @@ from ..checkpoint import MaskFormerCheckpointer
 from ..data import build_dataset_mapper
 from ..data.dataset_mappers import StopWhenNothingReadable, check_num_classes
 from ..evaluation import CheckedSemSegEvaluator, build_evaluator
+from ..modeling.training_optimization import channels_last_conv_weights
 from ..solver import build_lr_scheduler, build_optimizer
 from ..test_time_augmentation import SemanticSegmentorWithTTA
 from .resume import RandomStates, RestoreRandomStatesHook, ResumableTrainingSampler
@@ -171,6 +172,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
+        if getattr(model, "optimize_training", False):
+            # here, before DistributedDataParallel wraps the model (its gradient buckets take the
+            # weights' layout) and before the optimizer's moments exist (they take it too)
+            channels_last_conv_weights(model)
         return build_optimizer(cfg, model)
 
     @classmethod

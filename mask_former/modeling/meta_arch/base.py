@@ -12,7 +12,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ...tasks import enabled_tasks, get_task
-from ..training_optimization import folded_frozen_norms
+from ..training_optimization import channels_last_conv_weights, folded_frozen_norms
 
 __all__ = ["SegmentationMetaArch", "task_switches"]
 
@@ -62,8 +62,14 @@ class SegmentationMetaArch(nn.Module):
         """The backbone's features of a B x 3 x H x W batch. In training with
         ``optimize_training``, the images go in channels-last and the backbone's frozen batch norms
         are folded into their convolutions (``training_optimization.folded_frozen_norms``): the
-        same losses and gradients to float rounding, faster on CPUs (oneDNN's own layout)."""
+        same losses and gradients to float rounding, faster on CPUs (oneDNN's own layout). The
+        first such call also stores every convolution weight of the model channels-last
+        (``training_optimization.channels_last_conv_weights``), so the features stay in that layout
+        through the heads without a reorder of the weights at every call."""
         if self.training and self.optimize_training:
+            if not getattr(self, "_conv_weights_channels_last", False):
+                channels_last_conv_weights(self)
+                self._conv_weights_channels_last = True
             with folded_frozen_norms(self.backbone):
                 return self.backbone(images.contiguous(memory_format=torch.channels_last))
         return self.backbone(images)
