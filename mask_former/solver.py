@@ -76,7 +76,9 @@ def _with_full_model_gradient_clipping(optim_cls: Type[torch.optim.Optimizer], m
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """SOLVER.OPTIMIZER ("ADAMW" or "SGD") over :func:`get_param_groups`, with gradient clipping
     from SOLVER.CLIP_GRADIENTS: CLIP_TYPE "full_model" clips the global norm; "value"/"norm"
-    are detectron2's per-parameter clipping."""
+    are detectron2's per-parameter clipping. AdamW runs PyTorch's fused kernel when
+    SOLVER.FUSED_OPTIMIZER (an optimizer state saved without it, when loaded, keeps its own
+    setting: the same updates, PyTorch's loop)."""
     params = get_param_groups(cfg, model)
     clip = cfg.SOLVER.CLIP_GRADIENTS
     full_model_clip = clip.ENABLED and clip.CLIP_TYPE == "full_model" and clip.CLIP_VALUE > 0.0
@@ -86,6 +88,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         optim_cls, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}
     elif name == "ADAMW":
         optim_cls, kwargs = torch.optim.AdamW, {}
+        if cfg.SOLVER.FUSED_OPTIMIZER:
+            kwargs["fused"] = True
     else:
         raise ValueError(f"SOLVER.OPTIMIZER={name!r} is not supported; expected 'ADAMW' or 'SGD'")
     if full_model_clip:

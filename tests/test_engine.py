@@ -68,6 +68,35 @@ def test_sgd_and_unknown_optimizer():
         build_optimizer(cfg, build_model(cfg))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_update_by_hand(fused):
+    """Three AdamW steps (SOLVER.FUSED_OPTIMIZER on and off) against the update written out:
+    decoupled weight decay, bias-corrected moments (PyTorch's defaults betas (0.9, 0.999), eps 1e-8)."""
+    cfg = solver_cfg()
+    cfg.SOLVER.FUSED_OPTIMIZER = fused
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY = 0.01, 0.1
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = build_optimizer(cfg, model)
+    assert all(group["fused"] is (True if fused else None) for group in optimizer.param_groups)
+    expected = {n: p.detach().clone().double() for n, p in model.named_parameters()}
+    moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in expected.items()}
+    (beta1, beta2), eps, lr, decay = (0.9, 0.999), 1e-8, 0.01, 0.1
+    for step in range(1, 4):
+        for name, p in model.named_parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+            m, v = moments[name]
+            grad = p.grad.double()
+            m.mul_(beta1).add_((1 - beta1) * grad)
+            v.mul_(beta2).add_((1 - beta2) * grad**2)
+            expected[name] *= 1 - lr * decay
+            expected[name] -= lr * (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + eps)
+        optimizer.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach().double(), expected[name], rtol=1e-5, atol=1e-6)
+
+
 def test_full_model_gradient_clipping_clips_the_global_norm():
     cfg = solver_cfg()
     cfg.SOLVER.BASE_LR = 0.0  # only look at the gradients
