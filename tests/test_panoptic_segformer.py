@@ -16,6 +16,7 @@ from mask_former import add_mask_former_config
 from mask_former.layers import flatten_levels
 from mask_former.modeling.panoptic_segformer import BoxMaskMatcher, LocationDecoder, PanopticSegFormerCriterion
 from mask_former.modeling.panoptic_segformer.location_decoder import sine_box_embedding
+from mask_former.modeling.panoptic_segformer.mask_decoder import AttentionMaskHead
 from mask_former.solver import get_param_groups
 from model_utils import CONFIG_DIR
 from train_utils import REPO_ROOT, read_metrics, train_net_cmd, train_net_env
@@ -59,6 +60,40 @@ def make_batch(sizes=((64, 64), (48, 64))):
         image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
         batch.append({"image": image, "instances": inst, "height": h, "width": w})
     return batch
+
+
+# ---------------------------------------------------------------- mask decoder
+
+
+def test_attention_mask_head_by_the_published_formula():
+    """The mask head against the formula of the description, written out here: per level,
+    Linear(heads, heads) + ReLU on the attention logits of its tokens, the coarser maps bilinearly
+    upsampled to the finest level, concatenated, Linear(3 heads, 1)."""
+    torch.manual_seed(0)
+    heads, batch, queries = 4, 2, 3
+    shapes = [(6, 5), (3, 3), (2, 1)]  # odd sizes: the upsampling is not a plain x2
+    head = AttentionMaskHead(heads, num_levels=3)
+    attn_logits = torch.randn(batch, heads, queries, sum(h * w for h, w in shapes), requires_grad=True)
+
+    maps, start = [], 0
+    for (h, w), linear in zip(shapes, head.level_linears):
+        tokens = attn_logits[..., start:start + h * w]  # B x heads x Q x hw
+        start += h * w
+        level = torch.relu(torch.einsum("bnqs,on->bqso", tokens, linear.weight) + linear.bias)
+        level = level.permute(0, 1, 3, 2).reshape(batch * queries, heads, h, w)
+        maps.append(torch.nn.functional.interpolate(level, size=shapes[0], mode="bilinear", align_corners=False))
+    stacked = torch.cat(maps, dim=1)  # B Q x 3 heads x H x W
+    expected = torch.einsum("nchw,c->nhw", stacked, head.fuse.weight[0]) + head.fuse.bias
+    expected = expected.view(batch, queries, *shapes[0])
+
+    got = head(attn_logits, shapes)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(expected)
+    params = [attn_logits] + list(head.parameters())
+    want_grads = torch.autograd.grad((expected * upstream).sum(), params)
+    got_grads = torch.autograd.grad((got * upstream).sum(), params)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- location decoder

@@ -27,7 +27,12 @@ NUM_MASK_LEVELS = 3  # strides 8, 16, 32
 
 
 class AttentionMaskHead(nn.Module):
-    """Attention logits of the mask levels -> one mask logit map per query at the finest level."""
+    """Attention logits of the mask levels -> one mask logit map per query at the finest level.
+
+    Computed as written in the module docstring, but with the fusing Linear(levels x heads, 1)
+    applied to each level before its upsampling: both are linear, so ``fuse(cat(up(a_l)))`` equals
+    ``sum_l up(w_l . a_l) + bias``, and only one channel per level is upsampled instead of heads.
+    """
 
     def __init__(self, nheads: int, num_levels: int = NUM_MASK_LEVELS):
         super().__init__()
@@ -45,16 +50,17 @@ class AttentionMaskHead(nn.Module):
         batch, heads, queries, _ = attn_logits.shape
         height, width = shapes[0]
         logits = attn_logits.permute(0, 2, 3, 1)  # B x Q x S3 x heads
-        maps = []
-        for level_logits, (h, w), linear in zip(logits.split([h * w for h, w in shapes], dim=2), shapes,
-                                                 self.level_linears):
-            level = F.relu(linear(level_logits))  # B x Q x h w x heads
-            level = level.permute(0, 1, 3, 2).reshape(batch * queries, heads, h, w)
+        fuse_weights = self.fuse.weight.view(len(shapes), heads)
+        fused = None
+        for level_logits, (h, w), linear, fuse_weight in zip(
+            logits.split([h * w for h, w in shapes], dim=2), shapes, self.level_linears, fuse_weights
+        ):
+            level = F.relu(linear(level_logits)) @ fuse_weight  # B x Q x h w
+            level = level.view(batch * queries, 1, h, w)
             if (h, w) != (height, width):
                 level = F.interpolate(level, size=(height, width), mode="bilinear", align_corners=False)
-            maps.append(level)
-        fused = torch.cat(maps, dim=1).permute(0, 2, 3, 1)  # B Q x H x W x 3 heads
-        return self.fuse(fused).reshape(batch, queries, height, width)
+            fused = level if fused is None else fused + level
+        return (fused + self.fuse.bias).view(batch, queries, height, width)
 
 
 class MaskDecoderLayer(nn.Module):
