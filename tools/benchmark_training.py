@@ -42,8 +42,9 @@ False``), ``full`` (TRAIN_NUM_POINTS 0, batched matcher), ``points`` (TRAIN_NUM_
 ``--num-points``), ``points_bf16`` (the same under ``torch.autocast`` with bfloat16, as
 SOLVER.AMP.PRECISION bfloat16 trains), ``bf16`` (full resolution under bfloat16 autocast). All
 but the reference and ``points_plain`` (``points`` with the modules as built) train with
-channels-last convolutions and the frozen batch norms folded into them (``optimize_training``,
-the default).
+channels-last convolutions (weights stored channels-last) and the frozen batch norms folded into
+them (``optimize_training``, the default) and with AdamW's fused kernel (SOLVER.FUSED_OPTIMIZER,
+the default); those two run PyTorch's loop over tensors, as before it.
 """
 import argparse
 import json
@@ -190,6 +191,7 @@ class PathRunner:
         cfg.MODEL.DEVICE = args.device
         cfg.MODEL.WEIGHTS = ""
         cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = args.num_points if points else 0
+        cfg.SOLVER.FUSED_OPTIMIZER = optimize_training
         cfg.freeze()
         self.cfg = cfg
         self.device = torch.device(args.device)
