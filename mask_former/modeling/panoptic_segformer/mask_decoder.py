@@ -15,7 +15,6 @@ ReLU, since a ReLU on a logit would keep every pixel's probability at 0.5 or abo
 import copy
 from typing import Dict, List, Optional, Tuple
 
-import torch
 from detectron2.config import configurable
 from torch import Tensor, nn
 from torch.nn import functional as F
