@@ -294,6 +294,23 @@ def test_builtin_costs_take_a_batch(cost_fn):
         torch.testing.assert_close(batched[b], cost_fn(inputs[b], targets[b]), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.6, 1.5), (0.4, 0.0)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_focal_cost_alpha_gamma_against_pixel_loops(alpha, gamma, grad):
+    """Both code paths (gamma 2 and any other gamma; in place without autograd, out of place with
+    it) against the per-pixel focal loss written out."""
+    generator = torch.Generator().manual_seed(8)
+    inputs = (torch.randn(4, 6, generator=generator, dtype=torch.float64) * 3).requires_grad_(grad)
+    targets = (torch.rand(3, 6, generator=generator) > 0.4).double()
+    got = sigmoid_focal_cost(inputs, targets, alpha=alpha, gamma=gamma)
+    assert (got.grad_fn is not None) == grad
+    for q in range(4):
+        for t in range(3):
+            xs, ys = inputs[q].tolist(), targets[t].tolist()
+            expected = sum(focal_pixel(x, y, alpha, gamma) for x, y in zip(xs, ys)) / len(xs)
+            assert got[q, t].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
 def test_focal_cost_is_differentiable():
     """Without autograd the focal cost updates its intermediates in place; with it, it is the same
     function and its gradient passes gradcheck."""

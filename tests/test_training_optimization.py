@@ -171,12 +171,30 @@ def test_training_step_stores_conv_weights_channels_last(optimize_training):
     model = build_model(tiny_cfg()).train()
     model.optimize_training = optimize_training
     sum(model(make_batch()).values()).backward()
-    for name, w in conv_weights(model).items():
-        if w.grad is None:
-            continue
+    trained = {name: w for name, w in conv_weights(model).items() if w.grad is not None}
+    assert len(trained) > 10  # FREEZE_AT 0: the backbone's and the pixel decoder's convolutions
+    for name, w in trained.items():
         # (a 1x1 kernel is contiguous in both layouts)
         layout = torch.channels_last if optimize_training else torch.contiguous_format
         assert w.is_contiguous(memory_format=layout), name
         assert w.grad.is_contiguous(memory_format=layout), name
     if not optimize_training:
         assert any(not w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(model).values())
+
+
+def test_trainer_stores_conv_weights_channels_last_before_the_optimizer():
+    """``Trainer.build_optimizer`` (called before DistributedDataParallel wraps the model) converts
+    the weights of a model that trains optimised, in place: the optimizer holds the same objects."""
+    from mask_former.engine.trainer import Trainer
+
+    cfg = tiny_cfg()
+    for optimize_training in (True, False):
+        model = build_model(cfg)
+        model.optimize_training = optimize_training
+        weights = conv_weights(model)
+        optimizer = Trainer.build_optimizer(cfg, model)
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        assert all(id(w) in held for w in weights.values())
+        # (a 1x1 kernel is contiguous in both layouts)
+        converted = [w.is_contiguous(memory_format=torch.channels_last) for w in weights.values() if w.shape[-1] > 1]
+        assert converted and (all(converted) if optimize_training else not any(converted))

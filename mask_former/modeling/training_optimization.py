@@ -74,9 +74,7 @@ def channels_last_conv_weights(module: nn.Module) -> int:
     the old layout, which is correct but slower."""
     changed = 0
     for conv in module.modules():
-        weight = getattr(conv, "weight", None)
-        if isinstance(conv, nn.Conv2d) and weight is not None and weight.dim() == 4:
-            if not weight.is_contiguous(memory_format=torch.channels_last):
-                weight.data = weight.data.contiguous(memory_format=torch.channels_last)
-                changed += 1
+        if isinstance(conv, nn.Conv2d) and not conv.weight.is_contiguous(memory_format=torch.channels_last):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+            changed += 1
     return changed
