@@ -20,14 +20,15 @@ Class ids are contiguous ids in ``[0, K)`` throughout.
 Speed and exactness: the functions are vectorised over queries and pixels; only the mask-wise
 merge loops, over its candidates, as its definition is sequential. On the CPU, Q x H x W work goes
 through cache-sized blocks, and where one of torch's CPU kernels is slow for these shapes (sums of
-bool tensors, argmax over the query dimension, max with indices, bool ``any``, float ``where``),
-an equivalent formulation gives the same result exactly (:func:`_count_true`,
-:func:`_argmax_over_queries`, :func:`_max_over_classes`, :func:`_bounding_boxes`). The outputs of
-:func:`panoptic_inference` and :func:`instance_inference` are identical to those of the plain
-formulations written in their docstrings (tests compare them with loop implementations). For that,
-``sigmoid`` is applied to the very tensor of the plain formulation: its vectorised and scalar CPU
-code paths can differ in the last bit, and which elements take which path depends on the tensor's
-size and on the threads, so the tensor it runs on is part of the result.
+bool tensors, comparisons into bool tensors, argmax over the query dimension, max with indices,
+bool ``any``, float ``where``), an equivalent formulation gives the same result exactly
+(:func:`_count_true`, :func:`_argmax_over_queries`, :func:`_max_over_classes`, comparisons written
+into float 0 / 1 tensors). The outputs of :func:`panoptic_inference` are identical to those of the
+plain formulation written in its docstring, and so are those of :func:`instance_inference` but for
+its scores, which equal it to float rounding (tests compare both with loop implementations). For
+the panoptic output, ``sigmoid`` is applied to the very tensor of the plain formulation: its
+vectorised and scalar CPU code paths can differ in the last bit, and which elements take which path
+depends on the tensor's size and on the threads, so the tensor it runs on is part of the result.
 """
 import math
 from typing import Collection, Dict, List, Optional, Sequence, Tuple
@@ -150,29 +151,22 @@ def _first_and_end(flags: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return first, end
 
 
-def _bounding_boxes(masks: torch.Tensor) -> torch.Tensor:
+def _boxes_from_profiles(in_column: torch.Tensor, in_row: torch.Tensor) -> torch.Tensor:
     """
-    Tight boxes around binary masks, equal to ``BitMasks(masks).get_bounding_boxes().tensor``
-    but computed on the masks' device without a per-mask loop.
+    Tight boxes around binary masks, given which columns and rows of each mask hold a True pixel
+    (equal to ``BitMasks(masks).get_bounding_boxes().tensor``).
 
     Args:
-        masks: N x H x W bool.
+        in_column: N x W bool, ``masks.any(1)``; in_row: N x H bool, ``masks.any(2)``.
 
     Returns:
         N x 4 float32 (x1, y1, x2, y2), absolute, x2 / y2 one past the last pixel of the mask;
         all zero for an empty mask.
     """
-    boxes = torch.zeros(masks.shape[0], 4, dtype=torch.float32, device=masks.device)
-    if masks.numel() == 0:
-        return boxes
-    as_uint8 = masks.view(torch.uint8)  # a uint8 max is vectorised on the CPU, a bool any() is not
-    in_column = as_uint8.amax(1) > 0  # N x W
-    in_row = as_uint8.amax(2) > 0  # N x H
     x1, x2 = _first_and_end(in_column)
     y1, y2 = _first_and_end(in_row)
-    nonempty = in_column.any(1)
     corners = torch.stack([x1, y1, x2, y2], dim=1).to(torch.float32)
-    return torch.where(nonempty[:, None], corners, boxes)
+    return torch.where(in_column.any(1)[:, None], corners, torch.zeros_like(corners))
 
 
 def _argmax_over_queries(values: torch.Tensor) -> torch.Tensor:
@@ -190,15 +184,13 @@ def _argmax_over_queries(values: torch.Tensor) -> torch.Tensor:
     if values.device.type != "cpu" or num_queries > torch.iinfo(torch.int16).max:
         return values.argmax(0)
     # torch's CPU argmax over the leading dimension is not vectorised, its max is: the first query
-    # reaching the max is the one with the largest rank n - k among the queries equal to it.
+    # reaching the max is the one with the largest rank n - k among the queries equal to it. The
+    # comparison writes float32 0 / 1 (vectorised; into bool it is not), and ranks up to 2^15 are
+    # exact in float32.
     best = values.amax(0)
-    ranks_shape = (-1,) + (1,) * (values.dim() - 1)
-    if num_queries <= torch.iinfo(torch.uint8).max:  # uint8 products are the cheapest
-        ranks = torch.arange(num_queries, 0, -1, dtype=torch.uint8).view(ranks_shape)
-        ranked = (values == best).view(torch.uint8).mul_(ranks)
-    else:
-        ranks = torch.arange(num_queries, 0, -1, dtype=torch.int16).view(ranks_shape)
-        ranked = torch.where(values == best, ranks, 0)
+    ranks = torch.arange(num_queries, 0, -1, dtype=torch.float32, device=values.device)
+    ranked = torch.eq(values, best, out=torch.empty(values.shape, dtype=torch.float32, device=values.device))
+    ranked.mul_(ranks.view((-1,) + (1,) * (values.dim() - 1)))
     first = num_queries - ranked.amax(0).long()
     nan_pixels = first == num_queries  # only where the max is NaN, which equals nothing
     if nan_pixels.any():
@@ -349,9 +341,12 @@ def panoptic_inference(
     own_area = torch.zeros(num_kept, dtype=torch.long, device=mask_pred.device)
     pixel_owner = torch.empty(kept_probs.shape[1], dtype=torch.long, device=mask_pred.device)
     in_place = torch.result_type(kept_scores, kept_probs) == kept_probs.dtype
-    for pixels in _blocks(kept_probs.shape[1], num_kept, mask_pred.device):
+    blocks = _blocks(kept_probs.shape[1], num_kept, mask_pred.device)
+    # float32 0 / 1 flags: a comparison into bool is not vectorised on the CPU; the counts are exact
+    flags = torch.empty((num_kept, blocks[0].stop - blocks[0].start), dtype=torch.float32, device=mask_pred.device)
+    for pixels in blocks:
         probs = kept_probs[:, pixels]
-        own_area += _count_true(probs >= 0.5)
+        own_area += torch.ge(probs, 0.5, out=flags[:, : probs.shape[1]]).sum(1).long()
         weighted = probs.mul_(kept_scores[:, None]) if in_place else kept_scores[:, None] * probs
         pixel_owner[pixels] = _argmax_over_queries(weighted)  # index into the kept queries
     won_area = torch.bincount(pixel_owner, minlength=num_kept)
@@ -565,35 +560,60 @@ def mask_wise_panoptic_inference(
 # ----------------------------------------------------------------------------- instance
 
 
-def _masks_areas_boxes(logits: torch.Tensor):
+def _mask_statistics(mask_pred: torch.Tensor, queries: torch.Tensor):
     """
+    The binary masks of some queries and what the instance output needs of them, reading each
+    query's logits once (and its image rows that hold a positive logit twice). On the CPU the
+    queries are taken one at a time (each query's logits stay in cache between the operations),
+    and the sigmoid, the areas and the boxes are computed only on the image rows that hold a
+    positive (or NaN) logit: the other rows add nothing to them.
+
     Args:
-        logits: N x H x W.
+        mask_pred: Q x H x W logits.
+        queries: N int64 indices into Q.
 
     Returns:
-        masks: N x H x W bool, ``logits > 0``; areas: N int64; boxes: N x 4 (:func:`_bounding_boxes`).
+        masks: N x H x W bool, ``mask_pred[queries] > 0``.
+        areas: N int64, True pixels of each mask.
+        boxes: N x 4 float32 (:func:`_boxes_from_profiles`).
+        mask_scores: N, of ``mask_pred``'s dtype: the mean ``sigmoid(logit)`` over the mask (0 for
+            an empty mask; NaN when a logit of the query is NaN, as ``sigmoid(logits) * masks``
+            sums to NaN then). Rows are summed apart and their sums added in float64, so the
+            value can differ from one ``sum`` over the whole mask by float rounding.
     """
-    masks = torch.empty(logits.shape, dtype=torch.bool, device=logits.device)
-    areas = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    boxes = torch.empty((logits.shape[0], 4), dtype=torch.float32, device=logits.device)
-    for rows in _blocks(logits.shape[0], math.prod(logits.shape[1:]), logits.device):
-        torch.gt(logits[rows], 0, out=masks[rows])
-        areas[rows] = _count_true(masks[rows])
-        boxes[rows] = _bounding_boxes(masks[rows])
-    return masks, areas, boxes
+    num, (height, width) = queries.numel(), mask_pred.shape[-2:]
+    device, dtype = mask_pred.device, mask_pred.dtype
+    if device.type == "cpu":
+        groups = [(slice(i, i + 1), mask_pred[query][None]) for i, query in enumerate(queries.tolist())]
+    else:
+        groups = [(slice(0, num), mask_pred[queries])]
+    masks = torch.empty((num, height, width), dtype=torch.bool, device=device)
+    quiet_rows = torch.empty((num, height), dtype=torch.bool, device=device)
+    in_column = torch.zeros((num, width), dtype=dtype, device=device)
+    positive = torch.empty((groups[0][1].shape[0] if groups else 0, height, width), dtype=dtype, device=device)
+    for rows, logits in groups:
+        # a comparison into a float tensor is vectorised on the CPU, into a bool tensor it is not;
+        # the float -> bool copy is
+        block_positive = torch.gt(logits, 0, out=positive[: logits.shape[0]])
+        masks[rows] = block_positive
+        in_column[rows] = block_positive.amax(1)
+        torch.le(logits.amax(2), 0, out=quiet_rows[rows])  # False: a positive or NaN logit (a NaN max)
 
-
-def _multiply_by_masks_(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """
-    ``values *= masks`` in place, the same values as ``values * masks`` (NaN * 0 stays NaN). A
-    float x bool product converts element by element; a uint8 -> float copy is vectorised.
-
-    Args:
-        values: N x ... floating; masks: bool of the same shape.
-    """
-    for rows in _blocks(values.shape[0], math.prod(values.shape[1:]), values.device):
-        values[rows].mul_(masks[rows].view(torch.uint8).to(values.dtype))
-    return values
+    busy = (~quiet_rows).flatten().nonzero().squeeze(1)  # into the N * H image rows
+    owner, row = busy // height, busy % height
+    busy_masks = masks.view(-1, width)[busy]  # R x W
+    areas = torch.zeros(num, dtype=torch.long, device=device)
+    areas.index_add_(0, owner, _count_true(busy_masks))
+    busy_masks = busy_masks.view(torch.uint8).to(dtype)  # 0 / 1
+    busy_probs = mask_pred[queries[owner], row].sigmoid_()  # R x W, a new tensor
+    # NaN * 0 stays NaN, as in the plain formulation
+    prob_sums = torch.zeros(num, dtype=torch.float64, device=device)
+    prob_sums.index_add_(0, owner, busy_probs.mul_(busy_masks).sum(1).to(torch.float64))
+    in_row = torch.zeros((num, height), dtype=dtype, device=device)
+    in_row.view(-1)[busy] = busy_masks.amax(1)
+    boxes = _boxes_from_profiles(in_column > 0, in_row > 0)
+    mask_scores = (prob_sums / areas.clamp(min=1)).to(dtype)
+    return masks, areas, boxes, mask_scores
 
 
 def instance_inference(
@@ -610,9 +630,10 @@ def instance_inference(
     When ``thing_ids`` is given, stuff classes are removed BEFORE the top-k, so no slot is spent on
     a stuff class (with ``thing_ids=None`` every class competes).
 
-    Plain formulation (the result is identical): ``logits = mask_pred[query_indices]``,
-    ``masks = logits > 0``, mask score ``(sigmoid(logits) * masks).flatten(1).sum(1) /
-    masks.flatten(1).sum(1).clamp(min=1)``, boxes from ``BitMasks.get_bounding_boxes``.
+    Plain formulation: ``logits = mask_pred[query_indices]``, ``masks = logits > 0``, mask score
+    ``(sigmoid(logits) * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1)``, boxes
+    from ``BitMasks.get_bounding_boxes``. Masks, boxes, classes and their order are identical to
+    it; the scores equal it to float rounding (the mask scores are summed in another order).
 
     Args:
         mask_cls: Q x (K+1) class logits, K = ``num_classes``.
@@ -652,10 +673,13 @@ def instance_inference(
     query_indices = flat_indices // num_candidates
     pred_classes = candidate_classes[flat_indices % num_candidates]
 
-    selected_logits = mask_pred[query_indices]  # N x H x W, a new tensor: ours to overwrite
-    pred_masks, mask_area, boxes = _masks_areas_boxes(selected_logits)
-    mask_probs = _multiply_by_masks_(selected_logits.sigmoid_(), pred_masks)
-    mask_scores = mask_probs.flatten(1).sum(1) / mask_area.clamp(min=1)
+    # a query may be selected with several classes: its mask is computed once
+    unique_queries, position = torch.unique(query_indices, return_inverse=True)
+    if unique_queries.numel() == query_indices.numel():
+        pred_masks, _, boxes, mask_scores = _mask_statistics(mask_pred, query_indices)
+    else:
+        masks, _, boxes, mask_scores = _mask_statistics(mask_pred, unique_queries)
+        pred_masks, boxes, mask_scores = masks[position], boxes[position], mask_scores[position]
 
     result = Instances(tuple(mask_pred.shape[-2:]))
     result.pred_masks = pred_masks
