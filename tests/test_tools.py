@@ -153,6 +153,24 @@ def test_time_runs_reports_the_median():
     assert 0.05 <= result["min_s"] < 0.10
 
 
+def test_benchmark_postprocessing_times_the_library_against_the_loop_references(tmp_path):
+    tool = load_tool("benchmark_postprocessing.py")
+    output = tmp_path / "post.json"
+    args = tool.get_parser().parse_args(
+        ["--input-size", "24", "40", "--num-queries", "12", "--num-classes", "6", "--runs", "2", "--warmup", "0",
+         "--json", str(output)])
+    results = tool.main(args)
+    assert results["panoptic"]["identical"] and results["panoptic"]["segments"] > 0
+    assert results["instance"]["identical_masks_boxes_classes"]
+    assert results["instance"]["max_score_diff"] <= 1e-6
+    for task in ("panoptic", "instance"):
+        assert results[task]["runs"] == results[f"{task} reference"]["runs"] == 2
+        expected = results[task]["median_s"] / results[f"{task} reference"]["median_s"]
+        assert results[task]["ratio"] == pytest.approx(expected)
+    assert results["setup"]["input_size"] == [24, 40]
+    assert json.loads(output.read_text())["panoptic"]["ratio"] == pytest.approx(results["panoptic"]["ratio"])
+
+
 def test_benchmark_compare_runs_the_paths_side_by_side(tmp_path, tiny_config):
     """--compare: the reference and optimised paths of inference and training, in one process on
     the same weights and inputs, each with its ratio to the reference and its agreement."""

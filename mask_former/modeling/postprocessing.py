@@ -589,23 +589,26 @@ def _mask_statistics(mask_pred: torch.Tensor, queries: torch.Tensor):
         groups = [(slice(0, num), mask_pred[queries])]
     masks = torch.empty((num, height, width), dtype=torch.bool, device=device)
     quiet_rows = torch.empty((num, height), dtype=torch.bool, device=device)
-    in_column = torch.zeros((num, width), dtype=dtype, device=device)
+    in_column = torch.empty((num, width), dtype=torch.uint8, device=device)
     positive = torch.empty((groups[0][1].shape[0] if groups else 0, height, width), dtype=dtype, device=device)
     for rows, logits in groups:
         # a comparison into a float tensor is vectorised on the CPU, into a bool tensor it is not;
-        # the float -> bool copy is
-        block_positive = torch.gt(logits, 0, out=positive[: logits.shape[0]])
-        masks[rows] = block_positive
-        in_column[rows] = block_positive.amax(1)
+        # the float -> bool copy is, and so is a uint8 max
+        masks[rows] = torch.gt(logits, 0, out=positive[: logits.shape[0]])
+        in_column[rows] = masks[rows].view(torch.uint8).amax(1)
         torch.le(logits.amax(2), 0, out=quiet_rows[rows])  # False: a positive or NaN logit (a NaN max)
 
     busy = (~quiet_rows).flatten().nonzero().squeeze(1)  # into the N * H image rows
     owner, row = busy // height, busy % height
-    busy_masks = masks.view(-1, width)[busy]  # R x W
+    busy_masks = masks.view(-1, width).index_select(0, busy)  # R x W
     areas = torch.zeros(num, dtype=torch.long, device=device)
     areas.index_add_(0, owner, _count_true(busy_masks))
     busy_masks = busy_masks.view(torch.uint8).to(dtype)  # 0 / 1
-    busy_probs = mask_pred[queries[owner], row].sigmoid_()  # R x W, a new tensor
+    if mask_pred.is_contiguous():
+        busy_probs = mask_pred.view(-1, width).index_select(0, queries[owner] * height + row)
+    else:
+        busy_probs = mask_pred[queries[owner], row]
+    busy_probs.sigmoid_()  # R x W, a new tensor
     # NaN * 0 stays NaN, as in the plain formulation
     prob_sums = torch.zeros(num, dtype=torch.float64, device=device)
     prob_sums.index_add_(0, owner, busy_probs.mul_(busy_masks).sum(1).to(torch.float64))
