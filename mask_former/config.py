@@ -202,6 +202,11 @@ def add_mask_former_config(cfg):
     cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     # names of the K classes, for predictions when DATASETS.TEST names no dataset (converted HF models)
     cfg.MODEL.CLASS_NAMES = []
+    # parts of the meta-architecture whose activations are recomputed in the backward instead of
+    # kept (less training memory for more time, the same losses and gradients): submodules'
+    # dotted names ("backbone.res2": its forward) or a submodule's method
+    # ("sem_seg_head.pixel_decoder.forward_features")
+    cfg.MODEL.ACTIVATION_CHECKPOINTING = []
 
 
 def merge_config_file(cfg, path: str, allow_unsafe: bool = False) -> None:

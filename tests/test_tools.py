@@ -197,6 +197,17 @@ def test_benchmark_compare_runs_the_paths_side_by_side(tmp_path, tiny_config):
     assert results["training"]["settings"]["batch_size"] == 1
 
 
+def test_benchmark_training_checkpointed_path_gives_the_same_loss(tmp_path, tiny_config):
+    tool = load_tool("benchmark_training.py")
+    results = tool.main(["--config-file", str(tiny_config), "--input-size", "64", "64", "--paths",
+                         "reference,points,points_checkpointed", "--steps", "1", "--warmup", "0", "--no-memory",
+                         "--num-threads", "1", "--batch-size", "1", "--num-gt-masks", "2"])
+    paths = results["paths"]
+    assert paths["points_checkpointed"]["activation_checkpointing"] and not paths["points"]["activation_checkpointing"]
+    # same weights, batch, seed and sampled points: recomputing the activations changes no loss
+    assert paths["points_checkpointed"]["first_loss"] == pytest.approx(paths["points"]["first_loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--input-size", "0", "64"], "--input-size"),
     (["--input-size", "64", "64", "--runs", "0"], "--runs"),

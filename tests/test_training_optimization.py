@@ -198,3 +198,73 @@ def test_trainer_stores_conv_weights_channels_last_before_the_optimizer():
         # (a 1x1 kernel is contiguous in both layouts)
         converted = [w.is_contiguous(memory_format=torch.channels_last) for w in weights.values() if w.shape[-1] > 1]
         assert converted and (all(converted) if optimize_training else not any(converted))
+
+
+def saved_tensor_bytes(model, batch):
+    """Bytes of the distinct storages autograd keeps for the backward of one training step (the
+    step's graph is freed on return)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        losses = model(batch)
+    del losses
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("meta_arch", ["maskformer", "panoptic_segformer"])
+def test_activation_checkpointing_keeps_losses_and_gradients_and_saves_activations(meta_arch):
+    if meta_arch == "panoptic_segformer":
+        cfg, batch = psf_cfg(), psf_batch()
+        names = ["backbone", "encoder", "mask_decoder"]
+    else:
+        cfg, batch = tiny_cfg(), make_batch()
+        names = ["backbone.stem", "backbone.res2", "backbone.res3", "backbone.res4", "backbone.res5",
+                 "sem_seg_head.pixel_decoder.forward_features", "sem_seg_head.predictor"]
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"  # the folded convolutions are recomputed folded
+    torch.manual_seed(0)
+    plain = build_model(cfg).train()
+    randomize_norms(plain)
+    cfg.MODEL.ACTIVATION_CHECKPOINTING = names
+    checkpointed = build_model(cfg).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+
+    losses, grads = training_losses_and_grads(checkpointed, batch, optimize_training=True)
+    ref_losses, ref_grads = training_losses_and_grads(plain, batch, optimize_training=True)
+    assert losses.keys() == ref_losses.keys()
+    for key in losses:
+        torch.testing.assert_close(losses[key], ref_losses[key], rtol=1e-6, atol=1e-7)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    # the recomputation folded the norms again and removed the folded forwards afterwards
+    replaced = {f"{n}.{attr}" for n, m in checkpointed.named_modules() for attr in ("forward", "forward_features")
+                if attr in m.__dict__}
+    assert replaced == {name if name.endswith("forward_features") else f"{name}.forward" for name in names}
+
+    torch.manual_seed(0)
+    kept = saved_tensor_bytes(checkpointed, batch)
+    torch.manual_seed(0)
+    ref_kept = saved_tensor_bytes(plain, batch)
+    assert kept < 0.3 * ref_kept, (kept, ref_kept)
+
+    with torch.no_grad():  # inference runs the modules' own forward
+        checkpointed.eval()
+        plain.eval()
+        out, ref = checkpointed(batch[:1])[0], plain(batch[:1])[0]
+        torch.testing.assert_close(out["sem_seg"], ref["sem_seg"])
+
+
+def test_activation_checkpointing_rejects_unknown_and_repeated_names():
+    cfg = tiny_cfg()
+    cfg.MODEL.ACTIVATION_CHECKPOINTING = ["backbone.res9"]
+    with pytest.raises(ValueError, match=r"'backbone.res9' is neither a submodule of MaskFormer.*sem_seg_head"):
+        build_model(cfg)
+    cfg.MODEL.ACTIVATION_CHECKPOINTING = ["backbone.res2", "backbone.res2"]
+    with pytest.raises(ValueError, match="'backbone.res2' is listed twice"):
+        build_model(cfg)

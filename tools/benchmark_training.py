@@ -44,7 +44,9 @@ SOLVER.AMP.PRECISION bfloat16 trains), ``bf16`` (full resolution under bfloat16 
 but the reference and ``points_plain`` (``points`` with the modules as built) train with
 channels-last convolutions (weights stored channels-last) and the frozen batch norms folded into
 them (``optimize_training``, the default) and with AdamW's fused kernel (SOLVER.FUSED_OPTIMIZER,
-the default); those two run PyTorch's loop over tensors, as before it.
+the default); those two run PyTorch's loop over tensors, as before it. ``points_checkpointed`` is
+``points`` with activation checkpointing (MODEL.ACTIVATION_CHECKPOINTING) of the backbone's
+stages, the pixel decoder and the transformer predictor: less memory for more time.
 """
 import argparse
 import json
@@ -66,19 +68,29 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mask_former import add_mask_former_config  # noqa: E402
+from mask_former.modeling.training_optimization import checkpoint_activations  # noqa: E402
 from mask_former.solver import build_optimizer  # noqa: E402
 from mask_former.utils.cpu_info import cpu_flags, cpu_model  # noqa: E402
 
 # path name -> (TRAIN_NUM_POINTS > 0, autocast dtype or None, image-by-image matcher,
-#               model.optimize_training)
+#               model.optimize_training, activation checkpointing)
 PATHS = {
-    "reference": (False, None, True, False),
-    "full": (False, None, False, True),
-    "points_plain": (True, None, False, False),
-    "points": (True, None, False, True),
-    "points_bf16": (True, torch.bfloat16, False, True),
-    "bf16": (False, torch.bfloat16, False, True),
+    "reference": (False, None, True, False, False),
+    "full": (False, None, False, True, False),
+    "points_plain": (True, None, False, False, False),
+    "points": (True, None, False, True, False),
+    "points_checkpointed": (True, None, False, True, True),
+    "points_bf16": (True, torch.bfloat16, False, True, False),
+    "bf16": (False, torch.bfloat16, False, True, False),
 }
+
+
+def checkpointed_parts(model: nn.Module) -> List[str]:
+    """MODEL.ACTIVATION_CHECKPOINTING of the ``points_checkpointed`` path: each stage of a ResNet
+    backbone (the whole backbone otherwise), the pixel decoder and the transformer predictor."""
+    stages = [name for name, _ in model.backbone.named_children()]
+    backbone = [f"backbone.{name}" for name in stages] if "res2" in stages else ["backbone"]
+    return backbone + ["sem_seg_head.pixel_decoder.forward_features", "sem_seg_head.predictor"]
 DEFAULT_PATHS = ("reference", "full", "points", "points_bf16")
 
 
@@ -182,7 +194,7 @@ class PathRunner:
     """One path's model, optimizer and instruments, built from the same seed as every other path."""
 
     def __init__(self, args, name: str, batch: Optional[List[Dict]] = None):
-        points, self.autocast_dtype, image_by_image, optimize_training = PATHS[name]
+        points, self.autocast_dtype, image_by_image, optimize_training, checkpointed = PATHS[name]
         self.name = name
         cfg = get_cfg()
         add_mask_former_config(cfg)
@@ -199,6 +211,8 @@ class PathRunner:
         torch.manual_seed(args.seed)
         self.model = build_model(cfg).train()
         self.model.optimize_training = optimize_training
+        if checkpointed:
+            checkpoint_activations(self.model, checkpointed_parts(self.model))
         self.optimizer = build_optimizer(cfg, self.model)
         height, width = args.input_size
         self.batch = batch or synthetic_batch(
@@ -292,12 +306,13 @@ def summarize(paths: List[str], timing: Dict[str, Dict], memory: Dict[str, Dict]
     reference path's where it was measured."""
     summary = {}
     for name in paths:
-        points, autocast_dtype, image_by_image, optimize_training = PATHS[name]
+        points, autocast_dtype, image_by_image, optimize_training, checkpointed = PATHS[name]
         entry = {
             "train_num_points": num_points if points else 0,
             "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
             "image_by_image_matcher": image_by_image,
             "optimize_training": optimize_training,
+            "activation_checkpointing": checkpointed,
         }
         if name in timing:
             times = timing[name]["times"]

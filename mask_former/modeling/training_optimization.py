@@ -14,17 +14,22 @@ training step slower and are not used here. :func:`channels_last_conv_weights` s
 convolutions' weights channels-last too, so that neither the weights nor their gradients are
 reordered at every call (values and state-dict keys unchanged; the AdamW moments take the same
 layout): about 0.94x of the R50 step again.
+
+:func:`checkpoint_activations` trades time for memory (``MODEL.ACTIVATION_CHECKPOINTING``): the
+named submodules keep only their inputs for the backward and run their forward again there
+(``torch.utils.checkpoint``, non-reentrant), with the same losses and gradients.
 """
 import contextlib
-from typing import Iterator, Tuple
+from typing import Iterator, Sequence, Tuple
 
 import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .inference_optimization import run_conv
 
-__all__ = ["frozen_norm_affine", "folded_frozen_norms", "channels_last_conv_weights"]
+__all__ = ["frozen_norm_affine", "folded_frozen_norms", "channels_last_conv_weights", "checkpoint_activations"]
 
 
 def frozen_norm_affine(norm: FrozenBatchNorm2d) -> Tuple[Tensor, Tensor]:
@@ -54,11 +59,12 @@ class _FoldedConvForward:
 def folded_frozen_norms(module: nn.Module) -> Iterator[None]:
     """Within this context, every detectron2 ``Conv2d`` of ``module`` with a ``FrozenBatchNorm2d``
     runs with the norm folded in (its ``forward`` is set on the instance and removed on exit; the
-    autograd graph built inside stays valid after it). Other layers run as built."""
+    autograd graph built inside stays valid after it). Other layers run as built. Nested use is
+    allowed: a convolution already folded by an enclosing context is left to it."""
     installed = []
     try:
         for conv in module.modules():
-            if isinstance(conv, Conv2d) and isinstance(conv.norm, FrozenBatchNorm2d):
+            if isinstance(conv, Conv2d) and isinstance(conv.norm, FrozenBatchNorm2d) and "forward" not in conv.__dict__:
                 conv.forward = _FoldedConvForward(conv)
                 installed.append(conv)
         yield
@@ -78,3 +84,70 @@ def channels_last_conv_weights(module: nn.Module) -> int:
             conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
             changed += 1
     return changed
+
+
+def _has_folded_norms(module: nn.Module) -> bool:
+    return any(isinstance(m.__dict__.get("forward"), _FoldedConvForward) for m in module.modules())
+
+
+class _CheckpointedMethod:
+    """A module's ``forward`` (or another method of it) whose activations are recomputed in the
+    backward: in training with gradients on, the method runs under ``torch.utils.checkpoint``
+    (non-reentrant, random state preserved, so dropout draws the same masks). Convolutions folded
+    by an enclosing :func:`folded_frozen_norms` when it ran are folded again for the
+    recomputation, which happens after that context has exited."""
+
+    __slots__ = ("module", "method")
+
+    def __init__(self, module: nn.Module, method: str):
+        self.module = module
+        self.method = method
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        method = getattr(type(module), self.method)
+        if not (module.training and torch.is_grad_enabled()):
+            return method(module, *args, **kwargs)
+        folded = _has_folded_norms(module)
+
+        def run(*inputs):
+            with folded_frozen_norms(module) if folded else contextlib.nullcontext():
+                return method(module, *inputs, **kwargs)
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+
+def checkpoint_activations(model: nn.Module, names: Sequence[str]) -> None:
+    """
+    Recompute the activations of parts of ``model`` in the backward instead of keeping them: each
+    keeps only its inputs (and the outputs that later layers keep). A name is a submodule's dotted
+    name as in ``named_modules()`` (e.g. ``backbone.res2``: its ``forward``), or a submodule's name
+    and one of its methods (e.g. ``sem_seg_head.pixel_decoder.forward_features``, which MaskFormer's
+    head calls instead of the pixel decoder's ``forward``). Parameters and state dict are unchanged.
+    ValueError for a name that is neither, or that is given twice.
+    """
+    for name in names:
+        module, method = _resolve(model, name)
+        if method in module.__dict__:
+            raise ValueError(f"MODEL.ACTIVATION_CHECKPOINTING: {name!r} is listed twice or its {method} is replaced")
+        setattr(module, method, _CheckpointedMethod(module, method))
+
+
+def _resolve(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    """(module, method name) of an entry of ``checkpoint_activations``."""
+    try:
+        return model.get_submodule(name), "forward"
+    except AttributeError:
+        pass
+    parent, _, method = name.rpartition(".")
+    try:
+        module = model.get_submodule(parent)
+    except AttributeError:
+        module = None
+    if module is not None and method and callable(getattr(type(module), method, None)):
+        return module, method
+    children = ", ".join(n for n, _ in model.named_children())
+    raise ValueError(
+        f"MODEL.ACTIVATION_CHECKPOINTING: {name!r} is neither a submodule of {type(model).__name__} nor a "
+        f"method of one (dotted names from named_modules(); its children: {children})"
+    )

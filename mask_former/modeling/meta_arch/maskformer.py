@@ -23,6 +23,7 @@ from ..inference_optimization import (
 )
 from ..matcher import NonFiniteCostError
 from ..postprocessing import instance_inference, mask_wise_panoptic_inference, panoptic_inference, semantic_inference
+from ..training_optimization import checkpoint_activations
 from ..transformer_decoder.transformer import fused_attention
 from .base import INSTANCE, PANOPTIC, SEMANTIC, SegmentationMetaArch, task_switches
 
@@ -91,6 +92,7 @@ class MaskFormer(SegmentationMetaArch):
         precision: str = "fp32",
         optimize_inference: bool = True,
         optimize_training: bool = True,
+        activation_checkpointing: Sequence[str] = (),
     ):
         """
         Args:
@@ -117,6 +119,8 @@ class MaskFormer(SegmentationMetaArch):
             optimize_training: train with channels-last convolutions and the backbone's frozen
                 batch norms folded into them (``backbone_features``; same losses and gradients to
                 float rounding). False trains the modules as built.
+            activation_checkpointing: dotted names of submodules whose activations are recomputed
+                in the backward instead of kept (``training_optimization.checkpoint_activations``).
         """
         super().__init__()
         self.backbone = backbone
@@ -146,6 +150,7 @@ class MaskFormer(SegmentationMetaArch):
         self._inference_weights: Optional[InferenceWeights] = None  # inference-only cache
         self.set_task_switches(semantic_on, panoptic_on, instance_on)
         self.thing_ids = thing_ids_from_metadata(metadata)
+        checkpoint_activations(self, activation_checkpointing)
         if instance_on and self.thing_ids is None:
             logger.warning(
                 "MODEL.MASK_FORMER.TEST.INSTANCE_ON: the metadata of DATASETS.TEST[0] "
@@ -183,6 +188,7 @@ class MaskFormer(SegmentationMetaArch):
             ),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "activation_checkpointing": cfg.MODEL.ACTIVATION_CHECKPOINTING,
             **task_switches(tasks),
             "detections_per_image": detections_per_image(cfg),
             "precision": mf.TEST.PRECISION,

@@ -24,6 +24,7 @@ from ..panoptic_segformer import (
     build_psf_mask_decoder,
 )
 from ..postprocessing import mask_wise_merge
+from ..training_optimization import checkpoint_activations
 from .base import INSTANCE, PANOPTIC, SEMANTIC, SegmentationMetaArch, task_switches
 from .maskformer import mask_merge_params
 
@@ -86,6 +87,7 @@ class PanopticSegFormer(SegmentationMetaArch):
         instance_on: bool,
         num_test_things: int = 100,
         merge_params: Dict[str, float] = None,
+        activation_checkpointing: Sequence[str] = (),
     ):
         """
         Args:
@@ -102,6 +104,8 @@ class PanopticSegFormer(SegmentationMetaArch):
             semantic_on, panoptic_on, instance_on: which results inference returns.
             num_test_things: (query, class) pairs of the location decoder kept at inference.
             merge_params: keyword arguments of ``mask_wise_merge`` (alpha, beta, thresholds).
+            activation_checkpointing: dotted names of submodules whose activations are recomputed
+                in the backward instead of kept (``training_optimization.checkpoint_activations``).
         """
         super().__init__()
         self.backbone = backbone
@@ -127,6 +131,7 @@ class PanopticSegFormer(SegmentationMetaArch):
         self.set_task_switches(semantic_on, panoptic_on, instance_on)
         self.num_test_things = num_test_things
         self.merge_params = dict(merge_params or {})
+        checkpoint_activations(self, activation_checkpointing)
 
     @classmethod
     def from_config(cls, cfg):
@@ -160,6 +165,7 @@ class PanopticSegFormer(SegmentationMetaArch):
             "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "activation_checkpointing": cfg.MODEL.ACTIVATION_CHECKPOINTING,
             **task_switches(tasks),
             "num_test_things": test.NUM_THINGS,
             "merge_params": mask_merge_params(cfg),
