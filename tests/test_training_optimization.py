@@ -265,6 +265,9 @@ def test_activation_checkpointing_rejects_unknown_and_repeated_names():
     cfg.MODEL.ACTIVATION_CHECKPOINTING = ["backbone.res9"]
     with pytest.raises(ValueError, match=r"'backbone.res9' is neither a submodule of MaskFormer.*sem_seg_head"):
         build_model(cfg)
+    cfg.MODEL.ACTIVATION_CHECKPOINTING = [""]
+    with pytest.raises(ValueError, match="entries are dotted submodule names, got ''"):
+        build_model(cfg)
     cfg.MODEL.ACTIVATION_CHECKPOINTING = ["backbone.res2", "backbone.res2"]
     with pytest.raises(ValueError, match="'backbone.res2' is listed twice"):
         build_model(cfg)

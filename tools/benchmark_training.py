@@ -46,7 +46,8 @@ channels-last convolutions (weights stored channels-last) and the frozen batch n
 them (``optimize_training``, the default) and with AdamW's fused kernel (SOLVER.FUSED_OPTIMIZER,
 the default); those two run PyTorch's loop over tensors, as before it. ``points_checkpointed`` is
 ``points`` with activation checkpointing (MODEL.ACTIVATION_CHECKPOINTING) of the backbone's
-stages, the pixel decoder and the transformer predictor: less memory for more time.
+stages, the pixel decoder and the transformer predictor: less memory for more time;
+``points_bf16_checkpointed`` the same under bfloat16 autocast.
 """
 import argparse
 import json
@@ -81,6 +82,7 @@ PATHS = {
     "points": (True, None, False, True, False),
     "points_checkpointed": (True, None, False, True, True),
     "points_bf16": (True, torch.bfloat16, False, True, False),
+    "points_bf16_checkpointed": (True, torch.bfloat16, False, True, True),
     "bf16": (False, torch.bfloat16, False, True, False),
 }
 
@@ -110,6 +112,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--num-threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="of the weights and the batch")
+    parser.add_argument("--checkpointed-parts", metavar="NAMES",
+                        help="comma-separated MODEL.ACTIVATION_CHECKPOINTING of the *_checkpointed paths "
+                             "(default: each ResNet stage, the pixel decoder, the predictor)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--run-path", help=argparse.SUPPRESS)  # internal: run one path, in this process
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
@@ -212,7 +217,8 @@ class PathRunner:
         self.model = build_model(cfg).train()
         self.model.optimize_training = optimize_training
         if checkpointed:
-            checkpoint_activations(self.model, checkpointed_parts(self.model))
+            parts = args.checkpointed_parts.split(",") if args.checkpointed_parts else checkpointed_parts(self.model)
+            checkpoint_activations(self.model, parts)
         self.optimizer = build_optimizer(cfg, self.model)
         height, width = args.input_size
         self.batch = batch or synthetic_batch(

@@ -135,6 +135,8 @@ def checkpoint_activations(model: nn.Module, names: Sequence[str]) -> None:
 
 def _resolve(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
     """(module, method name) of an entry of ``checkpoint_activations``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"MODEL.ACTIVATION_CHECKPOINTING: entries are dotted submodule names, got {name!r}")
     try:
         return model.get_submodule(name), "forward"
     except AttributeError:
