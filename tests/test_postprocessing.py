@@ -568,8 +568,8 @@ def test_boxes_from_profiles_equal_bitmasks():
 
 
 def test_mask_statistics_over_several_blocks_against_pixel_loops():
-    # 12 queries of 300 x 400 pixels: several CPU blocks. Sparse positive pixels (most image rows
-    # have none), a NaN in a row with positives, a NaN in a row without, an empty and a full mask.
+    # 12 queries of 300 x 400 pixels, out of order. Sparse positive pixels (most image rows have
+    # none), a NaN in a row with positives, a NaN in a row without, an empty and a full mask, +inf.
     generator = torch.Generator().manual_seed(3)
     logits = torch.randn(12, 300, 400, generator=generator) - 3.5
     logits[1, 10:20, 30:40] = 2.0

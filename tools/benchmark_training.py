@@ -85,6 +85,7 @@ PATHS = {
     "points_bf16_checkpointed": (True, torch.bfloat16, False, True, True),
     "bf16": (False, torch.bfloat16, False, True, False),
 }
+DEFAULT_PATHS = ("reference", "full", "points", "points_bf16")
 
 
 def checkpointed_parts(model: nn.Module) -> List[str]:
@@ -93,7 +94,6 @@ def checkpointed_parts(model: nn.Module) -> List[str]:
     stages = [name for name, _ in model.backbone.named_children()]
     backbone = [f"backbone.{name}" for name in stages] if "res2" in stages else ["backbone"]
     return backbone + ["sem_seg_head.pixel_decoder.forward_features", "sem_seg_head.predictor"]
-DEFAULT_PATHS = ("reference", "full", "points", "points_bf16")
 
 
 def get_parser() -> argparse.ArgumentParser:
