@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from mask_former.modeling.training_optimization import (
     channels_last_conv_weights,
+    checkpoint_activations,
     folded_frozen_norms,
     frozen_norm_affine,
 )
@@ -84,6 +85,12 @@ def training_losses_and_grads(model, batch, optimize_training: bool):
     return {k: v.detach() for k, v in losses.items()}, grads
 
 
+def assert_same_loss_terms(losses, reference, rtol, atol):
+    assert losses.keys() == reference.keys()
+    for key in losses:
+        torch.testing.assert_close(losses[key], reference[key], rtol=rtol, atol=atol)
+
+
 def test_only_frozen_batch_norms_are_folded():
     """Convolutions with a trainable BatchNorm2d (batch statistics in training) or a GroupNorm run
     as built; those with a FrozenBatchNorm2d get the folded forward, removed on exit."""
@@ -117,9 +124,7 @@ def test_optimized_training_equals_modules_as_built(backbone):
 
     losses, grads = training_losses_and_grads(model, batch, optimize_training=True)
     ref_losses, ref_grads = training_losses_and_grads(model, batch, optimize_training=False)
-    assert losses.keys() == ref_losses.keys()
-    for key in losses:
-        torch.testing.assert_close(losses[key], ref_losses[key], rtol=1e-5, atol=1e-6)
+    assert_same_loss_terms(losses, ref_losses, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
     largest = max(float(g.abs().max()) for g in ref_grads.values())
     for name in grads:
@@ -236,9 +241,7 @@ def test_activation_checkpointing_keeps_losses_and_gradients_and_saves_activatio
 
     losses, grads = training_losses_and_grads(checkpointed, batch, optimize_training=True)
     ref_losses, ref_grads = training_losses_and_grads(plain, batch, optimize_training=True)
-    assert losses.keys() == ref_losses.keys()
-    for key in losses:
-        torch.testing.assert_close(losses[key], ref_losses[key], rtol=1e-6, atol=1e-7)
+    assert_same_loss_terms(losses, ref_losses, rtol=1e-6, atol=1e-7)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -265,6 +268,8 @@ def test_activation_checkpointing_rejects_unknown_and_repeated_names():
     cfg.MODEL.ACTIVATION_CHECKPOINTING = ["backbone.res9"]
     with pytest.raises(ValueError, match=r"'backbone.res9' is neither a submodule of MaskFormer.*sem_seg_head"):
         build_model(cfg)
+    with pytest.raises(ValueError, match="must be a list of names, got the string 'backbone'"):
+        checkpoint_activations(build_model(tiny_cfg()), "backbone")
     cfg.MODEL.ACTIVATION_CHECKPOINTING = [""]
     with pytest.raises(ValueError, match="entries are dotted submodule names, got ''"):
         build_model(cfg)

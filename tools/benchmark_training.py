@@ -58,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from detectron2.config import get_cfg
@@ -73,17 +73,26 @@ from mask_former.modeling.training_optimization import checkpoint_activations  #
 from mask_former.solver import build_optimizer  # noqa: E402
 from mask_former.utils.cpu_info import cpu_flags, cpu_model  # noqa: E402
 
-# path name -> (TRAIN_NUM_POINTS > 0, autocast dtype or None, image-by-image matcher,
-#               model.optimize_training, activation checkpointing)
+
+class PathSettings(NamedTuple):
+    """How one path trains."""
+
+    points: bool  # TRAIN_NUM_POINTS > 0
+    autocast_dtype: Optional[torch.dtype]  # None: no autocast
+    image_by_image: bool  # the matcher called image by image, as before batching
+    optimize_training: bool  # model.optimize_training and SOLVER.FUSED_OPTIMIZER
+    checkpointed: bool  # activation checkpointing (``checkpointed_parts``)
+
+
 PATHS = {
-    "reference": (False, None, True, False, False),
-    "full": (False, None, False, True, False),
-    "points_plain": (True, None, False, False, False),
-    "points": (True, None, False, True, False),
-    "points_checkpointed": (True, None, False, True, True),
-    "points_bf16": (True, torch.bfloat16, False, True, False),
-    "points_bf16_checkpointed": (True, torch.bfloat16, False, True, True),
-    "bf16": (False, torch.bfloat16, False, True, False),
+    "reference": PathSettings(False, None, True, False, False),
+    "full": PathSettings(False, None, False, True, False),
+    "points_plain": PathSettings(True, None, False, False, False),
+    "points": PathSettings(True, None, False, True, False),
+    "points_checkpointed": PathSettings(True, None, False, True, True),
+    "points_bf16": PathSettings(True, torch.bfloat16, False, True, False),
+    "points_bf16_checkpointed": PathSettings(True, torch.bfloat16, False, True, True),
+    "bf16": PathSettings(False, torch.bfloat16, False, True, False),
 }
 DEFAULT_PATHS = ("reference", "full", "points", "points_bf16")
 

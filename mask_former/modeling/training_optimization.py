@@ -126,6 +126,8 @@ def checkpoint_activations(model: nn.Module, names: Sequence[str]) -> None:
     head calls instead of the pixel decoder's ``forward``). Parameters and state dict are unchanged.
     ValueError for a name that is neither, or that is given twice.
     """
+    if isinstance(names, str):
+        raise ValueError(f"MODEL.ACTIVATION_CHECKPOINTING must be a list of names, got the string {names!r}")
     for name in names:
         module, method = _resolve(model, name)
         if method in module.__dict__:
