@@ -125,3 +125,10 @@ def test_tool_counts_every_ground_truth_thing(tiny_synthetic_root, tmp_path, mon
         assert counts["found"] + counts["dropped"] + counts["missed"] == counts["things"]
     assert sum(summary["dropped_under"].values()) == bins["all"]["dropped"]
     assert json.loads(out.read_text()) == summary
+
+
+def test_tool_names_a_dataset_without_panoptic_ground_truth():
+    with pytest.raises(ValueError, match="dataset 'my_sem_seg': img_7.png has no panoptic ground truth"):
+        load_tool().ground_truth({"file_name": "img_7.png", "sem_seg_file_name": "img_7_label.png"}, "my_sem_seg")
+    with pytest.raises(SystemExit):
+        load_tool().get_parser().parse_args(["--config-file", "c.yaml", "--area-bins", "300;1000"])
