@@ -12,6 +12,17 @@ REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 os.environ.setdefault("DETECTRON2_DATASETS", str(REPO_ROOT / "datasets"))
 
 
+@pytest.fixture
+def one_thread():
+    """Small models run much faster on one thread than on two contended ones (shared test cores)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not REFERENCE_DIR.is_dir():

@@ -372,15 +372,6 @@ def test_video_input(tmp_path, metadata_name):
     assert frames == 3
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run much faster on one thread than on two contended ones (shared test cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def real_model_files(tmp_path, metadata_name):
     cfg = tiny_cfg(num_classes=len(STUFF_CLASSES))
     cfg.DATASETS.TEST = (metadata_name,)

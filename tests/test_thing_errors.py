@@ -88,14 +88,6 @@ def load_tool():
     return module
 
 
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_tool_counts_every_ground_truth_thing(tiny_synthetic_root, tmp_path, monkeypatch, one_thread):
     """On the tiny val set, with a MaskFormer's random weights: every non-crowd thing of the
     annotations is counted once, in the bin of its area, and the JSON holds the printed counts."""
@@ -132,3 +124,6 @@ def test_tool_names_a_dataset_without_panoptic_ground_truth():
         load_tool().ground_truth({"file_name": "img_7.png", "sem_seg_file_name": "img_7_label.png"}, "my_sem_seg")
     with pytest.raises(SystemExit):
         load_tool().get_parser().parse_args(["--config-file", "c.yaml", "--area-bins", "300;1000"])
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
+        load_tool().main(["--config-file", str(CONFIG_DIR / "synthetic" / "maskformer_panoptic_R18.yaml"),
+                          "MODEL.WEIGHTS", ""])

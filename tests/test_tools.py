@@ -48,15 +48,6 @@ def run_script(file_name, *args, cwd):
     return proc.stdout + proc.stderr
 
 
-@pytest.fixture
-def one_thread():
-    """Small models run much faster on one thread than on two contended ones (shared test cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("configs") / "tiny.yaml"

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mask_former.checkpoint.checkpointer import MaskFormerCheckpointer, check_weights_available  # noqa: E402
 from mask_former.config import add_mask_former_config, merge_config_file  # noqa: E402
 from mask_former.data import build_dataset_mapper  # noqa: E402
-from mask_former.evaluation.thing_errors import OUTCOMES, ThingErrorCounter  # noqa: E402
+from mask_former.evaluation.thing_errors import OUTCOMES, ThingErrorCounter, segment_masks  # noqa: E402
 
 
 def area_bins(text: str) -> List[int]:
@@ -79,9 +79,8 @@ def ground_truth(record: Dict, dataset: str):
                          "truth (pan_seg_file_name, segments_info); register a panoptic dataset")
     ids = torch.from_numpy(rgb2id(np.asarray(Image.open(record["pan_seg_file_name"]).convert("RGB"))).astype(np.int64))
     segments = [s for s in record["segments_info"] if not s.get("iscrowd", 0)]
-    masks = torch.stack([ids == s["id"] for s in segments]) if segments else torch.zeros((0,) + tuple(ids.shape),
-                                                                                          dtype=torch.bool)
-    return masks, torch.tensor([s["category_id"] for s in segments], dtype=torch.long)
+    classes = torch.tensor([s["category_id"] for s in segments], dtype=torch.long)
+    return segment_masks(ids, [s["id"] for s in segments]), classes
 
 
 def analyze(cfg, dataset: str, max_images: int, area_bins: List[int]) -> Dict[str, object]:
@@ -91,6 +90,9 @@ def analyze(cfg, dataset: str, max_images: int, area_bins: List[int]) -> Dict[st
     if mapping is None:
         raise ValueError(f"dataset {dataset!r} has no thing_dataset_id_to_contiguous_id in its metadata")
     counter = ThingErrorCounter(mapping.values(), area_bins)
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError("MODEL.WEIGHTS is empty: give the weights of the model to analyze "
+                         "(an untrained model's errors say nothing)")
     check_weights_available(cfg.MODEL.WEIGHTS)
     model = build_model(cfg).eval()
     MaskFormerCheckpointer(model).load(cfg.MODEL.WEIGHTS)

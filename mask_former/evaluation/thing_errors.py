@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from detectron2.structures import Instances
 
-__all__ = ["FOUND", "DROPPED", "MISSED", "ThingErrorCounter"]
+__all__ = ["FOUND", "DROPPED", "MISSED", "ThingErrorCounter", "segment_masks"]
 
 FOUND = "found"  # a thing segment of panoptic_seg of the same class has an IoU > 0.5 with it
 DROPPED = "dropped"  # not found, but an instance mask of its class has an IoU > 0.5 with it
@@ -23,10 +23,13 @@ OUTCOMES = (FOUND, DROPPED, MISSED)
 UNDER = ("void", "same class", "other thing class", "stuff")
 
 
+def segment_masks(id_map: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+    """len(ids) x H x W bool: the pixels of ``id_map`` (H x W) equal to each id."""
+    return id_map[None] == torch.as_tensor(list(ids), dtype=id_map.dtype).view(-1, 1, 1)
+
+
 def _ious(masks: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """IoU of each of N boolean H x W masks with one boolean H x W mask (0 where both are empty)."""
-    if masks.shape[0] == 0:
-        return torch.zeros(0)
     inter = (masks & target).flatten(1).sum(1)
     union = (masks | target).flatten(1).sum(1)
     return inter.double() / union.clamp(min=1).double()
@@ -77,8 +80,7 @@ class ThingErrorCounter:
                              f"{tuple(panoptic_seg.shape)}")
         segments = {int(s["id"]): s for s in segments_info}
         thing_segments = [s for s in segments_info if s["category_id"] in self.thing_ids]
-        segment_masks = torch.stack([panoptic_seg == s["id"] for s in thing_segments]) if thing_segments else (
-            torch.zeros((0,) + tuple(panoptic_seg.shape), dtype=torch.bool))
+        thing_masks = segment_masks(panoptic_seg, [s["id"] for s in thing_segments])
         segment_classes = torch.tensor([int(s["category_id"]) for s in thing_segments], dtype=torch.long)
         if instances is not None and len(instances):
             instance_masks = instances.pred_masks.bool().cpu()
@@ -92,8 +94,7 @@ class ThingErrorCounter:
             if cls not in self.thing_ids:
                 continue
             same = segment_classes == cls
-            segment_ious = _ious(segment_masks, mask)
-            found = same & (segment_ious > 0.5)
+            found = same & (_ious(thing_masks, mask) > 0.5)
             matched_segments |= found
             if found.any():
                 outcome = FOUND
