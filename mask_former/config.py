@@ -167,6 +167,21 @@ def add_mask_former_config(cfg):
     # alpha and gamma of the sigmoid focal class loss and cost
     psf.FOCAL_ALPHA = 0.25
     psf.FOCAL_GAMMA = 2.0
+    # not in the publication: "iou_aware" trains the thing class scores towards the IoU of each
+    # matched prediction (see panoptic_segformer/criterion.py); "focal" is the published loss
+    psf.CLASS_LOSS = "focal"
+    # not in the publication: "encoder" places the thing queries' first reference boxes on the best
+    # of the encoder tokens' box proposals (Deformable DETR's two-stage); "learned" is published
+    psf.THING_QUERY_INIT = "learned"
+    # box IoU above which a proposal is suppressed by a better one in that selection (1: none)
+    psf.THING_QUERY_NMS_THRESHOLD = 0.7
+    # not in the publication: groups of denoising queries in training (DN-DETR, carried to the
+    # masks as in Mask DINO; see panoptic_segformer/denoising.py); 0 (published): none
+    psf.DN_GROUPS = 0
+    # their box noise (centre shift up to this x half the size, size scaled by 1 +- this) and the
+    # probability that a denoising query's class is replaced by a random one
+    psf.DN_BOX_NOISE = 0.4
+    psf.DN_LABEL_NOISE = 0.2
     # mask-wise merging (also MaskFormer's with MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE "mask")
     psf.TEST = CN()
     # (query, class) pairs of the location decoder kept for the mask decoder at inference

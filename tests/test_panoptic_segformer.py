@@ -119,6 +119,24 @@ def test_box_refinement_per_layer_keeps_boxes_in_unit_square():
         assert not torch.allclose(out["pred_boxes"][i], out["pred_boxes"][i - 1])
 
 
+def test_box_branches_start_as_deformable_detr_does():
+    """Only the first layer, whose references are points, starts with small boxes (w/h logits -2);
+    the later layers start by keeping their reference boxes. Untrained, layer 1's boxes are then
+    layer 0's."""
+    torch.manual_seed(0)
+    decoder = LocationDecoder(num_queries=5, hidden_dim=16, num_layers=3, num_classes=2, nheads=4,
+                              dim_feedforward=32, dropout=0.0, num_levels=2, n_points=2)
+    assert decoder.box_branches[0].layers[-1].bias.tolist() == [0.0, 0.0, -2.0, -2.0]
+    for branch in decoder.box_branches[1:]:
+        assert branch.layers[-1].bias.tolist() == [0.0] * 4
+    memory = flatten_levels([torch.randn(1, 16, 6, 5), torch.randn(1, 16, 3, 3)], level_embed=torch.zeros(2, 16))
+    boxes = decoder(memory)["pred_boxes"]
+    sigmoid_minus_2 = 1 / (1 + math.exp(2.0))
+    torch.testing.assert_close(boxes[0][..., 2:], torch.full((1, 5, 2), sigmoid_minus_2))
+    torch.testing.assert_close(boxes[1], boxes[0])
+    torch.testing.assert_close(boxes[2], boxes[0])
+
+
 def test_sine_box_embedding_by_hand():
     # 4 features per coordinate: frequencies 1, 1, 1/100, 1/100 (temperature 10000 ** (2 * (i // 2) / 4))
     boxes = torch.tensor([[0.5, 0.25, 0.0, 1.0]])

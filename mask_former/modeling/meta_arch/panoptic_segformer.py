@@ -18,6 +18,8 @@ from torch.nn import functional as F
 from torchvision.ops import box_convert
 
 from ..panoptic_segformer import (
+    DenoisingQueries,
+    EncoderProposals,
     LocationDecoder,
     PanopticSegFormerCriterion,
     build_psf_encoder,
@@ -35,6 +37,15 @@ def thing_query_pos_from_boxes(value: str) -> bool:
         raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.THING_QUERY_POS={value!r}: expected 'learned' (the published "
                          "learned positional part) or 'box' (an embedding of the location decoder's boxes)")
     return value == "box"
+
+
+def thing_queries_from_encoder(value: str) -> bool:
+    """MODEL.PANOPTIC_SEGFORMER.THING_QUERY_INIT: "learned" (published) -> False, "encoder" -> True."""
+    if value not in ("learned", "encoder"):
+        raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.THING_QUERY_INIT={value!r}: expected 'learned' (the published "
+                         "learned reference points) or 'encoder' (reference boxes selected among the encoder's "
+                         "proposals)")
+    return value == "encoder"
 
 
 def thing_and_stuff_ids(cfg) -> Tuple[List[int], List[int]]:
@@ -139,16 +150,24 @@ class PanopticSegFormer(SegmentationMetaArch):
         thing_ids, stuff_ids = thing_and_stuff_ids(cfg)
         backbone = build_backbone(cfg)
         encoder = build_psf_encoder(cfg, backbone.output_shape())
+        proposals, denoising = None, None
+        if psf.DN_GROUPS != 0:  # DenoisingQueries refuses a negative number
+            denoising = DenoisingQueries(psf.HIDDEN_DIM, len(thing_ids), psf.NHEADS, psf.DN_GROUPS,
+                                         psf.DN_BOX_NOISE, psf.DN_LABEL_NOISE)
+        if thing_queries_from_encoder(psf.THING_QUERY_INIT):
+            proposals = EncoderProposals(psf.HIDDEN_DIM, len(thing_ids), psf.NUM_THING_QUERIES,
+                                         psf.THING_QUERY_NMS_THRESHOLD)
         location_decoder = LocationDecoder(
             num_queries=psf.NUM_THING_QUERIES, hidden_dim=psf.HIDDEN_DIM, num_layers=psf.DEC_LAYERS,
             num_classes=len(thing_ids), nheads=psf.NHEADS, dim_feedforward=psf.DIM_FEEDFORWARD,
             dropout=psf.DROPOUT, num_levels=psf.NUM_FEATURE_LEVELS, n_points=psf.N_POINTS,
-            query_pos_from_boxes=thing_query_pos_from_boxes(psf.THING_QUERY_POS),
+            query_pos_from_boxes=thing_query_pos_from_boxes(psf.THING_QUERY_POS), proposals=proposals,
+            denoising=denoising,
         )
         criterion = PanopticSegFormerCriterion(
             class_weight=psf.CLASS_WEIGHT, l1_weight=psf.BOX_L1_WEIGHT, giou_weight=psf.GIOU_WEIGHT,
             dice_weight=psf.DICE_WEIGHT, alpha=psf.FOCAL_ALPHA, gamma=psf.FOCAL_GAMMA,
-            mask_focal_weight=psf.MASK_FOCAL_WEIGHT,
+            mask_focal_weight=psf.MASK_FOCAL_WEIGHT, class_loss=psf.CLASS_LOSS,
         )
         tasks = cls.output_tasks(cfg)
         test = psf.TEST
@@ -159,7 +178,8 @@ class PanopticSegFormer(SegmentationMetaArch):
             "mask_decoder": build_psf_mask_decoder(cfg, len(thing_ids)),
             "criterion": criterion,
             "loss_weights": criterion.weight_dict(psf.DEC_LAYERS, psf.THING_MASK_DEC_LAYERS,
-                                                  psf.STUFF_MASK_DEC_LAYERS),
+                                                  psf.STUFF_MASK_DEC_LAYERS, encoder_proposals=proposals is not None,
+                                                  denoising=denoising is not None),
             "thing_ids": thing_ids,
             "stuff_ids": stuff_ids,
             "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
@@ -187,15 +207,15 @@ class PanopticSegFormer(SegmentationMetaArch):
             padding_mask[i, :h, :w] = False
         features = self.backbone_features(images.tensor)
         memory = self.encoder(features, padding_mask)
-        location = self.location_decoder(memory)
+        targets = self.prepare_targets(batched_inputs, images) if self.training else None
+        location = self.location_decoder(memory, targets)
         batch = images.tensor.shape[0]
         stuff_pos, stuff_query = self.stuff_query.weight.split(location["hidden"].shape[-1], dim=1)
         stuff_pos = stuff_pos[None].expand(batch, -1, -1)
         stuff_query = stuff_query[None].expand(batch, -1, -1)
 
         if self.training:
-            masks = self.mask_decoder(location["hidden"], location["query_pos"], stuff_query, stuff_pos, memory)
-            targets = self.prepare_targets(batched_inputs, images)
+            masks = self.training_masks(location, stuff_query, stuff_pos, memory)
             losses = self.criterion({"location": location, "masks": masks}, targets)
             return {k: v * self.loss_weights[k] for k, v in losses.items() if k in self.loss_weights}
 
@@ -205,6 +225,24 @@ class PanopticSegFormer(SegmentationMetaArch):
                                  query_idx[..., None].expand(-1, -1, location["query_pos"].shape[-1]))
         masks = self.mask_decoder(hidden, query_pos, stuff_query, stuff_pos, memory)
         return self.inference(scores, thing_classes, masks, batched_inputs, images)
+
+    def training_masks(self, location: Dict[str, object], stuff_query: Tensor, stuff_pos: Tensor,
+                       memory) -> Dict[str, List[Dict[str, Tensor]]]:
+        """The mask decoder's outputs in training. Denoising queries (when the location decoder
+        made them) pass the thing mask decoder with the matched ones; their outputs come back
+        apart, under "denoising_things". The thing queries do not attend to each other in
+        ``AttentionMaskDecoder``, so the two sets do not see each other."""
+        denoising = location.get("denoising")
+        if denoising is None:
+            return self.mask_decoder(location["hidden"], location["query_pos"], stuff_query, stuff_pos, memory)
+        num_queries = location["hidden"].shape[1]
+        masks = self.mask_decoder(torch.cat([location["hidden"], denoising["hidden"]], dim=1),
+                                  torch.cat([location["query_pos"], denoising["query_pos"]], dim=1),
+                                  stuff_query, stuff_pos, memory)
+        things = masks["things"]
+        masks["things"] = [{k: v[:, :num_queries] for k, v in layer.items()} for layer in things]
+        masks["denoising_things"] = [{k: v[:, num_queries:] for k, v in layer.items()} for layer in things]
+        return masks
 
     def select_things(self, thing_logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """The top-k (query, thing class) pairs by sigmoid score.

@@ -14,23 +14,40 @@
   MASK_FOCAL_WEIGHT``): MaskFormer's per-pixel sigmoid focal loss on the same mask pairs as the dice
   loss (``loss_thing_mask_i``, ``loss_stuff_mask_i``), a dense signal that speeds up the masks of a
   model trained from scratch.
+* Optional, not in the publication (``class_loss="iou_aware"``, ``MODEL.PANOPTIC_SEGFORMER.
+  CLASS_LOSS``): the thing class losses (location decoder and thing mask decoder) take as target of
+  a matched query's class the IoU of its prediction with its ground truth (box IoU in the location
+  decoder, IoU of the mask thresholded at 0, at the targets' size, in the mask decoder; detached):
+  binary cross-entropy with weight 1 there, and the focal loss's weight ``(1 - alpha) p^gamma`` on
+  every other (query, class) pair. The scores then rank predictions by their quality, which
+  mask-wise merging relies on. The matching costs stay focal.
+* With encoder proposals (``outputs["location"]["encoder"]``): the selected proposals are matched
+  and get the location decoder's losses (``loss_enc_class``, ``loss_enc_l1``, ``loss_enc_giou``).
+* With denoising queries (``outputs["location"]["denoising"]``): each is paired with the thing it
+  was made from (no matching) and gets, per location-decoder layer, the class, L1 and GIoU losses
+  (``loss_dn_{class,l1,giou}_i``) and, per thing mask-decoder layer
+  (``outputs["masks"]["denoising_things"]``), the thing class and mask losses
+  (``loss_dn_thing_{class,dice,mask}_i``); padding queries get none. Their normalizer is the
+  number of things times the number of groups.
 
 Every loss is normalized by the number of ground-truth things (or stuff segments) per image in the
 batch, averaged over processes. Losses come back unweighted; ``weight_dict`` holds the weights.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.utils import comm
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_focal_loss
 
 from ..mask_losses import dice_cost, dice_loss
 from ..mask_losses import sigmoid_focal_loss as mask_focal_loss
 
-__all__ = ["focal_class_cost", "BoxMaskMatcher", "PanopticSegFormerCriterion"]
+__all__ = ["focal_class_cost", "BoxMaskMatcher", "PanopticSegFormerCriterion", "CLASS_LOSSES"]
+
+CLASS_LOSSES = ("focal", "iou_aware")
 
 
 def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -125,21 +142,36 @@ class PanopticSegFormerCriterion(nn.Module):
     """
 
     def __init__(self, *, class_weight: float, l1_weight: float, giou_weight: float, dice_weight: float,
-                 alpha: float = 0.25, gamma: float = 2.0, mask_focal_weight: float = 0.0):
+                 alpha: float = 0.25, gamma: float = 2.0, mask_focal_weight: float = 0.0,
+                 class_loss: str = "focal"):
         super().__init__()
         if not mask_focal_weight >= 0:
             raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.MASK_FOCAL_WEIGHT={mask_focal_weight!r}: expected a "
                              "number >= 0 (0: the published dice-only mask loss)")
+        if class_loss not in CLASS_LOSSES:
+            raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.CLASS_LOSS={class_loss!r}: expected one of {CLASS_LOSSES}")
         self.alpha, self.gamma = alpha, gamma
+        self.iou_aware = class_loss == "iou_aware"
         self.with_mask_focal = mask_focal_weight > 0
         self.box_matcher = BoxMaskMatcher(class_weight, l1_weight, giou_weight, 0.0, alpha, gamma)
         self.mask_matcher = BoxMaskMatcher(class_weight, l1_weight, giou_weight, dice_weight, alpha, gamma)
         self.weights = {"class": class_weight, "l1": l1_weight, "giou": giou_weight, "dice": dice_weight,
                         "mask": mask_focal_weight}
 
-    def weight_dict(self, num_loc_layers: int, num_thing_layers: int, num_stuff_layers: int) -> Dict[str, float]:
+    def weight_dict(self, num_loc_layers: int, num_thing_layers: int, num_stuff_layers: int,
+                    encoder_proposals: bool = False, denoising: bool = False) -> Dict[str, float]:
         w = self.weights
         weights = {}
+        if encoder_proposals:
+            weights.update({"loss_enc_class": w["class"], "loss_enc_l1": w["l1"], "loss_enc_giou": w["giou"]})
+        if denoising:
+            for i in range(num_loc_layers):
+                weights.update({f"loss_dn_class_{i}": w["class"], f"loss_dn_l1_{i}": w["l1"],
+                                f"loss_dn_giou_{i}": w["giou"]})
+            for i in range(num_thing_layers):
+                weights.update({f"loss_dn_thing_class_{i}": w["class"], f"loss_dn_thing_dice_{i}": w["dice"]})
+                if self.with_mask_focal:
+                    weights[f"loss_dn_thing_mask_{i}"] = w["mask"]
         for i in range(num_loc_layers):
             weights.update({f"loss_loc_class_{i}": w["class"], f"loss_loc_l1_{i}": w["l1"],
                             f"loss_loc_giou_{i}": w["giou"]})
@@ -158,6 +190,36 @@ class PanopticSegFormerCriterion(nn.Module):
         """
         onehot = F.one_hot(target_classes, logits.shape[-1] + 1)[..., :-1].to(logits.dtype)
         return sigmoid_focal_loss(logits, onehot, alpha=self.alpha, gamma=self.gamma, reduction="sum") / num
+
+    def thing_class_loss(self, logits: Tensor, indices: List[Tuple[Tensor, Tensor]],
+                         targets: Sequence[Dict[str, Tensor]], quality: Optional[Tensor], num: float,
+                         ignore: Optional[Tensor] = None) -> Tensor:
+        """The focal class loss, or with ``class_loss="iou_aware"`` the IoU-aware one (module
+        docstring), divided by ``num``.
+
+        Args:
+            logits: B x Q x C; indices: the matching; quality: the IoU of each matched pair, in
+                the order of ``_gather(indices)`` (used by the IoU-aware loss only).
+            ignore: optional B x Q bool, True for queries that get no class loss.
+        """
+        target_classes = _matched_classes(logits, targets, indices)
+        if not self.iou_aware and ignore is None:
+            return self.focal_class_loss(logits, target_classes, num)
+        if not self.iou_aware:
+            onehot = F.one_hot(target_classes, logits.shape[-1] + 1)[..., :-1].to(logits.dtype)
+            loss = sigmoid_focal_loss(logits, onehot, alpha=self.alpha, gamma=self.gamma, reduction="none")
+        else:
+            batch_idx, query_idx = _gather(indices)
+            target = torch.zeros_like(logits)
+            if batch_idx.numel():
+                target[batch_idx, query_idx, target_classes[batch_idx, query_idx]] = quality.detach().to(logits.dtype)
+            # a matched pair whose prediction misses its target entirely (IoU 0) counts as a negative
+            weight = torch.where(target > 0, torch.ones_like(logits),
+                                 (1 - self.alpha) * logits.sigmoid() ** self.gamma)
+            loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight
+        if ignore is not None:
+            loss = loss.masked_fill(ignore[..., None], 0.0)
+        return loss.sum() / num
 
     def forward(self, outputs: Dict[str, object], targets: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """
@@ -179,7 +241,15 @@ class PanopticSegFormerCriterion(nn.Module):
             for i, (logits, boxes) in enumerate(zip(location["pred_logits"], location["pred_boxes"])):
                 logits, boxes = logits.float(), boxes.float()
                 indices = self.box_matcher(logits, boxes, targets)
-                losses.update(self._location_losses(i, logits, boxes, targets, indices, num_things))
+                losses.update(self._location_losses(f"loc_{{}}_{i}", logits, boxes, targets, indices, num_things))
+            if "encoder" in location:
+                logits = location["encoder"]["pred_logits"].float()
+                boxes = location["encoder"]["pred_boxes"].float()
+                indices = self.box_matcher(logits, boxes, targets)
+                losses.update(self._location_losses("enc_{}", logits, boxes, targets, indices, num_things))
+            if "denoising" in location:
+                losses.update(self._denoising_losses(location["denoising"], mask_outputs.get("denoising_things", ()),
+                                                     targets, num_things))
             things = mask_outputs["things"]
             indices = self.mask_matcher(location["pred_logits"][-1].float(), location["pred_boxes"][-1].float(),
                                         targets, things[-1]["pred_masks"].float())
@@ -189,24 +259,50 @@ class PanopticSegFormerCriterion(nn.Module):
                 losses.update(self._stuff_losses(i, layer, targets, num_stuff))
         return losses
 
-    def _location_losses(self, i, logits, boxes, targets, indices, num):
+    def _location_losses(self, name: str, logits, boxes, targets, indices, num, ignore=None):
+        """Class, L1 and GIoU losses, keys ``"loss_" + name.format(kind)``; queries where
+        ``ignore`` (B x Q bool) is True get no class loss."""
         batch_idx, query_idx = _gather(indices)
         src_boxes = boxes[batch_idx, query_idx]
         tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
-        giou = torch.diag(generalized_box_iou(box_convert(src_boxes, "cxcywh", "xyxy"),
-                                              box_convert(tgt_boxes, "cxcywh", "xyxy")))
+        src_xyxy, tgt_xyxy = box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
+        giou = torch.diag(generalized_box_iou(src_xyxy, tgt_xyxy))
+        iou = torch.diag(box_iou(src_xyxy, tgt_xyxy)) if self.iou_aware else None
         return {
-            f"loss_loc_class_{i}": self.focal_class_loss(logits, _matched_classes(logits, targets, indices), num),
-            f"loss_loc_l1_{i}": F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num,
-            f"loss_loc_giou_{i}": (1 - giou).sum() / num,
+            "loss_" + name.format("class"): self.thing_class_loss(logits, indices, targets, iou, num, ignore),
+            "loss_" + name.format("l1"): F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num,
+            "loss_" + name.format("giou"): (1 - giou).sum() / num,
         }
 
-    def _thing_mask_losses(self, i, layer, targets, indices, num):
+    def _denoising_losses(self, denoising, mask_layers, targets, num):
+        """Losses of the denoising queries, each paired with its own thing (module docstring)."""
+        dn = denoising["batch"]
+        num = num * dn.groups
+        batch_idx, query_idx = dn.valid.nonzero(as_tuple=True)  # per image: group by group, thing by thing
+        # as a matching: image b's valid queries with the indices of their things
+        indices = []
+        for b, target in enumerate(targets):
+            queries = query_idx[batch_idx == b]
+            indices.append((queries, torch.arange(len(target["labels"]), device=queries.device).repeat(dn.groups)))
+        losses = {}
+        for i, (logits, boxes) in enumerate(zip(denoising["pred_logits"], denoising["pred_boxes"])):
+            losses.update(self._location_losses(f"dn_{{}}_{i}", logits.float(), boxes.float(), targets, indices,
+                                                num, ignore=~dn.valid))
+        for i, layer in enumerate(mask_layers):
+            layer_losses = self._thing_mask_losses(i, layer, targets, indices, num, ignore=~dn.valid)
+            losses.update({k.replace("loss_thing_", "loss_dn_thing_"): v for k, v in layer_losses.items()})
+        return losses
+
+    def _thing_mask_losses(self, i, layer, targets, indices, num, ignore=None):
         logits = layer["pred_logits"].float()
         batch_idx, query_idx = _gather(indices)
         tgt_masks = [t["masks"][j] for t, (_, j) in zip(targets, indices)]
-        losses = {f"loss_thing_class_{i}": self.focal_class_loss(logits, _matched_classes(logits, targets, indices),
-                                                                  num)}
+        iou = None
+        if self.iou_aware and batch_idx.numel():
+            src, tgt = _paired_masks(layer["pred_masks"].detach(), batch_idx, query_idx, tgt_masks)
+            binary = (src > 0).float()
+            iou = (binary * tgt).sum(1) / (binary + tgt).clamp(max=1).sum(1).clamp(min=1)
+        losses = {f"loss_thing_class_{i}": self.thing_class_loss(logits, indices, targets, iou, num, ignore)}
         losses.update(self._mask_losses("thing", i, layer["pred_masks"], batch_idx, query_idx, tgt_masks, num))
         return losses
 

@@ -4,7 +4,7 @@ over the thing queries. Each layer refines every query's reference box; per laye
 detections for the detection loss."""
 import copy
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -46,17 +46,18 @@ class LocationDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, query: Tensor, query_pos: Tensor, reference_points: Tensor,
-                memory: MultiLevelTokens) -> Tensor:
+                memory: MultiLevelTokens, self_attn_mask: Optional[Tensor] = None) -> Tensor:
         """
         Args:
             query: B x Q x C; query_pos: B x Q x C.
             reference_points: B x Q x L x 2 (points) or x 4 (boxes), normalized to each level.
             memory: the encoder's tokens.
+            self_attn_mask: optional (B x heads) x Q x Q bool, True where a query must not attend.
         Returns:
             B x Q x C.
         """
         q = k = query + query_pos
-        attended = self.self_attn(q, k, query, need_weights=False)[0]
+        attended = self.self_attn(q, k, query, attn_mask=self_attn_mask, need_weights=False)[0]
         query = self.norm2(query + self.dropout2(attended))
         attended = self.cross_attn(query + query_pos, reference_points, memory.tokens,
                                    memory.spatial_shapes, memory.level_start_index, memory.padding_mask)
@@ -106,12 +107,14 @@ class LocationDecoder(nn.Module):
     ``query_embedding`` (N x 2C) holds each query's positional part (first C channels) and content
     (last C); the first reference points are ``sigmoid(reference_points(query_pos))``, and after
     each layer its box branch refines them: ``sigmoid(box_branch(h) + logit(reference))``
-    (detached before the next layer, as in Deformable DETR).
+    (detached before the next layer, as in Deformable DETR). With ``proposals``,
+    ``query_embedding`` (N x C) holds the contents only (see ``proposals`` below).
     """
 
     def __init__(self, *, num_queries: int, hidden_dim: int, num_layers: int, num_classes: int,
                  nheads: int, dim_feedforward: int, dropout: float, num_levels: int, n_points: int,
-                 query_pos_from_boxes: bool = False):
+                 query_pos_from_boxes: bool = False, proposals: Optional[nn.Module] = None,
+                 denoising: Optional[nn.Module] = None):
         """
         Args:
             num_queries: thing queries.
@@ -121,14 +124,22 @@ class LocationDecoder(nn.Module):
             nheads, dim_feedforward, dropout, num_levels, n_points: of each layer.
             query_pos_from_boxes: the "query_pos" output (the mask decoder's) is
                 :class:`BoxQueryPosition` of the last boxes instead of the learned positional part.
+            proposals: None (published): the first references are points predicted from the
+                learned positional parts. Or an :class:`~.query_selection.EncoderProposals`: the
+                first references are the boxes it selects among the encoder's tokens, and each
+                layer's positional part is an embedding of its reference boxes
+                (``reference_query_pos``); the content parts stay learned.
+            denoising: None (published), or a :class:`~.denoising.DenoisingQueries` whose queries
+                pass the layers in training too (their positional parts from their reference boxes).
         """
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.DEC_LAYERS must be >= 1, got {num_layers}")
         self.num_queries = num_queries
         self.hidden_dim = hidden_dim
-        self.query_embedding = nn.Embedding(num_queries, 2 * hidden_dim)
-        self.reference_points = nn.Linear(hidden_dim, 2)
+        # with proposals, the positional parts come from the reference boxes: content only
+        self.query_embedding = nn.Embedding(num_queries, (1 if proposals is not None else 2) * hidden_dim)
+        self.reference_points = nn.Linear(hidden_dim, 2) if proposals is None else None
         layer = LocationDecoderLayer(hidden_dim, nheads, dim_feedforward, dropout, num_levels, n_points)
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         class_branch = nn.Linear(hidden_dim, num_classes)
@@ -136,24 +147,36 @@ class LocationDecoder(nn.Module):
         self._init_branches(class_branch, box_branch)
         self.class_branches = nn.ModuleList(copy.deepcopy(class_branch) for _ in range(num_layers))
         self.box_branches = nn.ModuleList(copy.deepcopy(box_branch) for _ in range(num_layers))
-        nn.init.xavier_uniform_(self.reference_points.weight)
-        nn.init.zeros_(self.reference_points.bias)
+        if proposals is None:
+            # Deformable DETR (with box refinement): only the first layer, which turns points into
+            # boxes, starts with small boxes (w/h logits -2); the later ones start by keeping their
+            # reference boxes, and so do all layers when the references are proposals' boxes.
+            nn.init.constant_(self.box_branches[0].layers[-1].bias[2:], -2.0)
+        if self.reference_points is not None:
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.zeros_(self.reference_points.bias)
         self.box_query_pos = BoxQueryPosition(hidden_dim) if query_pos_from_boxes else None
+        self.proposals = proposals
+        self.denoising = denoising
+        uses_reference_pos = proposals is not None or denoising is not None
+        self.reference_query_pos = BoxQueryPosition(hidden_dim) if uses_reference_pos else None
 
     @staticmethod
     def _init_branches(class_branch: nn.Linear, box_branch: MLP) -> None:
-        # Deformable DETR: class prior 0.01; the box branch starts as "keep the reference point,
-        # small boxes" (zero last layer, w/h logits -2).
+        # Deformable DETR: class prior 0.01; the box branch starts as "keep the reference" (zero
+        # last layer)
         prior_prob = 0.01
         nn.init.constant_(class_branch.bias, -math.log((1 - prior_prob) / prior_prob))
         nn.init.zeros_(box_branch.layers[-1].weight)
         nn.init.zeros_(box_branch.layers[-1].bias)
-        nn.init.constant_(box_branch.layers[-1].bias[2:], -2.0)
 
-    def forward(self, memory: MultiLevelTokens) -> Dict[str, object]:
+    def forward(self, memory: MultiLevelTokens,
+                targets: Optional[Sequence[Dict[str, Tensor]]] = None) -> Dict[str, object]:
         """
         Args:
             memory: the encoder's tokens (B x S x C) and layout.
+            targets: in training with ``denoising``, the ground-truth things ("labels", "boxes")
+                of each image, from which the denoising queries are made.
         Returns:
             dict with
             "hidden": B x N x C, the last layer's queries (the thing queries of the mask decoder);
@@ -161,23 +184,56 @@ class LocationDecoder(nn.Module):
             that of their last boxes with ``query_pos_from_boxes``);
             "pred_logits": list over layers of B x N x num_classes class logits;
             "pred_boxes": list over layers of B x N x 4 boxes (cx, cy, w, h) in [0, 1] of the
-            (unpadded) image.
+            (unpadded) image;
+            "encoder" (with ``proposals`` only): {"pred_logits", "pred_boxes"} of the selected
+            proposals, B x N x num_classes and B x N x 4;
+            "denoising" (in training with ``denoising`` and at least one thing): the same five
+            entries for the B x L denoising queries and "batch", their :class:`DenoisingBatch`.
         """
         batch = memory.tokens.shape[0]
-        query_pos, query = self.query_embedding.weight.split(self.hidden_dim, dim=1)
-        query_pos = query_pos[None].expand(batch, -1, -1)
-        query = query[None].expand(batch, -1, -1)
-        reference = self.reference_points(query_pos).sigmoid()  # B x N x 2
-        valid_ratios = memory.valid_ratios  # B x L x 2
+        outputs: Dict[str, object] = {}
+        if self.proposals is None:
+            query_pos, query = self.query_embedding.weight.split(self.hidden_dim, dim=1)
+            query_pos = query_pos[None].expand(batch, -1, -1)
+            query = query[None].expand(batch, -1, -1)
+            reference = self.reference_points(query_pos).sigmoid()  # B x N x 2
+        else:
+            query_pos = None  # from each layer's reference boxes
+            query = self.query_embedding.weight[None].expand(batch, -1, -1)
+            enc_logits, enc_boxes = self.proposals(memory)
+            outputs["encoder"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes}
+            reference = enc_boxes.detach()  # B x N x 4
+        outputs.update(self._decode(query, query_pos, reference, memory))
+        if self.training and self.denoising is not None and targets is not None:
+            dn = self.denoising(targets)
+            if dn is not None:
+                outputs["denoising"] = self._decode(dn.content, None, dn.reference, memory, dn.self_attn_mask)
+                outputs["denoising"]["batch"] = dn
+        return outputs
 
+    def _decode(self, query: Tensor, query_pos: Optional[Tensor], reference: Tensor, memory: MultiLevelTokens,
+                self_attn_mask: Optional[Tensor] = None) -> Dict[str, object]:
+        """The layers with iterative box refinement.
+
+        Args:
+            query: B x Q x C contents; query_pos: B x Q x C positional parts, or None for
+                ``reference_query_pos`` of each layer's reference boxes.
+            reference: B x Q x 2 points or B x Q x 4 boxes, normalized to the unpadded image.
+            self_attn_mask: optional (B x heads) x Q x Q bool, True where a query must not attend.
+        Returns:
+            "hidden", "query_pos", "pred_logits", "pred_boxes" (see ``forward``).
+        """
+        valid_ratios = memory.valid_ratios  # B x L x 2
         pred_logits: List[Tensor] = []
         pred_boxes: List[Tensor] = []
         for layer, class_branch, box_branch in zip(self.layers, self.class_branches, self.box_branches):
             if reference.shape[-1] == 4:
                 reference_input = reference[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+                layer_pos = self.reference_query_pos(reference) if query_pos is None else query_pos
             else:
                 reference_input = reference[:, :, None] * valid_ratios[:, None]
-            query = layer(query, query_pos, reference_input, memory)
+                layer_pos = query_pos
+            query = layer(query, layer_pos, reference_input, memory, self_attn_mask)
             delta = box_branch(query)
             if reference.shape[-1] == 4:
                 boxes = (delta + inverse_sigmoid(reference)).sigmoid()
@@ -187,5 +243,5 @@ class LocationDecoder(nn.Module):
             pred_boxes.append(boxes)
             reference = boxes.detach()
         if self.box_query_pos is not None:
-            query_pos = self.box_query_pos(pred_boxes[-1])
-        return {"hidden": query, "query_pos": query_pos, "pred_logits": pred_logits, "pred_boxes": pred_boxes}
+            layer_pos = self.box_query_pos(pred_boxes[-1])
+        return {"hidden": query, "query_pos": layer_pos, "pred_logits": pred_logits, "pred_boxes": pred_boxes}
