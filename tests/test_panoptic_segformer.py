@@ -341,6 +341,9 @@ def test_model_trains_and_infers_the_three_outputs():
     assert psf.MASK_FOCAL_WEIGHT > 0
     expected |= {f"loss_thing_{k}_{i}" for k in ("class", "dice", "mask") for i in range(psf.THING_MASK_DEC_LAYERS)}
     expected |= {f"loss_stuff_{k}_{i}" for k in ("class", "dice", "mask") for i in range(psf.STUFF_MASK_DEC_LAYERS)}
+    # and places the thing queries on the encoder's proposals, whose losses are "enc"
+    assert psf.THING_QUERY_INIT == "encoder"
+    expected |= {"loss_enc_class", "loss_enc_l1", "loss_enc_giou"}
     assert set(losses) == expected
     sum(losses.values()).backward()
     for name in ("location_decoder.query_embedding.weight", "stuff_query.weight",
@@ -395,6 +398,7 @@ def test_unknown_mask_decoder_name_lists_the_registered_ones():
 
 def test_sampling_offsets_train_slower():
     cfg = psf_cfg()
+    cfg.MODEL.PANOPTIC_SEGFORMER.THING_QUERY_INIT = "learned"  # published: learned reference points
     cfg.SOLVER.BASE_LR, cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0, 0.1
     model = build_model(cfg)
     lr = {id(g["params"][0]): g["lr"] for g in get_param_groups(cfg, model)}
