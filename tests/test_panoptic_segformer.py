@@ -220,6 +220,14 @@ def test_box_matcher_is_optimal_by_brute_force(seed):
     assert cost[rows, cols].sum().item() == pytest.approx(best, abs=1e-5)
 
 
+def focal(x, y, alpha=0.25, gamma=2.0):
+    """Sigmoid focal loss of one logit x with binary target y, written out."""
+    p = 1 / (1 + math.exp(-x))
+    ce = -math.log(p) if y else -math.log(1 - p)
+    p_t = p if y else 1 - p
+    return (alpha if y else 1 - alpha) * (1 - p_t) ** gamma * ce
+
+
 # ---------------------------------------------------------------- losses on a hand-built case
 def test_full_loss_on_a_hand_built_case():
     """One image, one thing (class 1 of 2, box (0.5, 0.5, 0.4, 0.4)), one stuff class of 2
@@ -242,12 +250,6 @@ def test_full_loss_on_a_hand_built_case():
                          "stuff": [{"pred_logits": stuff_logits, "pred_masks": stuff_masks}]}}
     losses = criterion(outputs, [target])
 
-    def focal(x, y, alpha=0.25, gamma=2.0):
-        p = 1 / (1 + math.exp(-x))
-        ce = -math.log(p) if y else -math.log(1 - p)
-        p_t = p if y else 1 - p
-        return (alpha if y else 1 - alpha) * (1 - p_t) ** gamma * ce
-
     # query 0 is matched (right class, overlapping box): class targets one-hot only there
     expected_loc_class = focal(0.0, 0) + focal(2.0, 1) + focal(-1.0, 0) + focal(-3.0, 0)
     assert losses["loss_loc_class_0"].item() == pytest.approx(expected_loc_class, rel=1e-5)
@@ -268,12 +270,6 @@ def test_full_loss_on_a_hand_built_case():
 def test_optional_per_pixel_focal_mask_loss_on_a_hand_built_case():
     """MASK_FOCAL_WEIGHT > 0 adds MaskFormer's per-pixel focal loss on the dice loss's pairs:
     per mask the mean over its pixels, summed, divided by the number of segments."""
-    def focal(x, y, alpha=0.25, gamma=2.0):
-        p = 1 / (1 + math.exp(-x))
-        ce = -math.log(p) if y else -math.log(1 - p)
-        p_t = p if y else 1 - p
-        return (alpha if y else 1 - alpha) * (1 - p_t) ** gamma * ce
-
     tgt_mask = torch.zeros(1, 4, 4, dtype=torch.bool)
     tgt_mask[0, 1:3, 1:3] = True
     target = {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]]), "masks": tgt_mask,

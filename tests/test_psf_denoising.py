@@ -1,7 +1,6 @@
 """Panoptic SegFormer's optional denoising queries (DN_GROUPS > 0): their layout and noise, the
 attention mask that keeps the groups and the matched queries apart, and their losses on a
 hand-built case."""
-import math
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from detectron2.modeling import build_model
 
 from mask_former.layers import flatten_levels
 from mask_former.modeling.panoptic_segformer import DenoisingQueries, LocationDecoder, PanopticSegFormerCriterion
-from test_panoptic_segformer import make_batch, psf_cfg
+from test_panoptic_segformer import focal, make_batch, psf_cfg
 
 BOXES = torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.2, 0.3, 0.2, 0.1]])
 
@@ -100,12 +99,6 @@ def test_groups_and_matched_queries_do_not_see_each_other():
 def test_denoising_losses_on_a_hand_built_case():
     """Image 0 has one thing (class 1 of 2, box (0.5, 0.5, 0.4, 0.4)), image 1 none; 2 groups, so
     image 0 has queries 0 and 1 (its thing twice) and image 1 only padding."""
-    def focal(x, y, alpha=0.25, gamma=2.0):
-        p = 1 / (1 + math.exp(-x))
-        ce = -math.log(p) if y else -math.log(1 - p)
-        p_t = p if y else 1 - p
-        return (alpha if y else 1 - alpha) * (1 - p_t) ** gamma * ce
-
     dn = DenoisingQueries(hidden_dim=4, num_classes=2, nheads=1, groups=2, box_noise=0.0, label_noise=0.0)
     tgt_mask = torch.zeros(1, 4, 4, dtype=torch.bool)
     tgt_mask[0, 1:3, 1:3] = True

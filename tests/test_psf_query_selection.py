@@ -15,7 +15,7 @@ from mask_former.modeling.panoptic_segformer.query_selection import (
     distinct_top_k,
     proposal_anchors,
 )
-from test_panoptic_segformer import make_batch, psf_cfg
+from test_panoptic_segformer import focal, make_batch, psf_cfg
 
 
 def test_proposal_anchors_by_hand():
@@ -149,12 +149,6 @@ def test_encoder_proposal_losses_on_a_hand_built_case():
     outputs, target = hand_built_outputs()
     criterion = PanopticSegFormerCriterion(class_weight=2.0, l1_weight=5.0, giou_weight=2.0, dice_weight=2.0)
     losses = criterion(outputs, [target])
-
-    def focal(x, y, alpha=0.25, gamma=2.0):
-        p = 1 / (1 + math.exp(-x))
-        ce = -math.log(p) if y else -math.log(1 - p)
-        p_t = p if y else 1 - p
-        return (alpha if y else 1 - alpha) * (1 - p_t) ** gamma * ce
 
     # proposal 0 (box [0.3, 0.4, 0.7, 0.6], inside the target's) is the match: L1 0.2, IoU 0.08 / 0.16,
     # hull = the target's box

@@ -144,7 +144,7 @@ class LocationDecoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         class_branch = nn.Linear(hidden_dim, num_classes)
         box_branch = MLP(hidden_dim, hidden_dim, 4, 3)
-        self._init_branches(class_branch, box_branch)
+        self.init_branches(class_branch, box_branch)
         self.class_branches = nn.ModuleList(copy.deepcopy(class_branch) for _ in range(num_layers))
         self.box_branches = nn.ModuleList(copy.deepcopy(box_branch) for _ in range(num_layers))
         if proposals is None:
@@ -162,7 +162,7 @@ class LocationDecoder(nn.Module):
         self.reference_query_pos = BoxQueryPosition(hidden_dim) if uses_reference_pos else None
 
     @staticmethod
-    def _init_branches(class_branch: nn.Linear, box_branch: MLP) -> None:
+    def init_branches(class_branch: nn.Linear, box_branch: MLP) -> None:
         # Deformable DETR: class prior 0.01; the box branch starts as "keep the reference" (zero
         # last layer)
         prior_prob = 0.01

@@ -8,7 +8,6 @@ object), become the first reference boxes of the N thing queries; the queries' c
 learned (DINO's "mixed query selection"). The selected proposals get the location decoder's
 losses (``loss_enc_*``).
 """
-import math
 from typing import Tuple
 
 import torch
@@ -17,7 +16,7 @@ from torchvision.ops import box_convert, nms
 
 from ...layers import MultiLevelTokens
 from ..transformer_decoder.standard_transformer_decoder import MLP
-from .location_decoder import inverse_sigmoid
+from .location_decoder import LocationDecoder, inverse_sigmoid
 
 __all__ = ["proposal_anchors", "distinct_top_k", "EncoderProposals"]
 
@@ -89,10 +88,7 @@ class EncoderProposals(nn.Module):
         self.output_norm = nn.LayerNorm(hidden_dim)
         self.class_branch = nn.Linear(hidden_dim, num_classes)
         self.box_branch = MLP(hidden_dim, hidden_dim, 4, 3)
-        prior_prob = 0.01
-        nn.init.constant_(self.class_branch.bias, -math.log((1 - prior_prob) / prior_prob))
-        nn.init.zeros_(self.box_branch.layers[-1].weight)
-        nn.init.zeros_(self.box_branch.layers[-1].bias)
+        LocationDecoder.init_branches(self.class_branch, self.box_branch)
 
     def forward(self, memory: MultiLevelTokens) -> Tuple[Tensor, Tensor]:
         """
