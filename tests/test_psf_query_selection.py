@@ -68,6 +68,22 @@ def test_distinct_top_k_matches_greedy_nms(seed):
             assert selected[b].tolist() == expected, (threshold, k, b)
 
 
+@pytest.mark.parametrize("spread", [0.9, 0.05])
+def test_distinct_top_k_of_many_tokens_matches_greedy_nms(spread):
+    """300 tokens, k = 10: spread-out boxes survive among the best 4k (NMS need not see the rest);
+    boxes crowded on one spot do not, so more are visited, down to the suppressed ones' top-up.
+    Tied scores are taken by index, as the brute force's stable sort does."""
+    g = torch.Generator().manual_seed(7)
+    scores = torch.rand(1, 300, generator=g)
+    scores[0, 100:120] = scores[0, 3]  # ties with one of the best
+    centres = torch.rand(1, 300, 2, generator=g) * spread + (1 - spread) / 2
+    sides = torch.rand(1, 300, 2, generator=g) * 0.1 + 0.1
+    boxes = torch.cat([centres, sides], -1)
+    for threshold in (0.1, 0.5):
+        expected = greedy_nms_top_k(scores[0].tolist(), boxes[0].tolist(), 10, threshold)
+        assert distinct_top_k(scores, boxes, 10, threshold)[0].tolist() == expected, threshold
+
+
 def test_distinct_top_k_names_too_few_tokens():
     scores = torch.full((1, 4), float("-inf"))
     scores[0, :2] = 1.0

@@ -50,8 +50,12 @@ def proposal_anchors(memory: MultiLevelTokens) -> Tuple[Tensor, Tensor]:
 
 def distinct_top_k(scores: Tensor, boxes: Tensor, k: int, iou_threshold: float) -> Tensor:
     """Per image, the indices of the k best-scoring boxes that survive class-agnostic NMS at
-    ``iou_threshold``, in descending score order; when fewer than k survive, the best suppressed
-    ones follow. Boxes with a score of -inf are never taken.
+    ``iou_threshold``, in descending score order (ties by index); when fewer than k survive, the
+    best suppressed ones follow. Boxes with a score of -inf are never taken.
+
+    Greedy NMS keeps a box or not by the boxes before it only, so NMS of the best ``m`` boxes keeps
+    exactly the first boxes that NMS of all keeps: it runs on the best ``4k``, then twice as many
+    until k survive (or all were visited), not on every token.
 
     Args:
         scores: B x S; boxes: B x S x 4 (cx, cy, w, h).
@@ -60,13 +64,20 @@ def distinct_top_k(scores: Tensor, boxes: Tensor, k: int, iou_threshold: float) 
     """
     indices = []
     for image_scores, image_boxes in zip(scores, boxes):
-        order = image_scores.argsort(descending=True)
-        order = order[torch.isfinite(image_scores[order])]
+        image_scores, order = image_scores.sort(descending=True, stable=True)
+        order = order[torch.isfinite(image_scores)]
         if len(order) < k:
             raise ValueError(f"{len(order)} valid encoder tokens for {k} thing queries: "
                              "MODEL.PANOPTIC_SEGFORMER.NUM_THING_QUERIES is larger than the image allows")
-        kept = order[nms(box_convert(image_boxes[order].float(), "cxcywh", "xyxy"),
-                         image_scores[order].float(), iou_threshold)]
+        candidates = min(len(order), 4 * k)
+        while True:
+            visited = order[:candidates]
+            # descending ranks as NMS scores: NMS visits the boxes in ``order``, ties included
+            ranks = torch.arange(candidates, 0, -1, device=order.device, dtype=torch.float32)
+            kept = visited[nms(box_convert(image_boxes[visited].float(), "cxcywh", "xyxy"), ranks, iou_threshold)]
+            if len(kept) >= k or candidates == len(order):
+                break
+            candidates = min(len(order), 2 * candidates)
         if len(kept) < k:
             suppressed = order[~torch.isin(order, kept)]
             kept = torch.cat([kept, suppressed[: k - len(kept)]])
