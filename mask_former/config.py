@@ -156,6 +156,9 @@ def add_mask_former_config(cfg):
     psf.THING_MASK_DEC_LAYERS = 4
     # mask-decoder layers for the stuff queries (with self-attention among them)
     psf.STUFF_MASK_DEC_LAYERS = 6
+    # not in the publication: channels of MaskFormer's mask product (MLP(query) . Linear(token) on
+    # the finest mask level) added to the attention-map mask logits; 0 (published): none
+    psf.MASK_EMBED_DIM = 0
     # loss (and matching cost) weights: sigmoid focal class, box L1, box GIoU, dice mask
     psf.CLASS_WEIGHT = 2.0
     psf.BOX_L1_WEIGHT = 5.0

@@ -11,6 +11,10 @@ things, Linear(C, 1) for stuff (the stuff query's own class). All layers are sup
 
 One difference from the published description, deliberate: the last Linear(3 x heads, 1) has no
 ReLU, since a ReLU on a logit would keep every pixel's probability at 0.5 or above.
+
+An option not in the publication (``mask_embed_dim`` > 0, ``MODEL.PANOPTIC_SEGFORMER.MASK_EMBED_DIM``):
+MaskFormer's mask product added to every layer's mask logits, ``MLP(query) . Linear(token)`` over
+the tokens of the finest mask level, a richer per-pixel term than the few heads' attention logits.
 """
 import copy
 from typing import Dict, List, Optional, Tuple
@@ -20,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ...layers import MultiLevelTokens
+from ..transformer_decoder.standard_transformer_decoder import MLP
 from .build import PSF_MASK_DECODER_REGISTRY
 
 NUM_MASK_LEVELS = 3  # strides 8, 16, 32
@@ -116,10 +121,11 @@ class MaskDecoderLayer(nn.Module):
 
 
 class QueryMaskDecoder(nn.Module):
-    """A stack of MaskDecoderLayer, with a mask head and a class head per layer."""
+    """A stack of MaskDecoderLayer, with a mask head and a class head per layer (and, with
+    ``mask_embed_dim`` > 0, one query MLP shared by the layers for the mask product)."""
 
     def __init__(self, num_layers: int, num_classes: int, d_model: int, nheads: int, d_ffn: int,
-                 dropout: float, self_attention: bool):
+                 dropout: float, self_attention: bool, mask_embed_dim: int = 0):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"mask decoder layers must be >= 1, got {num_layers}")
@@ -127,14 +133,26 @@ class QueryMaskDecoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.mask_heads = nn.ModuleList(AttentionMaskHead(nheads) for _ in range(num_layers))
         self.class_branches = nn.ModuleList(nn.Linear(d_model, num_classes) for _ in range(num_layers))
+        self.mask_embed = MLP(d_model, d_model, mask_embed_dim, 3) if mask_embed_dim > 0 else None
 
     def forward(self, query: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Optional[Tensor],
-                padding_mask: Optional[Tensor], shapes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
-        """Returns per layer {"pred_logits": B x Q x classes, "pred_masks": B x Q x H_0 x W_0}."""
+                padding_mask: Optional[Tensor], shapes: List[Tuple[int, int]],
+                pixel_embed: Optional[Tensor] = None) -> List[Dict[str, Tensor]]:
+        """
+        Args:
+            pixel_embed: B x (H_0 W_0) x mask_embed_dim, the finest level's tokens' embeddings
+                (with ``mask_embed_dim`` > 0).
+        Returns:
+            per layer {"pred_logits": B x Q x classes, "pred_masks": B x Q x H_0 x W_0}.
+        """
         outputs = []
         for layer, mask_head, class_branch in zip(self.layers, self.mask_heads, self.class_branches):
             query, logits = layer(query, query_pos, memory, memory_pos, padding_mask)
-            outputs.append({"pred_logits": class_branch(query), "pred_masks": mask_head(logits, shapes)})
+            masks = mask_head(logits, shapes)
+            if self.mask_embed is not None:
+                product = self.mask_embed(query) @ pixel_embed.transpose(1, 2)  # B x Q x H_0 W_0
+                masks = masks + product.view(masks.shape)
+            outputs.append({"pred_logits": class_branch(query), "pred_masks": masks})
         return outputs
 
 
@@ -145,12 +163,17 @@ class AttentionMaskDecoder(nn.Module):
 
     @configurable
     def __init__(self, *, num_thing_classes: int, hidden_dim: int, nheads: int, dim_feedforward: int,
-                 dropout: float, thing_layers: int, stuff_layers: int):
+                 dropout: float, thing_layers: int, stuff_layers: int, mask_embed_dim: int = 0):
         super().__init__()
+        if mask_embed_dim < 0:
+            raise ValueError(f"MODEL.PANOPTIC_SEGFORMER.MASK_EMBED_DIM={mask_embed_dim!r}: expected >= 0 "
+                             "(0: masks from the attention maps only, as published)")
         self.thing_decoder = QueryMaskDecoder(thing_layers, num_thing_classes, hidden_dim, nheads,
-                                              dim_feedforward, dropout, self_attention=False)
+                                              dim_feedforward, dropout, self_attention=False,
+                                              mask_embed_dim=mask_embed_dim)
         self.stuff_decoder = QueryMaskDecoder(stuff_layers, 1, hidden_dim, nheads, dim_feedforward,
-                                              dropout, self_attention=True)
+                                              dropout, self_attention=True, mask_embed_dim=mask_embed_dim)
+        self.pixel_embed = nn.Linear(hidden_dim, mask_embed_dim) if mask_embed_dim > 0 else None
 
     @classmethod
     def from_config(cls, cfg, num_thing_classes: int):
@@ -163,6 +186,7 @@ class AttentionMaskDecoder(nn.Module):
             "dropout": psf.DROPOUT,
             "thing_layers": psf.THING_MASK_DEC_LAYERS,
             "stuff_layers": psf.STUFF_MASK_DEC_LAYERS,
+            "mask_embed_dim": psf.MASK_EMBED_DIM,
         }
 
     def forward(self, thing_query: Tensor, thing_pos: Tensor, stuff_query: Tensor, stuff_pos: Tensor,
@@ -182,7 +206,10 @@ class AttentionMaskDecoder(nn.Module):
         tokens = memory.tokens[:, :num_tokens]
         pos = None if memory.pos is None else memory.pos[:, :num_tokens]
         padding = None if memory.padding_mask is None else memory.padding_mask[:, :num_tokens]
+        pixel_embed = None
+        if self.pixel_embed is not None:
+            pixel_embed = self.pixel_embed(tokens[:, : shapes[0][0] * shapes[0][1]])
         return {
-            "things": self.thing_decoder(thing_query, thing_pos, tokens, pos, padding, shapes),
-            "stuff": self.stuff_decoder(stuff_query, stuff_pos, tokens, pos, padding, shapes),
+            "things": self.thing_decoder(thing_query, thing_pos, tokens, pos, padding, shapes, pixel_embed),
+            "stuff": self.stuff_decoder(stuff_query, stuff_pos, tokens, pos, padding, shapes, pixel_embed),
         }
