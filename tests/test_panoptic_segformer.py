@@ -16,7 +16,7 @@ from mask_former import add_mask_former_config
 from mask_former.layers import flatten_levels
 from mask_former.modeling.panoptic_segformer import BoxMaskMatcher, LocationDecoder, PanopticSegFormerCriterion
 from mask_former.modeling.panoptic_segformer.location_decoder import sine_box_embedding
-from mask_former.modeling.panoptic_segformer.mask_decoder import AttentionMaskHead
+from mask_former.modeling.panoptic_segformer.mask_decoder import AttentionMaskDecoder, AttentionMaskHead
 from mask_former.solver import get_param_groups
 from model_utils import CONFIG_DIR
 from train_utils import REPO_ROOT, read_metrics, train_net_cmd, train_net_env
@@ -94,6 +94,40 @@ def test_attention_mask_head_by_the_published_formula():
     got_grads = torch.autograd.grad((got * upstream).sum(), params)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_optional_mask_product_adds_maskformer_masks_to_the_attention_masks():
+    """MASK_EMBED_DIM > 0: each layer's mask logits are the attention-map masks plus
+    MLP(layer's queries) . Linear(finest-level tokens), written out here; 0 builds no such module."""
+    torch.manual_seed(0)
+    cfg = psf_cfg()
+    cfg.MODEL.PANOPTIC_SEGFORMER.MASK_EMBED_DIM = 8
+    decoder = AttentionMaskDecoder(cfg, num_thing_classes=2).eval()
+    shapes = [(6, 5), (3, 3), (2, 1), (1, 1)]
+    features = [torch.randn(2, 32, h, w) for h, w in shapes]
+    masks = [torch.zeros(2, h, w, dtype=torch.bool) for h, w in shapes]
+    memory = flatten_levels(features, masks, [torch.randn(2, 32, h, w) for h, w in shapes])
+    things, thing_pos = torch.randn(2, 4, 32), torch.randn(2, 4, 32)
+    stuff, stuff_pos = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+    got = decoder(things, thing_pos, stuff, stuff_pos, memory)
+
+    tokens = memory.tokens[:, :6 * 5 + 3 * 3 + 2 * 1]
+    pos = memory.pos[:, :tokens.shape[1]]
+    pixel_embed = decoder.pixel_embed.weight @ tokens[:, :30, :, None] + decoder.pixel_embed.bias[:, None]
+    for kind, query, query_pos in (("things", things, thing_pos), ("stuff", stuff, stuff_pos)):
+        module = getattr(decoder, "thing_decoder" if kind == "things" else "stuff_decoder")
+        for i, (layer, head) in enumerate(zip(module.layers, module.mask_heads)):
+            query, logits = layer(query, query_pos, tokens, pos, None)
+            embed = query
+            for j, linear in enumerate(module.mask_embed.layers):
+                embed = linear(embed) if j == 2 else torch.relu(linear(embed))
+            product = torch.einsum("bqc,bsc->bqs", embed, pixel_embed[..., 0]).view(2, -1, 6, 5)
+            torch.testing.assert_close(got[kind][i]["pred_masks"], head(logits, shapes[:3]) + product,
+                                       rtol=1e-5, atol=1e-5)
+
+    cfg.MODEL.PANOPTIC_SEGFORMER.MASK_EMBED_DIM = 0
+    published = AttentionMaskDecoder(cfg, num_thing_classes=2)
+    assert not any("embed" in name for name, _ in published.named_parameters())
 
 
 # ---------------------------------------------------------------- location decoder

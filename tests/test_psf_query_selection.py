@@ -199,6 +199,7 @@ def test_model_with_encoder_proposals_trains_every_parameter_and_infers():
 @pytest.mark.parametrize("key, value, match", [
     ("THING_QUERY_INIT", "proposals", "THING_QUERY_INIT='proposals'.*'learned'.*'encoder'"),
     ("CLASS_LOSS", "varifocal", "CLASS_LOSS='varifocal'"),
+    ("MASK_EMBED_DIM", -1, "MASK_EMBED_DIM=-1.*>= 0"),
 ])
 def test_bad_keys_are_named(key, value, match):
     cfg = psf_cfg()
