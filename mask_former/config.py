@@ -102,7 +102,8 @@ def add_mask_former_config(cfg):
     # alias of detectron2's TEST.DETECTIONS_PER_IMAGE (instances kept per image), which is read
     # when this is None; kept for configs written for earlier versions of this project
     cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE = None
-    # inference precision of the network: "fp32" (exact) or "bf16" (faster on CPUs with AVX-512 bf16 / AMX)
+    # inference precision of the network (MaskFormer and PanopticSegFormer): "fp32" (exact) or "bf16"
+    # (faster on CPUs with AVX-512 bf16 / AMX); post-processing stays float32
     cfg.MODEL.MASK_FORMER.TEST.PRECISION = "fp32"
 
     # ---------------------------------------------------------------- pixel decoder

@@ -81,8 +81,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="instances and thing segments scoring below this are not drawn")
     parser.add_argument("--precision", choices=["fp32", "bf16"],
-                        help="MaskFormer inference precision (MODEL.MASK_FORMER.TEST.PRECISION): fp32, exact "
-                        "(default), or bf16, faster on CPUs with AVX-512 bf16 / AMX")
+                        help="inference precision of the network (MODEL.MASK_FORMER.TEST.PRECISION, both "
+                        "model families): fp32, exact (default), or bf16, faster on CPUs with AVX-512 bf16 / AMX")
     parser.add_argument("--scale", type=int, default=1, metavar="N",
                         help="draw the images N times larger (each pixel an N x N block) so that the "
                         "labels of small images are legible; the predictions are made on the original "

@@ -1,10 +1,12 @@
 """What the meta-architectures share: the tasks their inference returns (``output_tasks``, read by
 ``mask_former.evaluation``), their switches, the normalization and padding of the input images, and
-the backbone call of training (``backbone_features``).
+the backbone call of training (``backbone_features``) and the precision of inference
+(``inference_autocast``).
 
 A new meta-architecture subclasses :class:`SegmentationMetaArch`, registers ``pixel_mean`` and
 ``pixel_std`` buffers (C x 1 x 1), sets ``size_divisibility`` and calls :meth:`set_task_switches`.
 """
+import contextlib
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -12,6 +14,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ...tasks import enabled_tasks, get_task
+from ..inference_optimization import inference_dtype
 from ..training_optimization import channels_last_conv_weights, folded_frozen_norms
 
 __all__ = ["SegmentationMetaArch", "task_switches"]
@@ -39,6 +42,8 @@ class SegmentationMetaArch(nn.Module):
     # Train with channels-last convolutions and the backbone's frozen batch norms folded into them
     # (``backbone_features``); False trains the modules as built.
     optimize_training: bool = True
+    # MODEL.MASK_FORMER.TEST.PRECISION of the network in inference ("fp32" or "bf16")
+    precision: str = "fp32"
 
     @classmethod
     def output_tasks(cls, cfg) -> Tuple[str, ...]:
@@ -57,6 +62,13 @@ class SegmentationMetaArch(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    def inference_autocast(self):
+        """The context the network runs in at inference: nothing in fp32, autocast to bfloat16
+        (matrix products and convolutions) with ``precision`` "bf16"."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=inference_dtype(self.precision))
 
     def backbone_features(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The backbone's features of a B x 3 x H x W batch. In training with

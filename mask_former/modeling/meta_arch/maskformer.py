@@ -220,11 +220,6 @@ class MaskFormer(SegmentationMetaArch):
             weights = self._inference_weights = InferenceWeights(self, dtype)
         return weights
 
-    def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=inference_dtype(self.precision))
-
     def run_network_for_inference(self, images: Tensor, *, fold_norms: bool = True,
                                   channels_last: bool = True, fuse_attention: bool = True
                                   ) -> Dict[str, Tensor]:
@@ -245,7 +240,7 @@ class MaskFormer(SegmentationMetaArch):
             if weights is not None:
                 stack.enter_context(weights.active())
             stack.enter_context(fused_attention(fuse_attention))
-            stack.enter_context(self._autocast())
+            stack.enter_context(self.inference_autocast())
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             if weights is None:

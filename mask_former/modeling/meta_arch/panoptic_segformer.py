@@ -5,7 +5,7 @@ class-fixed stuff queries, masks from attention maps) -> losses | mask-wise merg
 Inference returns the same three outputs as MaskFormer (``sem_seg``, ``panoptic_seg``,
 ``instances``), switched by ``MODEL.MASK_FORMER.TEST.{SEMANTIC,PANOPTIC,INSTANCE}_ON``.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import box_convert
 
+from ..inference_optimization import inference_dtype
 from ..panoptic_segformer import (
     DenoisingQueries,
     EncoderProposals,
@@ -99,6 +100,7 @@ class PanopticSegFormer(SegmentationMetaArch):
         num_test_things: int = 100,
         merge_params: Dict[str, float] = None,
         activation_checkpointing: Sequence[str] = (),
+        precision: str = "fp32",
     ):
         """
         Args:
@@ -117,6 +119,8 @@ class PanopticSegFormer(SegmentationMetaArch):
             merge_params: keyword arguments of ``mask_wise_merge`` (alpha, beta, thresholds).
             activation_checkpointing: dotted names of submodules whose activations are recomputed
                 in the backward instead of kept (``training_optimization.checkpoint_activations``).
+            precision: "fp32" or "bf16" (MODEL.MASK_FORMER.TEST.PRECISION): the network runs
+                under bfloat16 autocast in inference with "bf16"; the merging stays float32.
         """
         super().__init__()
         self.backbone = backbone
@@ -142,6 +146,8 @@ class PanopticSegFormer(SegmentationMetaArch):
         self.set_task_switches(semantic_on, panoptic_on, instance_on)
         self.num_test_things = num_test_things
         self.merge_params = dict(merge_params or {})
+        inference_dtype(precision)  # validates
+        self.precision = precision
         checkpoint_activations(self, activation_checkpointing)
 
     @classmethod
@@ -189,6 +195,7 @@ class PanopticSegFormer(SegmentationMetaArch):
             **task_switches(tasks),
             "num_test_things": test.NUM_THINGS,
             "merge_params": mask_merge_params(cfg),
+            "precision": cfg.MODEL.MASK_FORMER.TEST.PRECISION,
         }
 
     def forward(self, batched_inputs: List[Dict[str, object]]):
@@ -201,30 +208,41 @@ class PanopticSegFormer(SegmentationMetaArch):
             and/or "instances", as MaskFormer returns them.
         """
         images = self.preprocess_images(batched_inputs)
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images)
+            memory, location, stuff_query, stuff_pos = self.locate(images, targets)
+            masks = self.training_masks(location, stuff_query, stuff_pos, memory)
+            losses = self.criterion({"location": location, "masks": masks}, targets)
+            return {k: v * self.loss_weights[k] for k, v in losses.items() if k in self.loss_weights}
+
+        with self.inference_autocast():
+            memory, location, stuff_query, stuff_pos = self.locate(images, None)
+            scores, query_idx, thing_classes = self.select_things(location["pred_logits"][-1].float())
+            hidden = torch.gather(location["hidden"], 1,
+                                  query_idx[..., None].expand(-1, -1, location["hidden"].shape[-1]))
+            query_pos = torch.gather(location["query_pos"], 1,
+                                     query_idx[..., None].expand(-1, -1, location["query_pos"].shape[-1]))
+            masks = self.mask_decoder(hidden, query_pos, stuff_query, stuff_pos, memory)
+        masks = {kind: [{k: v.float() for k, v in layer.items()} for layer in layers] for kind, layers in masks.items()}
+        return self.inference(scores, thing_classes, masks, batched_inputs, images)
+
+    def locate(self, images: ImageList, targets: Optional[List[Dict[str, Tensor]]]):
+        """Backbone, encoder and location decoder.
+
+        Returns:
+            the encoder's tokens (MultiLevelTokens), the location decoder's outputs, and the stuff
+            queries' content and positional parts (B x Ns x C each).
+        """
         padding_mask = torch.ones(images.tensor.shape[0], *images.tensor.shape[-2:], dtype=torch.bool,
                                   device=self.device)
         for i, (h, w) in enumerate(images.image_sizes):
             padding_mask[i, :h, :w] = False
         features = self.backbone_features(images.tensor)
         memory = self.encoder(features, padding_mask)
-        targets = self.prepare_targets(batched_inputs, images) if self.training else None
         location = self.location_decoder(memory, targets)
         batch = images.tensor.shape[0]
         stuff_pos, stuff_query = self.stuff_query.weight.split(location["hidden"].shape[-1], dim=1)
-        stuff_pos = stuff_pos[None].expand(batch, -1, -1)
-        stuff_query = stuff_query[None].expand(batch, -1, -1)
-
-        if self.training:
-            masks = self.training_masks(location, stuff_query, stuff_pos, memory)
-            losses = self.criterion({"location": location, "masks": masks}, targets)
-            return {k: v * self.loss_weights[k] for k, v in losses.items() if k in self.loss_weights}
-
-        scores, query_idx, thing_classes = self.select_things(location["pred_logits"][-1])
-        hidden = torch.gather(location["hidden"], 1, query_idx[..., None].expand(-1, -1, location["hidden"].shape[-1]))
-        query_pos = torch.gather(location["query_pos"], 1,
-                                 query_idx[..., None].expand(-1, -1, location["query_pos"].shape[-1]))
-        masks = self.mask_decoder(hidden, query_pos, stuff_query, stuff_pos, memory)
-        return self.inference(scores, thing_classes, masks, batched_inputs, images)
+        return memory, location, stuff_query[None].expand(batch, -1, -1), stuff_pos[None].expand(batch, -1, -1)
 
     def training_masks(self, location: Dict[str, object], stuff_query: Tensor, stuff_pos: Tensor,
                        memory) -> Dict[str, List[Dict[str, Tensor]]]:
