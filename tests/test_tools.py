@@ -117,6 +117,20 @@ def test_benchmark_reduced_run_writes_json(tmp_path, tiny_config):
     assert "all classes" in results["postprocessing"]["thing_ids"]
 
 
+def test_benchmark_reduced_run_of_a_panoptic_segformer(tmp_path):
+    """The model part of benchmark.py on the synthetic Panoptic SegFormer: its matcher entry is the
+    criterion's whole matching and its post-processing entry is the model's mask-wise inference."""
+    out = tmp_path / "psf.json"
+    run_script("benchmark.py", "--config-file", CONFIG_DIR / "synthetic" / "panoptic_segformer_R18.yaml",
+               "--input-size", 64, 64, "--device", "cpu", "--reduced", "--num-threads", 1, "--parts", "model",
+               "--json", out, cwd=tmp_path)
+    results = json.loads(out.read_text())
+    for entry in (results["inference"], results["train_iteration"], results["matcher"],
+                  results["postprocessing"]["mask_wise_inference"]):
+        assert entry["runs"] == 2 and 0 < entry["min_s"] <= entry["median_s"]
+    assert len(results["matcher"]["num_targets_per_image"]) == results["batch_size"] == 1
+
+
 def test_synthetic_batch_masks_and_classes():
     batch = benchmark.synthetic_batch(2, 20, 30, num_classes=4, num_masks=3)
     assert len(batch) == 2

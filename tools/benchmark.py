@@ -11,10 +11,13 @@ Measures, each as the median (and mean, min) of --runs timed runs after --warmup
 * train_iteration: forward, backward and optimizer step on a batch of random images with a few
   random ground-truth masks each; peak memory is ``torch.cuda.max_memory_allocated`` on GPU
   and the process's peak resident set size (``resource.getrusage``, since process start) on CPU;
-* matcher: ``model.criterion.matcher`` on that batch's final-layer outputs and targets;
+* matcher: ``model.criterion.matcher`` on that batch's final-layer outputs and targets (a
+  Panoptic SegFormer: all of its criterion's matching, every location-decoder layer's box matching
+  and the thing mask decoder's matching);
 * postprocessing: ``semantic_inference`` / ``panoptic_inference`` / ``instance_inference`` of
   ``mask_former.modeling.postprocessing`` on one image's outputs (random weights: the panoptic
-  and instance costs depend on how many queries survive, so treat them as indicative);
+  and instance costs depend on how many queries survive, so treat them as indicative); a Panoptic
+  SegFormer's ``inference`` (mask-wise merging and the three outputs) instead;
 * postprocessing_many_kept: the same functions plus the mask-wise panoptic merge
   (``mask_wise_panoptic_inference``) on constructed confident outputs at --input-size with the
   config's Q queries and K classes, as a trained model gives them: the image is cut into one
@@ -66,6 +69,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mask_former import add_mask_former_config  # noqa: E402
 from mask_former.modeling import postprocessing  # noqa: E402
 from mask_former.modeling.assignment import linear_sum_assignment_torch  # noqa: E402
+from mask_former.modeling.panoptic_segformer import PanopticSegFormerCriterion  # noqa: E402
 from mask_former.modeling.postprocessing import (  # noqa: E402
     instance_inference,
     panoptic_inference,
@@ -242,16 +246,32 @@ def benchmark_matcher(model, batch, runs, warmup) -> Dict[str, float]:
     finally:
         handle.remove()
     outputs, targets = capture.args[:2]
-    outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-    result = time_runs(lambda: model.criterion.matcher(outputs, targets), runs, warmup, model.device)
+    if isinstance(model.criterion, PanopticSegFormerCriterion):
+        match = partial(_match_panoptic_segformer, model.criterion, outputs, targets)
+    else:
+        outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        match = partial(model.criterion.matcher, outputs, targets)
+    result = time_runs(match, runs, warmup, model.device)
     result["num_targets_per_image"] = [int(t["labels"].numel()) for t in targets]
     return result
 
 
+def _match_panoptic_segformer(criterion, outputs, targets):
+    """The matching a Panoptic SegFormer criterion does in a step: the box matching of every
+    location-decoder layer, then the thing mask decoder's (class, box and dice costs)."""
+    location, things = outputs["location"], outputs["masks"]["things"]
+    for logits, boxes in zip(location["pred_logits"], location["pred_boxes"]):
+        criterion.box_matcher(logits.float(), boxes.float(), targets)
+    return criterion.mask_matcher(location["pred_logits"][-1].float(), location["pred_boxes"][-1].float(),
+                                  targets, things[-1]["pred_masks"].float())
+
+
 def benchmark_postprocessing(model, batch, runs, warmup) -> Dict[str, Dict]:
     """Time each post-processing function on the first image's head outputs, resized to the image
-    size as the model does before calling them."""
+    size as the model does before calling them (a Panoptic SegFormer: its ``inference``)."""
     model.eval()
+    if isinstance(model.criterion, PanopticSegFormerCriterion):
+        return _benchmark_panoptic_segformer_inference(model, batch, runs, warmup)
     capture = _Capture()
     handle = model.sem_seg_head.register_forward_hook(capture.hook)
     try:
@@ -287,6 +307,22 @@ def benchmark_postprocessing(model, batch, runs, warmup) -> Dict[str, Dict]:
         results = {name: time_runs(fn, runs, warmup, model.device) for name, fn in steps.items()}
     results["thing_ids"] = thing_ids_source
     return results
+
+
+def _benchmark_panoptic_segformer_inference(model, batch, runs, warmup) -> Dict[str, Dict]:
+    """Time ``PanopticSegFormer.inference`` (mask-wise merging, the semantic scores and the
+    instances) on the first image's outputs of the network."""
+    calls = []
+    network_inference = model.inference
+    model.inference = lambda *args: calls.append(args) or network_inference(*args)
+    try:
+        with torch.no_grad():
+            model(batch[:1])
+    finally:
+        del model.inference  # the class's method again
+    with torch.no_grad():
+        result = time_runs(lambda: network_inference(*calls[0]), runs, warmup, model.device)
+    return {"mask_wise_inference": result}
 
 
 def confident_predictions(num_queries: int, num_classes: int, height: int, width: int, device,
@@ -390,9 +426,10 @@ def format_table(results: Dict) -> str:
              f"peak memory {results['train_iteration']['peak_memory_mb']:.0f} MB"],
             ["matcher", _ms(results["matcher"]), ""],
         ]
-        for name in ("semantic", "panoptic", "instance"):
-            rows.append([f"{name} post-processing", _ms(results["postprocessing"][name]),
-                         "1 image, the model's outputs (random weights)"])
+        for name in ("semantic", "panoptic", "instance", "mask_wise_inference"):
+            if name in results["postprocessing"]:
+                rows.append([f"{name.replace('_', ' ')} post-processing", _ms(results["postprocessing"][name]),
+                             "1 image, the model's outputs (random weights)"])
         tables.append(tabulate(rows, headers=["step", "median ms", ""], tablefmt="pipe"))
     if "postprocessing_many_kept" in results:
         many = results["postprocessing_many_kept"]
