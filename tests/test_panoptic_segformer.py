@@ -10,7 +10,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import BitMasks, ImageList, Instances
 
 from mask_former import add_mask_former_config
 from mask_former.layers import flatten_levels
@@ -421,6 +421,40 @@ def test_bf16_inference_runs_the_network_in_bfloat16_and_merges_in_float32():
     cfg.MODEL.MASK_FORMER.TEST.PRECISION = "fp16"
     with pytest.raises(ValueError, match="MODEL.MASK_FORMER.TEST.PRECISION.*'fp16'"):
         build_model(cfg)
+
+
+def test_instances_and_semantic_scores_by_their_plain_formulas():
+    """The instance output (confidence p * q^2 with q the mean probability inside the binary
+    mask, sorted by it, tight boxes) and the semantic scores (per class the highest score x
+    probability), against the plain formulas written here; one box worked out by hand."""
+    model = build_model(psf_cfg()).eval()
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(4, 9, 11, generator=g) * 0.6  # some pixels above 0.5
+    probs[0] = 0.1
+    probs[0, 2:5, 3:8] = 0.9  # a 3 x 5 block: box (3, 2, 8, 5)
+    probs[3] = 0.2  # an empty mask
+    labels = torch.tensor([1, 3, 1, 0])
+    scores = torch.tensor([0.9, 0.5, 0.7, 0.8])
+
+    got = model.instances(labels, scores, probs)
+    binary = probs > 0.5
+    quality = (probs * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1)
+    confidence = scores * quality ** 2
+    order = confidence.argsort(descending=True)
+    assert torch.equal(got.pred_masks, binary[order])
+    assert torch.equal(got.pred_classes, labels[order])
+    torch.testing.assert_close(got.scores, confidence[order])
+    torch.testing.assert_close(got.pred_boxes.tensor, BitMasks(binary[order]).get_bounding_boxes().tensor)
+    assert got.pred_boxes.tensor[order.tolist().index(0)].tolist() == [3, 2, 8, 5]
+    assert got.pred_boxes.tensor[order.tolist().index(3)].tolist() == [0, 0, 0, 0]
+    assert got.scores[order.tolist().index(0)] == pytest.approx(0.9 * (0.9 * 15 / 16) ** 2)
+
+    sem_seg = model.semantic_scores(labels, scores, probs)
+    assert sem_seg.shape == (5, 9, 11)
+    for c in range(5):
+        masks = [scores[i] * probs[i] for i in range(4) if labels[i] == c]
+        expected = torch.stack(masks).amax(0) if masks else torch.zeros(9, 11)
+        assert torch.equal(sem_seg[c], expected), c
 
 
 def test_targets_split_things_with_boxes_from_masks():

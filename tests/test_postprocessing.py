@@ -20,9 +20,9 @@ from torch.nn import functional as F
 
 from mask_former.modeling.postprocessing import (
     _argmax_over_queries,
-    _boxes_from_profiles,
     _count_true,
     _mask_statistics,
+    boxes_from_profiles,
     instance_inference,
     mask_wise_merge,
     mask_wise_panoptic_inference,
@@ -561,10 +561,10 @@ def test_boxes_from_profiles_equal_bitmasks():
     masks = torch.rand(20, 13, 17, generator=generator) > 0.97
     masks[3] = False  # empty
     masks[4] = True  # full
-    boxes = _boxes_from_profiles(masks.any(1), masks.any(2))
+    boxes = boxes_from_profiles(masks.any(1), masks.any(2))
     assert torch.equal(boxes, BitMasks(masks).get_bounding_boxes().tensor)
     no_masks = torch.zeros(0, 5, dtype=torch.bool)
-    assert _boxes_from_profiles(no_masks, no_masks).shape == (0, 4)
+    assert boxes_from_profiles(no_masks, no_masks).shape == (0, 4)
 
 
 def test_mask_statistics_over_several_blocks_against_pixel_loops():

@@ -44,6 +44,8 @@ __all__ = [
     "mask_wise_panoptic_inference",
     "instance_inference",
     "filter_panoptic",
+    "binarize_masks",
+    "boxes_from_profiles",
 ]
 
 # uint8 sums of this many zeros and ones cannot overflow.
@@ -151,7 +153,7 @@ def _first_and_end(flags: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return first, end
 
 
-def _boxes_from_profiles(in_column: torch.Tensor, in_row: torch.Tensor) -> torch.Tensor:
+def boxes_from_profiles(in_column: torch.Tensor, in_row: torch.Tensor) -> torch.Tensor:
     """
     Tight boxes around binary masks, given which columns and rows of each mask hold a True pixel
     (equal to ``BitMasks(masks).get_bounding_boxes().tensor``).
@@ -392,7 +394,7 @@ def _check_merge_arguments(labels: torch.Tensor, scores: torch.Tensor, mask_prob
             raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
 
 
-def _binarize(mask_probs: torch.Tensor, threshold: float):
+def binarize_masks(mask_probs: torch.Tensor, threshold: float):
     """
     Binary masks, their areas and the probability mass inside them, in blocks of masks.
 
@@ -408,12 +410,17 @@ def _binarize(mask_probs: torch.Tensor, threshold: float):
     binary = torch.empty(mask_probs.shape, dtype=torch.bool, device=mask_probs.device)
     area = torch.empty(num_masks, dtype=torch.long, device=mask_probs.device)
     prob_in_mask = torch.empty(num_masks, dtype=dtype, device=mask_probs.device)
-    for rows in _blocks(num_masks, math.prod(mask_probs.shape[1:]), mask_probs.device):
+    blocks = _blocks(num_masks, math.prod(mask_probs.shape[1:]), mask_probs.device)
+    # The comparison is written as float 0 / 1 (vectorised on the CPU, into bool it is not), copied
+    # to bool, and then multiplied by the probabilities in place (a float where() is slow).
+    flags = torch.empty((blocks[0].stop - blocks[0].start,) + mask_probs.shape[1:], dtype=dtype,
+                        device=mask_probs.device) if num_masks else None
+    for rows in blocks:
         probs = mask_probs[rows]
-        torch.gt(probs, threshold, out=binary[rows])
+        inside = torch.gt(probs, threshold, out=flags[: probs.shape[0]])
+        binary[rows] = inside
         area[rows] = _count_true(binary[rows])
-        inside = binary[rows].view(torch.uint8).to(dtype).mul_(probs)  # a float where() is slow
-        prob_in_mask[rows] = inside.flatten(1).sum(1)
+        prob_in_mask[rows] = inside.mul_(probs).flatten(1).sum(1)
     return binary, area, prob_in_mask
 
 
@@ -504,7 +511,7 @@ def mask_wise_merge(
     labels = labels.long()
     panoptic_seg = torch.zeros(mask_probs.shape[-2:], dtype=torch.int32, device=mask_probs.device)
     isthing = _is_thing(labels, {int(c) for c in thing_ids})
-    binary, area, prob_in_mask = _binarize(mask_probs, mask_threshold)
+    binary, area, prob_in_mask = binarize_masks(mask_probs, mask_threshold)
     confidence = scores.to(prob_in_mask.dtype) ** alpha * (prob_in_mask / (area + 1)) ** beta
 
     quality_threshold = torch.where(isthing, thing_quality_threshold, stuff_quality_threshold)
@@ -575,7 +582,7 @@ def _mask_statistics(mask_pred: torch.Tensor, queries: torch.Tensor):
     Returns:
         masks: N x H x W bool, ``mask_pred[queries] > 0``.
         areas: N int64, True pixels of each mask.
-        boxes: N x 4 float32 (:func:`_boxes_from_profiles`).
+        boxes: N x 4 float32 (:func:`boxes_from_profiles`).
         mask_scores: N, of ``mask_pred``'s dtype: the mean ``sigmoid(logit)`` over the mask (0 for
             an empty mask; NaN when a logit of the query is NaN, as ``sigmoid(logits) * masks``
             sums to NaN then). Rows are summed apart and their sums added in float64, so the
@@ -614,7 +621,7 @@ def _mask_statistics(mask_pred: torch.Tensor, queries: torch.Tensor):
     prob_sums.index_add_(0, owner, busy_probs.mul_(busy_masks).sum(1).to(torch.float64))
     in_row = torch.zeros((num, height), dtype=dtype, device=device)
     in_row.view(-1)[busy] = busy_masks.amax(1)
-    boxes = _boxes_from_profiles(in_column > 0, in_row > 0)
+    boxes = boxes_from_profiles(in_column > 0, in_row > 0)
     mask_scores = (prob_sums / areas.clamp(min=1)).to(dtype)
     return masks, areas, boxes, mask_scores
 
