@@ -312,16 +312,21 @@ def benchmark_postprocessing(model, batch, runs, warmup) -> Dict[str, Dict]:
 def _benchmark_panoptic_segformer_inference(model, batch, runs, warmup) -> Dict[str, Dict]:
     """Time ``PanopticSegFormer.inference`` (mask-wise merging, the semantic scores and the
     instances) on the first image's outputs of the network."""
-    calls = []
-    network_inference = model.inference
-    model.inference = lambda *args: calls.append(args) or network_inference(*args)
+    postprocess = model.inference  # the bound method: the network's outputs -> the three outputs
+    captured_args = []
+
+    def recording_postprocess(*args):
+        captured_args.append(args)
+        return postprocess(*args)
+
+    model.inference = recording_postprocess
     try:
         with torch.no_grad():
             model(batch[:1])
     finally:
         del model.inference  # the class's method again
     with torch.no_grad():
-        result = time_runs(lambda: network_inference(*calls[0]), runs, warmup, model.device)
+        result = time_runs(lambda: postprocess(*captured_args[0]), runs, warmup, model.device)
     return {"mask_wise_inference": result}
 
 
