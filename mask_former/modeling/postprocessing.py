@@ -26,9 +26,11 @@ bool ``any``, float ``where``), an equivalent formulation gives the same result 
 into float 0 / 1 tensors). The outputs of :func:`panoptic_inference` are identical to those of the
 plain formulation written in its docstring, and so are those of :func:`instance_inference` but for
 its scores, which equal it to float rounding (tests compare both with loop implementations). For
-the panoptic output, ``sigmoid`` is applied to the very tensor of the plain formulation: its
-vectorised and scalar CPU code paths can differ in the last bit, and which elements take which path
-depends on the tensor's size and on the threads, so the tensor it runs on is part of the result.
+the panoptic output, ``sigmoid``'s vectorised and scalar CPU code paths can differ in the last bit,
+and which elements take which path depends on the tensor's size and on the threads: on the CPU,
+:func:`mask_former.modeling.pixel_owners.certified_pixel_owners` streams the logits in blocks and
+certifies that its answers do not depend on the path, and where it cannot, ``sigmoid`` is applied
+to the very tensor of the plain formulation.
 """
 import math
 from typing import Collection, Dict, List, Optional, Sequence, Tuple
@@ -36,6 +38,8 @@ from typing import Collection, Dict, List, Optional, Sequence, Tuple
 import torch
 from detectron2.structures import Boxes, Instances
 from torch.nn import functional as F
+
+from mask_former.modeling.pixel_owners import MAX_CERTIFIED_QUERIES, certified_pixel_owners
 
 __all__ = [
     "semantic_inference",
@@ -339,6 +343,35 @@ def panoptic_inference(
     if num_kept == 0:
         return panoptic_seg, []
 
+    certified = None
+    if mask_pred.device.type == "cpu" and mask_pred.dtype == torch.float32 and num_kept <= MAX_CERTIFIED_QUERIES:
+        certified = certified_pixel_owners(mask_pred, keep.nonzero().squeeze(1), kept_scores)
+    if certified is not None:
+        pixel_owner, own_area = certified
+    else:
+        pixel_owner, own_area = _plain_pixel_owners(mask_pred, keep, kept_scores)
+    won_area = torch.bincount(pixel_owner, minlength=num_kept)
+    pixel_owner = pixel_owner.view(mask_pred.shape[-2:])
+
+    won_fraction = won_area.double() / own_area.clamp(min=1).double()
+    kept_segment = (won_area > 0) & (own_area > 0) & ~(won_fraction < overlap_threshold)
+    isthing = _is_thing(kept_labels, thing_ids)
+    segment_id, opens = _number_segments(kept_segment, kept_labels, isthing)
+    panoptic_seg = segment_id.to(torch.int32)[pixel_owner]
+    return panoptic_seg, _segments_info(segment_id, opens, kept_labels, isthing, kept_scores, won_area)
+
+
+def _plain_pixel_owners(
+    mask_pred: torch.Tensor, keep: torch.Tensor, kept_scores: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    The pixel owners and mask areas of :func:`panoptic_inference`'s plain formulation, computed on
+    the very tensor ``sigmoid(mask_pred[keep])``.
+
+    Returns:
+        owner: H*W int64 index into the kept queries; own_area: n int64 pixels with p >= 0.5.
+    """
+    num_kept = kept_scores.numel()
     kept_probs = _sigmoid_of_rows(mask_pred, keep).reshape(num_kept, -1)  # n x HW, ours to overwrite
     own_area = torch.zeros(num_kept, dtype=torch.long, device=mask_pred.device)
     pixel_owner = torch.empty(kept_probs.shape[1], dtype=torch.long, device=mask_pred.device)
@@ -351,15 +384,7 @@ def panoptic_inference(
         own_area += torch.ge(probs, 0.5, out=flags[:, : probs.shape[1]]).sum(1).long()
         weighted = probs.mul_(kept_scores[:, None]) if in_place else kept_scores[:, None] * probs
         pixel_owner[pixels] = _argmax_over_queries(weighted)  # index into the kept queries
-    won_area = torch.bincount(pixel_owner, minlength=num_kept)
-    pixel_owner = pixel_owner.view(mask_pred.shape[-2:])
-
-    won_fraction = won_area.double() / own_area.clamp(min=1).double()
-    kept_segment = (won_area > 0) & (own_area > 0) & ~(won_fraction < overlap_threshold)
-    isthing = _is_thing(kept_labels, thing_ids)
-    segment_id, opens = _number_segments(kept_segment, kept_labels, isthing)
-    panoptic_seg = segment_id.to(torch.int32)[pixel_owner]
-    return panoptic_seg, _segments_info(segment_id, opens, kept_labels, isthing, kept_scores, won_area)
+    return pixel_owner, own_area
 
 
 def _sigmoid_of_rows(mask_pred: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
