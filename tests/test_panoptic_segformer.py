@@ -9,6 +9,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
+from detectron2.layers import Conv2d
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, ImageList, Instances
 
@@ -421,6 +422,54 @@ def test_bf16_inference_runs_the_network_in_bfloat16_and_merges_in_float32():
     cfg.MODEL.MASK_FORMER.TEST.PRECISION = "fp16"
     with pytest.raises(ValueError, match="MODEL.MASK_FORMER.TEST.PRECISION.*'fp16'"):
         build_model(cfg)
+
+
+def _frozen_bn_psf(precision="fp32"):
+    """The tiny model with a frozen-batch-norm backbone (statistics made non-trivial), as R50 has."""
+    cfg = psf_cfg()
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    cfg.MODEL.MASK_FORMER.TEST.PRECISION = precision
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    for name, buffer in model.backbone.named_buffers():
+        if name.endswith(("weight", "running_var")):
+            buffer.copy_(0.5 + torch.rand(buffer.shape, generator=g))
+        elif name.endswith(("bias", "running_mean")):
+            buffer.copy_(0.2 * torch.randn(buffer.shape, generator=g))
+    return model
+
+
+def test_optimised_bf16_inference_folds_the_backbone_and_runs_cached_bfloat16_weights():
+    """In bf16, as MaskFormer's optimised path: frozen batch norms folded into the backbone's
+    convolutions and bfloat16 copies of the weights kept beside the model, reused while the
+    weights do not change; the outputs stay near those of the modules as built under autocast
+    (``optimize_inference = False``) and of fp32. fp32 inference keeps no copies."""
+    model, fp32 = _frozen_bn_psf("bf16"), _frozen_bn_psf()
+    seen, weight_dtypes = [], []
+    model.backbone.stem.conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    linear = next(m for m in model.mask_decoder.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda m, i, o: weight_dtypes.append(m.weight.dtype))
+    with torch.no_grad():
+        model.optimize_inference = False
+        autocast_only = model(make_batch())
+        model.optimize_inference = True
+        got = model(make_batch())
+        want = fp32(make_batch())
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    # autocast casts the float32 weight at the call; the optimised path passes the bfloat16 copy
+    assert weight_dtypes[0] == torch.float32 and set(weight_dtypes[len(weight_dtypes) // 2:]) == {torch.bfloat16}
+    weights = model.prepare_for_inference()
+    assert weights.dtype == torch.bfloat16
+    assert len(weights) == sum(1 for m in model.backbone.modules() if isinstance(m, Conv2d) and m.norm is not None)
+    assert model.prepare_for_inference() is weights  # nothing changed: reused
+    assert fp32._inference_weights is None
+    for g, a, w in zip(got, autocast_only, want):
+        assert g["sem_seg"].dtype == torch.float32
+        assert (g["sem_seg"] - a["sem_seg"]).abs().max() < 0.03
+        assert (g["sem_seg"] - w["sem_seg"]).abs().max() < 0.03
+    model.train()
+    assert model._inference_weights is None  # training drops the copies
 
 
 def test_instances_and_semantic_scores_by_their_plain_formulas():

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed, memory and output agreement of MaskFormer's inference paths, side by side.
+"""Speed, memory and output agreement of the inference paths (MaskFormer, Panoptic SegFormer), side by side.
 
     python tools/benchmark_inference.py \
         --config-file configs/ade20k-150/maskformer_R50_bs16_160k.yaml \
@@ -15,6 +15,9 @@ Paths, all on the same weights and the same input, in one process:
   upsampled band by band inside the image only, combined band by band, no identity resize;
 * ``bf16``: the opt-in path (``PRECISION bf16``): the same with the network in bfloat16
   (autocast, folded weights stored in bfloat16), post-processing in float32;
+* ``bf16-autocast`` (Panoptic SegFormer only, not run unless named in ``--paths``): the modules as
+  built under bfloat16 autocast, the Panoptic SegFormer's bf16 path before it had the optimised
+  one (MaskFormer's reference path ignores the precision);
 * with ``--levers``, fp32 with the levers added one at a time, to see what each pays: the
   optimised post-processing only (network as built); + channels-last activations (1x1
   convolutions as matrix products); + folded batch norms; the ``fp32`` row adds fused attention.
@@ -68,6 +71,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mask_former import add_mask_former_config  # noqa: E402
 from mask_former.checkpoint import MaskFormerCheckpointer  # noqa: E402
+from mask_former.modeling.meta_arch.panoptic_segformer import PanopticSegFormer  # noqa: E402
 from mask_former.utils.cpu_info import cpu_flags, cpu_model  # noqa: E402
 
 logger = logging.getLogger("mask_former.benchmark_inference")
@@ -77,7 +81,9 @@ PATHS = {
     "reference": ("fp32", False),
     "fp32": ("fp32", True),
     "bf16": ("bf16", True),
+    "bf16-autocast": ("bf16", False),
 }
+DEFAULT_PATHS = ["reference", "fp32", "bf16"]
 # fp32 with the optimised post-processing and some of the network levers:
 # name -> keyword switches of MaskFormer.run_network_for_inference
 LEVERS = {
@@ -92,7 +98,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Compare MaskFormer's inference paths")
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--input-size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"))
-    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS),
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=DEFAULT_PATHS,
                         help="paths to compare (the reference is always run)")
     parser.add_argument("--levers", action="store_true",
                         help="also time fp32 with the network levers added one at a time")
@@ -337,6 +343,11 @@ def main(argv=None) -> Dict[str, object]:
     models, cfg = {}, None
     for path in paths:
         cfg, models[path] = build(args, path)
+    if "bf16-autocast" in models and not isinstance(models["bf16-autocast"], PanopticSegFormer):
+        parser.error("--paths bf16-autocast is for Panoptic SegFormer configs (MaskFormer's reference path "
+                     "runs in float32 whatever the precision)")
+    if args.levers and not hasattr(models["reference"], "run_network_for_inference"):
+        parser.error("--levers times the levers of MaskFormer.run_network_for_inference: a MaskFormer config only")
     inputs = make_input(cfg, *args.input_size)
     runners: Dict[str, Callable[[], List[Dict]]] = {path: (lambda m=models[path]: m(inputs)) for path in paths}
     if args.levers:

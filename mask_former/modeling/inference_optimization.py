@@ -1,6 +1,7 @@
 """Inference-time speed-ups that keep a model's results and leave the model itself alone.
 
-``MaskFormer`` uses them in eval mode (see ``MaskFormer.prepare_for_inference``):
+Both meta-architectures use them in eval mode (see ``SegmentationMetaArch.prepare_for_inference``;
+``MaskFormer`` also uses the band-wise functions below):
 
 * :class:`InferenceWeights`: detectron2 ``Conv2d`` layers whose ``norm`` is a frozen batch norm
   (``FrozenBatchNorm2d``, or a ``BatchNorm2d`` with running statistics, as in eval mode) run as

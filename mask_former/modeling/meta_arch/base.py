@@ -1,7 +1,8 @@
 """What the meta-architectures share: the tasks their inference returns (``output_tasks``, read by
 ``mask_former.evaluation``), their switches, the normalization and padding of the input images, and
-the backbone call of training (``backbone_features``) and the precision of inference
-(``inference_autocast``).
+the backbone call of training (``backbone_features``), the precision of inference
+(``inference_autocast``) and the weights the optimised inference path keeps beside the model
+(``prepare_for_inference``).
 
 A new meta-architecture subclasses :class:`SegmentationMetaArch`, registers ``pixel_mean`` and
 ``pixel_std`` buffers (C x 1 x 1), sets ``size_divisibility`` and calls :meth:`set_task_switches`.
@@ -14,7 +15,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ...tasks import enabled_tasks, get_task
-from ..inference_optimization import inference_dtype
+from ..inference_optimization import InferenceWeights, inference_dtype
 from ..training_optimization import channels_last_conv_weights, folded_frozen_norms
 
 __all__ = ["SegmentationMetaArch", "task_switches"]
@@ -44,6 +45,10 @@ class SegmentationMetaArch(nn.Module):
     optimize_training: bool = True
     # MODEL.MASK_FORMER.TEST.PRECISION of the network in inference ("fp32" or "bf16")
     precision: str = "fp32"
+    # Run inference through the optimised path (folded batch norms, channels-last convolutions, in
+    # ``precision``; see ``prepare_for_inference``); False runs the modules as built.
+    optimize_inference: bool = True
+    _inference_weights = None  # InferenceWeights, an inference-only cache (prepare_for_inference)
 
     @classmethod
     def output_tasks(cls, cfg) -> Tuple[str, ...]:
@@ -69,6 +74,32 @@ class SegmentationMetaArch(nn.Module):
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=inference_dtype(self.precision))
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._inference_weights = None  # training changes the weights; free the copy
+        return super().train(mode)
+
+    def _weights_dtype(self):
+        return None if self.precision == "fp32" else inference_dtype(self.precision)
+
+    def prepare_for_inference(self) -> InferenceWeights:
+        """
+        Build, or rebuild when the weights changed, what the optimised inference path keeps beside
+        the model (``InferenceWeights``): the weights of every convolution with a frozen batch norm
+        with the norm folded in (channels-last, in the inference precision) and, in bfloat16, the
+        bfloat16 copies of the other weights of matrix products and convolutions.
+
+        Called by every optimised forward in eval mode (cheap when nothing changed); the modules,
+        parameters and ``state_dict()`` are left as they are, so training, checkpoints and the
+        reference path (``optimize_inference = False``) are unaffected. ``train()`` drops the copies.
+        """
+        dtype = self._weights_dtype()
+        weights = self._inference_weights
+        if weights is None or not weights.is_current(self, dtype):
+            self._inference_weights = None  # free the stale copies before making new ones
+            weights = self._inference_weights = InferenceWeights(self, dtype)
+        return weights
 
     def backbone_features(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The backbone's features of a B x 3 x H x W batch. In training with

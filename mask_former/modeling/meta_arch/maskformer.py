@@ -147,7 +147,6 @@ class MaskFormer(SegmentationMetaArch):
         self.precision = precision
         self.optimize_inference = optimize_inference
         self.optimize_training = optimize_training
-        self._inference_weights: Optional[InferenceWeights] = None  # inference-only cache
         self.set_task_switches(semantic_on, panoptic_on, instance_on)
         self.thing_ids = thing_ids_from_metadata(metadata)
         checkpoint_activations(self, activation_checkpointing)
@@ -193,32 +192,6 @@ class MaskFormer(SegmentationMetaArch):
             "detections_per_image": detections_per_image(cfg),
             "precision": mf.TEST.PRECISION,
         }
-
-    def train(self, mode: bool = True):
-        if mode:
-            self._inference_weights = None  # training changes the weights; free the copy
-        return super().train(mode)
-
-    def _weights_dtype(self) -> Optional[torch.dtype]:
-        return None if self.precision == "fp32" else inference_dtype(self.precision)
-
-    def prepare_for_inference(self) -> InferenceWeights:
-        """
-        Build, or rebuild when the weights changed, what the optimised inference path keeps beside
-        the model (``InferenceWeights``): the weights of every convolution with a frozen batch norm
-        with the norm folded in (channels-last, in the inference precision) and, in bfloat16, the
-        bfloat16 copies of the other weights of matrix products and convolutions.
-
-        Called by every optimised forward in eval mode (cheap when nothing changed); the modules,
-        parameters and ``state_dict()`` are left as they are, so training, checkpoints and the
-        reference path (``optimize_inference = False``) are unaffected. ``train()`` drops the copies.
-        """
-        dtype = self._weights_dtype()
-        weights = self._inference_weights
-        if weights is None or not weights.is_current(self, dtype):
-            self._inference_weights = None  # free the stale copies before making new ones
-            weights = self._inference_weights = InferenceWeights(self, dtype)
-        return weights
 
     def run_network_for_inference(self, images: Tensor, *, fold_norms: bool = True,
                                   channels_last: bool = True, fuse_attention: bool = True

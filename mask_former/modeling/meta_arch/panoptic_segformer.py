@@ -5,6 +5,7 @@ class-fixed stuff queries, masks from attention maps) -> losses | mask-wise merg
 Inference returns the same three outputs as MaskFormer (``sem_seg``, ``panoptic_seg``,
 ``instances``), switched by ``MODEL.MASK_FORMER.TEST.{SEMANTIC,PANOPTIC,INSTANCE}_ON``.
 """
+import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import box_convert
 
-from ..inference_optimization import inference_dtype
+from ..inference_optimization import InferenceWeights, inference_dtype
 from ..panoptic_segformer import (
     DenoisingQueries,
     EncoderProposals,
@@ -48,6 +49,12 @@ def _resize_to_output(logits: Tensor, image_size: Tuple[int, int], height: int, 
     if tuple(cropped.shape[-2:]) == (height, width):
         return cropped
     return sem_seg_postprocess(logits, image_size, height, width)
+
+
+def _call(weights: Optional[InferenceWeights], module: nn.Module, name: str, *args):
+    """``module(*args)``, with the cached inference weights when there are (``name``: the
+    module's name in the model)."""
+    return module(*args) if weights is None else weights.call(module, name, *args)
 
 
 def thing_queries_from_encoder(value: str) -> bool:
@@ -111,6 +118,7 @@ class PanopticSegFormer(SegmentationMetaArch):
         merge_params: Dict[str, float] = None,
         activation_checkpointing: Sequence[str] = (),
         precision: str = "fp32",
+        optimize_inference: bool = True,
     ):
         """
         Args:
@@ -131,6 +139,13 @@ class PanopticSegFormer(SegmentationMetaArch):
                 in the backward instead of kept (``training_optimization.checkpoint_activations``).
             precision: "fp32" or "bf16" (MODEL.MASK_FORMER.TEST.PRECISION): the network runs
                 under bfloat16 autocast in inference with "bf16"; the merging stays float32.
+            optimize_inference: in bfloat16, run inference through the optimised path, as
+                MaskFormer does: the backbone's frozen batch norms folded into its convolutions,
+                channels-last convolutions, bfloat16 copies of the weights kept beside the model
+                (``prepare_for_inference``) rather than cast again by autocast at every call;
+                False runs the modules as built under autocast. fp32 inference runs the modules
+                as built: there the optimised path measured 0.95x the time at 1.10x the peak
+                memory (R50 at 512 x 512, README).
         """
         super().__init__()
         self.backbone = backbone
@@ -158,6 +173,7 @@ class PanopticSegFormer(SegmentationMetaArch):
         self.merge_params = dict(merge_params or {})
         inference_dtype(precision)  # validates
         self.precision = precision
+        self.optimize_inference = optimize_inference
         checkpoint_activations(self, activation_checkpointing)
 
     @classmethod
@@ -225,19 +241,28 @@ class PanopticSegFormer(SegmentationMetaArch):
             losses = self.criterion({"location": location, "masks": masks}, targets)
             return {k: v * self.loss_weights[k] for k, v in losses.items() if k in self.loss_weights}
 
-        with self.inference_autocast():
-            memory, location, stuff_query, stuff_pos = self.locate(images, None)
+        # the optimised path reads cached copies of some weights: no gradients reach them
+        optimized = self.optimize_inference and self.precision != "fp32" and not torch.is_grad_enabled()
+        weights = self.prepare_for_inference() if optimized else None
+        with contextlib.ExitStack() as stack:
+            if weights is not None:
+                stack.enter_context(weights.active())
+            stack.enter_context(self.inference_autocast())
+            memory, location, stuff_query, stuff_pos = self.locate(images, None, weights)
             scores, query_idx, thing_classes = self.select_things(location["pred_logits"][-1].float())
             hidden = torch.gather(location["hidden"], 1,
                                   query_idx[..., None].expand(-1, -1, location["hidden"].shape[-1]))
             query_pos = torch.gather(location["query_pos"], 1,
                                      query_idx[..., None].expand(-1, -1, location["query_pos"].shape[-1]))
-            masks = self.mask_decoder(hidden, query_pos, stuff_query, stuff_pos, memory)
+            masks = _call(weights, self.mask_decoder, "mask_decoder", hidden, query_pos, stuff_query, stuff_pos,
+                          memory)
         masks = {kind: [{k: v.float() for k, v in layer.items()} for layer in layers] for kind, layers in masks.items()}
         return self.inference(scores, thing_classes, masks, batched_inputs, images)
 
-    def locate(self, images: ImageList, targets: Optional[List[Dict[str, Tensor]]]):
-        """Backbone, encoder and location decoder.
+    def locate(self, images: ImageList, targets: Optional[List[Dict[str, Tensor]]],
+               weights: Optional[InferenceWeights] = None):
+        """Backbone, encoder and location decoder; with ``weights`` (active), as the optimised
+        inference path runs them (channels-last images, the cached weights).
 
         Returns:
             the encoder's tokens (MultiLevelTokens), the location decoder's outputs, and the stuff
@@ -247,9 +272,13 @@ class PanopticSegFormer(SegmentationMetaArch):
                                   device=self.device)
         for i, (h, w) in enumerate(images.image_sizes):
             padding_mask[i, :h, :w] = False
-        features = self.backbone_features(images.tensor)
-        memory = self.encoder(features, padding_mask)
-        location = self.location_decoder(memory, targets)
+        if weights is None:
+            features = self.backbone_features(images.tensor)
+        else:
+            channels_last = images.tensor.contiguous(memory_format=torch.channels_last)
+            features = weights.call(self.backbone, "backbone", channels_last)
+        memory = _call(weights, self.encoder, "encoder", features, padding_mask)
+        location = _call(weights, self.location_decoder, "location_decoder", memory, targets)
         batch = images.tensor.shape[0]
         stuff_pos, stuff_query = self.stuff_query.weight.split(location["hidden"].shape[-1], dim=1)
         return memory, location, stuff_query[None].expand(batch, -1, -1), stuff_pos[None].expand(batch, -1, -1)
