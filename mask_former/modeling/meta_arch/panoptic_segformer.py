@@ -359,7 +359,9 @@ class PanopticSegFormer(SegmentationMetaArch):
             logits = torch.cat([thing_masks[i], stuff_masks[i]]).float()
             logits = F.interpolate(logits[None], size=images.tensor.shape[-2:], mode="bilinear",
                                    align_corners=False)[0]
-            probs = _resize_to_output(logits, image_size, height, width).sigmoid()
+            probs = _resize_to_output(logits, image_size, height, width)
+            # in place when it is a whole tensor of ours (the same values): one N x H x W less
+            probs = probs.sigmoid_() if probs.is_contiguous() else probs.sigmoid()
             labels = torch.cat([thing_ids[thing_classes[i]], stuff_ids])
             scores = torch.cat([thing_scores[i], stuff_scores[i]]).float()
             result: Dict[str, object] = {}
