@@ -20,7 +20,7 @@ block pass certifies its answers instead of trusting them:
   has the same owner whatever the code path; other pixels (near-ties, tiny or NaN products) are
   decided again from both code paths' sigmoids of their logits;
 * a probability further than ``_HALF_BAND`` from 0.5 is on the same side of 0.5 whatever the
-  code path; the rows holding others are counted again from both code paths.
+  code path; the blocks of a row holding others are counted again from both code paths.
 
 Where the two code paths disagree on such a re-checked element, the answer could depend on the
 path: :func:`certified_pixel_owners` then returns None, and the caller runs the plain formulation
@@ -34,7 +34,8 @@ __all__ = ["certified_pixel_owners", "MAX_CERTIFIED_QUERIES"]
 
 # How far apart the two sigmoid code paths can be: on every float32 input, measured on an Intel
 # Xeon with AVX-512 (torch 2.14), at most 4 units in the last place, and 2.7e-7 (2^-21.8)
-# relative where the sigmoid is above 1e-30. The margins below leave a factor of 16 or more.
+# relative where the sigmoid is above 1e-30; never on different sides of 0.5. The margins below
+# leave a factor of about 50 (relative) and of 4 (around 0.5).
 # Products within this relative distance of a pixel's best product make the pixel a near-tie.
 _NEAR_MAX_MARGIN = 2.0**-16
 # Pixels whose best product is below this are decided again: relative differences grow near
