@@ -171,6 +171,15 @@ def test_both_sigmoid_paths_are_torchs_own():
     assert torch.equal(vectorised.flatten(), long)
 
 
+def test_inputs_that_require_grad():
+    # MaskFormer's inference runs with gradients enabled when the caller did not turn them off
+    generator = torch.Generator().manual_seed(6)
+    mask_cls = (torch.randn(5, 4, generator=generator) * 3).requires_grad_()
+    mask_pred = (torch.randn(5, 16, 16, generator=generator) * 3).requires_grad_()
+    got = panoptic_inference(mask_cls * 1.0, mask_pred * 1.0, {0}, 0.0, 0.0)
+    assert _same_panoptic(got, reference_panoptic_inference(mask_cls.detach(), mask_pred.detach(), {0}, 0.0, 0.0))
+
+
 def test_bad_arguments_are_named():
     logits = torch.zeros(3, 2, 2)
     with pytest.raises(ValueError, match="float32 on the CPU"):

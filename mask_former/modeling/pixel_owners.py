@@ -84,7 +84,9 @@ def certified_pixel_owners(
         raise ValueError(f"mask_pred must be float32 on the CPU, got {mask_pred.dtype} on {mask_pred.device}")
     if not 1 <= kept_index.numel() <= MAX_CERTIFIED_QUERIES:
         raise ValueError(f"1 to {MAX_CERTIFIED_QUERIES} kept queries are supported, got {kept_index.numel()}")
-    logits = mask_pred.reshape(mask_pred.shape[0], -1)  # Q x HW
+    # integer answers: no gradient flows through them (and torch's out= arguments refuse autograd)
+    logits = mask_pred.detach().reshape(mask_pred.shape[0], -1)  # Q x HW
+    kept_scores = kept_scores.detach()
     num_kept, num_pixels = kept_index.numel(), logits.shape[1]
     block_elements = _BLOCK_ELEMENTS_PER_THREAD * torch.get_num_threads()
     block = max(32, block_elements // num_kept // 32 * 32)
