@@ -180,6 +180,16 @@ def test_inputs_that_require_grad():
     assert _same_panoptic(got, reference_panoptic_inference(mask_cls.detach(), mask_pred.detach(), {0}, 0.0, 0.0))
 
 
+def test_an_image_without_pixels_has_no_segments():
+    mask_cls = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    for size in [(0, 7), (4, 0)]:
+        args = (mask_cls, torch.zeros(2, *size), {0}, 0.5, 0.5)
+        got = panoptic_inference(*args)
+        assert got[0].shape == size and got[1] == []
+        assert _same_panoptic(got, reference_panoptic_inference(*args))
+    assert_plain_result(torch.zeros(3, 0, 5), torch.arange(2), torch.tensor([0.9, 0.8]))
+
+
 def test_bad_arguments_are_named():
     logits = torch.zeros(3, 2, 2)
     with pytest.raises(ValueError, match="float32 on the CPU"):

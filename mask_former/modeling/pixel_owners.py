@@ -88,6 +88,8 @@ def certified_pixel_owners(
     logits = mask_pred.detach().reshape(mask_pred.shape[0], -1)  # Q x HW
     kept_scores = kept_scores.detach()
     num_kept, num_pixels = kept_index.numel(), logits.shape[1]
+    if num_pixels == 0:
+        return torch.empty(0, dtype=torch.long), torch.zeros(num_kept, dtype=torch.long)
     block_elements = _BLOCK_ELEMENTS_PER_THREAD * torch.get_num_threads()
     block = max(32, block_elements // num_kept // 32 * 32)
     scores = kept_scores.to(torch.float32)[:, None]

@@ -340,7 +340,7 @@ def panoptic_inference(
 
     panoptic_seg = torch.zeros(mask_pred.shape[-2:], dtype=torch.int32, device=mask_pred.device)
     num_kept = kept_labels.numel()
-    if num_kept == 0:
+    if num_kept == 0 or panoptic_seg.numel() == 0:  # nothing kept, or an image without pixels
         return panoptic_seg, []
 
     certified = None
