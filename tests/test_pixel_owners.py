@@ -144,6 +144,14 @@ def test_nan_logits_are_left_to_the_plain_formulation():
     assert _same_panoptic(panoptic_inference(*args), reference_panoptic_inference(*args))
 
 
+def test_infinite_logits():
+    logits = torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(7)) * 3
+    logits[0, 0, :5] = logits[1, 0, 3:8] = float("inf")  # sigmoid 1: ties where both are
+    logits[:, 1] = float("-inf")  # sigmoid 0 for every query: decided again
+    logits[2, 2, :4] = float("-inf")
+    assert_plain_result(logits, torch.arange(4), torch.tensor([0.9, 0.9, 0.7, 0.6]))
+
+
 def test_max_over_rows_equals_amax():
     generator = torch.Generator().manual_seed(4)
     for rows in (1, 2, 3, 8, 79):
