@@ -401,3 +401,21 @@ def test_convert_rejects_other_checkpoints(tmp_path):
         convert_torchvision.main([str(tmp_path / "swin.pth"), str(tmp_path / "out.pkl")])
     with pytest.raises(KeyError, match="layer1.0.attn.weight"):
         convert_torchvision.convert_key("layer1.0.attn.weight")
+
+
+def test_cpu_description_of_the_benchmarks(monkeypatch):
+    """The family / model numbers come from /proc/cpuinfo's own lines (not "model name"), and the
+    huge-page state is the variable PyTorch's allocator reads."""
+    from mask_former.utils import cpu_info
+
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line and line.strip())
+        family = next(v.strip() for k, v in fields.items() if k.strip() == "cpu family")
+        model = next(v.strip() for k, v in fields.items() if k.strip() == "model")
+        assert cpu_info.cpu_family_model() == f"family {family} model {model}"
+    for value, expected in [("1", "on"), ("0", "off")]:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", value)
+        assert cpu_info.huge_pages() == expected
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    assert cpu_info.huge_pages() == "off"

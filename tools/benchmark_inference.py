@@ -72,7 +72,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mask_former import add_mask_former_config  # noqa: E402
 from mask_former.checkpoint import MaskFormerCheckpointer  # noqa: E402
 from mask_former.modeling.meta_arch.panoptic_segformer import PanopticSegFormer  # noqa: E402
-from mask_former.utils.cpu_info import cpu_flags, cpu_model  # noqa: E402
+from mask_former.utils.cpu_info import cpu_family_model, cpu_flags, cpu_model, huge_pages  # noqa: E402
 
 logger = logging.getLogger("mask_former.benchmark_inference")
 
@@ -290,6 +290,8 @@ def cpu_description() -> Dict[str, object]:
     flags = cpu_flags()
     return {
         "model": cpu_model(),
+        "family_model": cpu_family_model(),
+        "huge_pages": huge_pages(),
         "avx512f": "avx512f" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
@@ -382,8 +384,9 @@ def main(argv=None) -> Dict[str, object]:
     }
     cpu = report["cpu"]
     print(f"{args.config_file} at {args.input_size[0]}x{args.input_size[1]}, {report['num_threads']} "
-          f"thread(s), torch {torch.__version__}, CPU: {cpu['model']} (avx512_bf16: {cpu['avx512_bf16']}, "
-          f"amx_bf16: {cpu['amx_bf16']}); weights: {report['weights']}; median of {args.runs} runs "
+          f"thread(s), torch {torch.__version__}, CPU: {cpu['model']}, {cpu['family_model']} (avx512_bf16: "
+          f"{cpu['avx512_bf16']}, amx_bf16: {cpu['amx_bf16']}), huge pages {cpu['huge_pages']}; "
+          f"weights: {report['weights']}; median of {args.runs} runs "
           f"({args.settle} untimed before each)")
     print(format_table(results))
     if args.json:

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark import confident_predictions  # noqa: E402
 
 from mask_former.modeling import postprocessing  # noqa: E402
-from mask_former.utils.cpu_info import cpu_model  # noqa: E402
+from mask_former.utils.cpu_info import cpu_family_model, cpu_model, huge_pages  # noqa: E402
 
 
 def load_references():
@@ -106,6 +106,7 @@ def main(args) -> Dict:
         results[task]["ratio"] = results[task]["median_s"] / results[f"{task} reference"]["median_s"]
     results["setup"] = {"input_size": [height, width], "num_queries": args.num_queries,
                         "num_classes": args.num_classes, "threads": torch.get_num_threads(), "cpu": cpu_model(),
+                        "cpu_family_model": cpu_family_model(), "huge_pages": huge_pages(),
                         "torch": torch.__version__}
     if args.json:
         with open(args.json, "w") as f:
@@ -126,7 +127,8 @@ def print_results(results: Dict) -> None:
           f"{results['instance']['max_score_diff']:.2e}")
     setup = results["setup"]
     print(f"{setup['input_size'][0]}x{setup['input_size'][1]}, {setup['num_queries']} queries, "
-          f"{setup['num_classes']} classes, {setup['threads']} threads, {setup['cpu']}, torch {setup['torch']}")
+          f"{setup['num_classes']} classes, {setup['threads']} threads, {setup['cpu']}, {setup['cpu_family_model']}, "
+          f"huge pages {setup['huge_pages']}, torch {setup['torch']}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mask_former import add_mask_former_config  # noqa: E402
 from mask_former.modeling.training_optimization import checkpoint_activations  # noqa: E402
 from mask_former.solver import build_optimizer  # noqa: E402
-from mask_former.utils.cpu_info import cpu_flags, cpu_model  # noqa: E402
+from mask_former.utils.cpu_info import cpu_family_model, cpu_flags, cpu_model, huge_pages  # noqa: E402
 
 
 class PathSettings(NamedTuple):
@@ -422,7 +422,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict]:
         print(f"timing: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     summary = summarize(paths, timing, memory, args.num_points)
     machine = {
-        "cpu": cpu_model(), "cpu_flags": cpu_flags(), "logical_cpus": os.cpu_count(),
+        "cpu": cpu_model(), "cpu_family_model": cpu_family_model(), "cpu_flags": cpu_flags(),
+        "logical_cpus": os.cpu_count(), "huge_pages": huge_pages(),
         "torch": torch.__version__,
         "num_threads": args.num_threads or torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
@@ -432,8 +433,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict]:
         "num_gt_masks": args.num_gt_masks, "num_points": args.num_points, "steps": args.steps,
         "warmup": args.warmup, "device": args.device, "opts": args.opts,
     }
-    print(f"CPU: {machine['cpu']} ({', '.join(machine['cpu_flags']) or 'no AVX-512'}), "
-          f"{machine['num_threads']} torch threads, torch {machine['torch']}")
+    print(f"CPU: {machine['cpu']}, {machine['cpu_family_model']} ({', '.join(machine['cpu_flags']) or 'no AVX-512'}), "
+          f"{machine['num_threads']} torch threads, torch {machine['torch']}, huge pages {machine['huge_pages']}")
     print(f"{args.config_file} at {args.input_size[0]}x{args.input_size[1]}, batch {args.batch_size}, "
           f"{args.num_gt_masks} masks per image; median of {args.steps} interleaved steps per path, "
           "peak memory per path in a fresh subprocess")

@@ -1,9 +1,12 @@
-"""What the benchmark tools print beside every figure: the CPU's model name and the flags that
-decide the bfloat16 speed (figures compare only on the same CPU)."""
+"""What the benchmark tools print beside every figure: the CPU's model name, family and model
+numbers (one name can stand for several CPUs), the flags that decide the bfloat16 speed (figures
+compare only on the same CPU), and whether PyTorch's allocator uses huge pages (which changes the
+cost of large fresh tensors, see the README's "Transparent huge pages")."""
+import os
 import platform
 from typing import List
 
-__all__ = ["BF16_CPU_FLAGS", "cpu_flags", "cpu_model"]
+__all__ = ["BF16_CPU_FLAGS", "cpu_flags", "cpu_model", "cpu_family_model", "huge_pages"]
 
 # AVX-512, AVX-512 bf16 instructions, AMX tiles with bf16
 BF16_CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -29,3 +32,15 @@ def cpu_model() -> str:
 def cpu_flags() -> List[str]:
     """Those of :data:`BF16_CPU_FLAGS` the CPU has, sorted."""
     return sorted(set(_cpuinfo_field("flags").split()) & set(BF16_CPU_FLAGS))
+
+
+def cpu_family_model() -> str:
+    """"family F model M" from /proc/cpuinfo ("unknown" where it has no such fields)."""
+    family, model = _cpuinfo_field("cpu family"), _cpuinfo_field("model\t")
+    return f"family {family} model {model}" if family and model else "unknown"
+
+
+def huge_pages() -> str:
+    """"on" when PyTorch's CPU allocator backs large tensors with transparent huge pages
+    (``THP_MEM_ALLOC_ENABLE=1``, which ``import mask_former`` sets unless it is set), else "off"."""
+    return "on" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "off"
