@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["certified_pixel_owners", "MAX_CERTIFIED_QUERIES"]
+__all__ = ["certified_pixel_owners", "certifiable", "MAX_CERTIFIED_QUERIES"]
 
 # How far apart the two sigmoid code paths can be: on every float32 input, measured on an Intel
 # Xeon with AVX-512 (torch 2.14), at most 4 units in the last place, and 2.7e-7 (2^-21.8)
@@ -60,6 +60,13 @@ _VECTOR_PIECE = 8192
 _VECTOR_PADDING = 64
 
 
+def certifiable(mask_pred: torch.Tensor, num_kept: int) -> bool:
+    """Whether :func:`certified_pixel_owners` takes these inputs: float32 logits on the CPU and
+    1 to ``MAX_CERTIFIED_QUERIES`` kept queries."""
+    return (mask_pred.device.type == "cpu" and mask_pred.dtype == torch.float32
+            and 1 <= num_kept <= MAX_CERTIFIED_QUERIES)
+
+
 def certified_pixel_owners(
     mask_pred: torch.Tensor, kept_index: torch.Tensor, kept_scores: torch.Tensor
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -82,7 +89,7 @@ def certified_pixel_owners(
     """
     if not (mask_pred.device.type == "cpu" and mask_pred.dtype == torch.float32):
         raise ValueError(f"mask_pred must be float32 on the CPU, got {mask_pred.dtype} on {mask_pred.device}")
-    if not 1 <= kept_index.numel() <= MAX_CERTIFIED_QUERIES:
+    if not certifiable(mask_pred, kept_index.numel()):
         raise ValueError(f"1 to {MAX_CERTIFIED_QUERIES} kept queries are supported, got {kept_index.numel()}")
     # integer answers: no gradient flows through them (and torch's out= arguments refuse autograd)
     logits = mask_pred.detach().reshape(mask_pred.shape[0], -1)  # Q x HW
@@ -92,15 +99,50 @@ def certified_pixel_owners(
         return torch.empty(0, dtype=torch.long), torch.zeros(num_kept, dtype=torch.long)
     block_elements = _BLOCK_ELEMENTS_PER_THREAD * torch.get_num_threads()
     block = max(32, block_elements // num_kept // 32 * 32)
-    scores = kept_scores.to(torch.float32)[:, None]
-    # row 0 counts the queries near the best product, row 1 sums their ranks n - q
-    count_and_rank = torch.stack(
-        [torch.ones(num_kept), torch.arange(num_kept, 0, -1, dtype=torch.float32)]
-    )
+    near_best, area_counts = _scan_blocks(logits, kept_index, kept_scores, block)
+
+    owner = torch.sub(num_kept, near_best[:, 1]).long().view(-1)[:num_pixels]
+    uncertain_pixels = (near_best[:, 0] != 1).view(-1).nonzero().squeeze(1)
+    if uncertain_pixels.numel() > num_pixels * _MAX_UNCERTAIN_FRACTION:
+        return None
+    if uncertain_pixels.numel() > 0:
+        decided = _owners_from_both_paths(logits, kept_index, kept_scores, uncertain_pixels)
+        if decided is None:
+            return None
+        owner[uncertain_pixels] = decided
+
+    certain_area, possible_area = area_counts.unbind(1)
+    for block_index, row in (certain_area != possible_area).nonzero().tolist():
+        start = block_index * block
+        counted = _area_from_both_paths(logits[kept_index[row], start : start + block])
+        if counted is None:
+            return None
+        certain_area[block_index, row] = counted
+    own_area = certain_area.sum(0, dtype=torch.float64).long()
+    return owner, own_area
+
+
+def _scan_blocks(
+    logits: torch.Tensor, kept_index: torch.Tensor, kept_scores: torch.Tensor, block: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    The pass over the logits, ``block`` pixels at a time.
+
+    Args:
+        logits: Q x HW; kept_index: n; kept_scores: n; block: pixels per block.
+
+    Returns:
+        near_best: num_blocks x 2 x block float32: per pixel, the number of kept queries whose
+            product is within ``_NEAR_MAX_MARGIN`` of the best (row 0) and the sum of their ranks
+            n - q (row 1); pixels past the last count as certain (one query, rank 0).
+        area_counts: num_blocks x 2 x n float32: per block, each query's probabilities
+            >= 0.5 + ``_HALF_BAND`` (row 0) and >= 0.5 - ``_HALF_BAND`` (row 1).
+    """
+    num_kept, num_pixels = kept_index.numel(), logits.shape[1]
     num_blocks = -(-num_pixels // block)
-    # per block: row 0 the near queries of each pixel, row 1 the sum of their ranks
-    near = torch.empty(num_blocks, 2, block)
-    # per block: each query's probabilities >= 0.5 + _HALF_BAND, then >= 0.5 - _HALF_BAND
+    scores = kept_scores.to(torch.float32)[:, None]
+    count_and_rank = torch.stack([torch.ones(num_kept), torch.arange(num_kept, 0, -1, dtype=torch.float32)])
+    near_best = torch.empty(num_blocks, 2, block)
     area_counts = torch.empty(num_blocks, 2, num_kept)
     workspaces = {}
     for index, start in enumerate(range(0, num_pixels, block)):
@@ -119,28 +161,9 @@ def certified_pixel_owners(
         # (1 - margin) x best - tiny: a pixel whose best product is tiny has every query near it
         torch.add(workspace.minus_tiny, best, alpha=1 - _NEAR_MAX_MARGIN, out=workspace.threshold)
         torch.ge(products, workspace.threshold, out=flags)
-        torch.mm(count_and_rank, flags, out=near[index, :, :width] if width < block else near[index])
-
-    near[-1, 0, num_pixels - (num_blocks - 1) * block :] = 1  # past the last pixel: certain
-    owner = torch.sub(num_kept, near[:, 1]).long().view(-1)[:num_pixels]
-    uncertain_pixels = (near[:, 0] != 1).view(-1).nonzero().squeeze(1)
-    if uncertain_pixels.numel() > num_pixels * _MAX_UNCERTAIN_FRACTION:
-        return None
-    if uncertain_pixels.numel() > 0:
-        decided = _owners_from_both_paths(logits, kept_index, kept_scores, uncertain_pixels)
-        if decided is None:
-            return None
-        owner[uncertain_pixels] = decided
-
-    above_band, above_band_start = area_counts.unbind(1)
-    for block_index, row in (above_band != above_band_start).nonzero().tolist():
-        start = block_index * block
-        counted = _area_from_both_paths(logits[kept_index[row], start : start + block])
-        if counted is None:
-            return None
-        above_band[block_index, row] = counted
-    own_area = above_band.sum(0, dtype=torch.float64).long()
-    return owner, own_area
+        torch.mm(count_and_rank, flags, out=near_best[index, :, :width] if width < block else near_best[index])
+    near_best[-1, 0, num_pixels - (num_blocks - 1) * block :] = 1
+    return near_best, area_counts
 
 
 class _BlockWorkspace:

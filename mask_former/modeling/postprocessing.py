@@ -39,7 +39,7 @@ import torch
 from detectron2.structures import Boxes, Instances
 from torch.nn import functional as F
 
-from mask_former.modeling.pixel_owners import MAX_CERTIFIED_QUERIES, certified_pixel_owners
+from mask_former.modeling.pixel_owners import certifiable, certified_pixel_owners
 
 __all__ = [
     "semantic_inference",
@@ -344,7 +344,7 @@ def panoptic_inference(
         return panoptic_seg, []
 
     certified = None
-    if mask_pred.device.type == "cpu" and mask_pred.dtype == torch.float32 and num_kept <= MAX_CERTIFIED_QUERIES:
+    if certifiable(mask_pred, num_kept):
         certified = certified_pixel_owners(mask_pred, keep.nonzero().squeeze(1), kept_scores)
     if certified is not None:
         pixel_owner, own_area = certified

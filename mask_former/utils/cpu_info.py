@@ -36,6 +36,7 @@ def cpu_flags() -> List[str]:
 
 def cpu_family_model() -> str:
     """"family F model M" from /proc/cpuinfo ("unknown" where it has no such fields)."""
+    # "model" followed by its tab, so that the "model name" line does not match
     family, model = _cpuinfo_field("cpu family"), _cpuinfo_field("model\t")
     return f"family {family} model {model}" if family and model else "unknown"
 

@@ -51,7 +51,7 @@ def _resize_to_output(logits: Tensor, image_size: Tuple[int, int], height: int, 
     return sem_seg_postprocess(logits, image_size, height, width)
 
 
-def _call(weights: Optional[InferenceWeights], module: nn.Module, name: str, *args):
+def _run_module(weights: Optional[InferenceWeights], module: nn.Module, name: str, *args):
     """``module(*args)``, with the cached inference weights when there are (``name``: the
     module's name in the model)."""
     return module(*args) if weights is None else weights.call(module, name, *args)
@@ -254,8 +254,8 @@ class PanopticSegFormer(SegmentationMetaArch):
                                   query_idx[..., None].expand(-1, -1, location["hidden"].shape[-1]))
             query_pos = torch.gather(location["query_pos"], 1,
                                      query_idx[..., None].expand(-1, -1, location["query_pos"].shape[-1]))
-            masks = _call(weights, self.mask_decoder, "mask_decoder", hidden, query_pos, stuff_query, stuff_pos,
-                          memory)
+            masks = _run_module(weights, self.mask_decoder, "mask_decoder", hidden, query_pos, stuff_query,
+                                stuff_pos, memory)
         masks = {kind: [{k: v.float() for k, v in layer.items()} for layer in layers] for kind, layers in masks.items()}
         return self.inference(scores, thing_classes, masks, batched_inputs, images)
 
@@ -277,8 +277,8 @@ class PanopticSegFormer(SegmentationMetaArch):
         else:
             channels_last = images.tensor.contiguous(memory_format=torch.channels_last)
             features = weights.call(self.backbone, "backbone", channels_last)
-        memory = _call(weights, self.encoder, "encoder", features, padding_mask)
-        location = _call(weights, self.location_decoder, "location_decoder", memory, targets)
+        memory = _run_module(weights, self.encoder, "encoder", features, padding_mask)
+        location = _run_module(weights, self.location_decoder, "location_decoder", memory, targets)
         batch = images.tensor.shape[0]
         stuff_pos, stuff_query = self.stuff_query.weight.split(location["hidden"].shape[-1], dim=1)
         return memory, location, stuff_query[None].expand(batch, -1, -1), stuff_pos[None].expand(batch, -1, -1)
