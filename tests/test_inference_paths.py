@@ -25,6 +25,7 @@ from mask_former.modeling.inference_optimization import (
     semantic_scores_from_low_res,
     upsample_bilinear_crop,
     upsample_bilinear_rows,
+    upsample_rows_scratch_size,
 )
 from mask_former.modeling.postprocessing import semantic_inference
 from mask_former.modeling.transformer_decoder.standard_transformer_decoder import mask_logits
@@ -86,14 +87,21 @@ def argmax_agreement(a, b) -> float:
 
 # ------------------------------------------------------------------------------ the whole model
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
-def test_fp32_path_equals_reference(norm):
+@pytest.mark.parametrize("fold", [None, True])
+def test_fp32_path_equals_reference(norm, fold):
     cfg = tiny_cfg()
     cfg.MODEL.RESNETS.NORM = norm
     model = build(cfg)
     # different sizes (padding), an output larger and one of another aspect than the input
     batch = images([(64, 48), (40, 56), (33, 30)], [None, (100, 75), (20, 41)])
     fast, reference = both_paths(model, batch)
-    assert len(model.prepare_for_inference()) > 0  # some batch norms were folded
+    if fold:  # the batch norms folded, as the bf16 path does (fp32 keeps no folded copies)
+        with torch.no_grad():
+            padded = model.preprocess_images(batch)
+            outputs = model.run_network_for_inference(padded.tensor, fold_norms=True)
+            fast = model.optimized_inference(outputs, batch, padded)
+    folded_layers = len(model.prepare_for_inference(fold=fold))
+    assert folded_layers > 0 if fold else folded_layers == 0
     for a, b, x in zip(fast, reference, batch):
         size = (x.get("height", x["image"].shape[1]), x.get("width", x["image"].shape[2]))
         assert a["sem_seg"].shape == b["sem_seg"].shape == (3, *size)
@@ -149,6 +157,47 @@ def test_precision_key():
     assert build_model(cfg).precision == "fp32"
     cfg.MODEL.MASK_FORMER.TEST.PRECISION = "fp16"
     with pytest.raises(ValueError, match="MODEL.MASK_FORMER.TEST.PRECISION"):
+        build_model(cfg)
+
+
+def test_bf16_path_writes_outputs_into_the_memory_of_those_let_go_of():
+    cfg = tiny_cfg()
+    cfg.MODEL.MASK_FORMER.TEST.PRECISION = "bf16"
+    model = build(cfg, seed=3)
+    first_batch, second_batch = images([(64, 48)], seed=3), images([(64, 48)], seed=4)
+    with torch.no_grad():
+        expected_first = model(first_batch)[0]["sem_seg"].clone()
+        expected_second = model(second_batch)[0]["sem_seg"].clone()
+        kept = model(first_batch)[0]["sem_seg"]
+        second = model(second_batch)[0]["sem_seg"]  # the caller still holds `kept`
+        assert second.data_ptr() != kept.data_ptr()
+        assert torch.equal(kept, expected_first) and torch.equal(second, expected_second)
+        address = second.data_ptr()
+        del kept, second
+        third = model(first_batch)[0]["sem_seg"]
+    assert third.data_ptr() == address
+    assert torch.equal(third, expected_first)
+    model.train()
+    assert model._inference_buffers is None  # training frees the memory
+
+
+@pytest.mark.parametrize("setting, reused", [(None, False), (True, True), (False, False)])
+def test_reuse_output_memory_key_in_fp32(setting, reused):
+    cfg = tiny_cfg()
+    cfg.MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY = setting
+    model = build(cfg)
+    batch = images([(40, 56)])
+    with torch.no_grad():
+        expected = model(batch)[0]["sem_seg"].clone()
+        assert (model._inference_buffers is not None) == reused  # the default keeps no memory in fp32
+        got = model(batch)[0]["sem_seg"]
+    assert torch.equal(got, expected)
+
+
+def test_reuse_output_memory_key_is_checked():
+    cfg = tiny_cfg()
+    cfg.MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY = "yes"
+    with pytest.raises(ValueError, match="MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY='yes'"):
         build_model(cfg)
 
 
@@ -210,16 +259,26 @@ def test_folded_weights_follow_weight_changes():
     model = build(cfg)
     other = build(cfg, seed=7)
     batch = images([(64, 48)])
+
+
+    def folded_path(model):  # fp32 with the batch norms folded (as bf16 runs)
+        padded = model.preprocess_images(batch)
+        outputs = model.run_network_for_inference(padded.tensor, fold_norms=True)
+        return model.optimized_inference(outputs, batch, padded)[0]["sem_seg"]
+
     with torch.no_grad():
-        model(batch)
-        first = model.prepare_for_inference()
-        assert model.prepare_for_inference() is first  # nothing changed: reused
+        folded_path(model)
+        first = model.prepare_for_inference(fold=True)
+        assert len(first) > 0
+        assert model.prepare_for_inference(fold=True) is first  # nothing changed: reused
         model.load_state_dict(other.state_dict())  # copy_ into the same tensors
-        assert model.prepare_for_inference() is not first
-        fast, reference = both_paths(model, batch)
+        assert model.prepare_for_inference(fold=True) is not first
+        fast = folded_path(model)
+        model.optimize_inference = False
+        reference = model(batch)[0]["sem_seg"]
         expected = other(batch)[0]["sem_seg"]
-    assert relative_difference(fast[0]["sem_seg"], reference[0]["sem_seg"]) < EXACT
-    assert relative_difference(fast[0]["sem_seg"], expected) < EXACT
+    assert relative_difference(fast, reference) < EXACT
+    assert relative_difference(fast, expected) < EXACT
 
 
 def test_gradients_disable_the_optimised_path():
@@ -268,6 +327,14 @@ def test_upsample_rows_equal_the_full_upsampling(low, factor):
                     band = upsample_bilinear_rows(xl, factor, (r0, r1), w)
                     assert band.shape == (2, 5, r1 - r0, w)
                     torch.testing.assert_close(band, full[..., r0:r1, :w], rtol=1e-6, atol=1e-6)
+                    # computed in a scratch sized for bands of up to 4 rows, reused band after band
+                    if r1 - r0 <= 4:
+                        scratch = torch.full((upsample_rows_scratch_size(xl, factor, 4, w),), float("nan"))
+                        band = upsample_bilinear_rows(xl, factor, (r0, r1), w, scratch)
+                        assert band.untyped_storage().data_ptr() == scratch.data_ptr()
+                        torch.testing.assert_close(band, full[..., r0:r1, :w], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="scratch has 10 elements"):
+        upsample_bilinear_rows(x, factor, (0, 2), width, torch.empty(10))
 
 
 def test_upsample_crop_equals_upsample_then_crop():
@@ -290,6 +357,22 @@ def test_semantic_scores_equal_semantic_inference(tile_rows):
         assert relative_difference(got, expected) < 1e-6
         got = semantic_scores_from_logits(mask_cls, logits[:, : crop[0], : crop[1]], tile_rows)
         assert relative_difference(got, expected) < 1e-6
+
+
+def test_semantic_scores_write_into_out():
+    g = torch.Generator().manual_seed(1)
+    mask_cls, mask_pred = torch.randn(6, 5, generator=g), torch.randn(6, 10, 12, generator=g) * 4
+    logits = F.interpolate(mask_pred[None], size=(40, 48), mode="bilinear", align_corners=False)[0]
+    expected = semantic_inference(mask_cls, logits)
+    for compute, args in [(semantic_scores_from_low_res, (mask_pred, (40, 48), (40, 48))),
+                          (semantic_scores_from_logits, (logits,))]:
+        out = torch.full((4, 40, 48), float("nan"))
+        assert compute(mask_cls, *args, out=out) is out
+        assert relative_difference(out, expected) < 1e-6
+        for bad in (torch.empty(4, 40, 47), torch.empty(4, 40, 48, dtype=torch.float64),
+                    torch.empty(4, 48, 40).transpose(1, 2)):
+            with pytest.raises(ValueError, match=r"contiguous float32 tensor of shape \(4, 40, 48\)"):
+                compute(mask_cls, *args, out=bad)
 
 
 def test_channels_last_mask_logits_equal_einsum():

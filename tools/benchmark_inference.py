@@ -10,17 +10,21 @@ Paths, all on the same weights and the same input, in one process:
 * ``reference``: the inference path of before the optimisations (``MaskFormer.optimize_inference
   = False``): plain modules, float32, mask logits upsampled to the padded size, full-size sigmoid
   and combination, resize to the output size;
-* ``fp32``: the default path (``MODEL.MASK_FORMER.TEST.PRECISION fp32``): frozen batch norms
-  folded into their convolutions, channels-last activations, fused attention, mask logits
-  upsampled band by band inside the image only, combined band by band, no identity resize;
+* ``fp32``: the default path (``MODEL.MASK_FORMER.TEST.PRECISION fp32``): channels-last
+  activations, fused attention, mask logits upsampled band by band inside the image only,
+  combined band by band, no identity resize (the frozen batch norms are not folded: the folded
+  weights would be copies, see ``SegmentationMetaArch.prepare_for_inference``);
 * ``bf16``: the opt-in path (``PRECISION bf16``): the same with the network in bfloat16
-  (autocast, folded weights stored in bfloat16), post-processing in float32;
+  (autocast, weights kept in bfloat16, frozen batch norms folded into them), post-processing in
+  float32, the semantic scores written into the memory of the previous call's once they are let
+  go of (``MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY``);
 * ``bf16-autocast`` (Panoptic SegFormer only, not run unless named in ``--paths``): the modules as
   built under bfloat16 autocast, the Panoptic SegFormer's bf16 path before it had the optimised
   one (MaskFormer's reference path ignores the precision);
 * with ``--levers``, fp32 with the levers added one at a time, to see what each pays: the
   optimised post-processing only (network as built); + channels-last activations (1x1
-  convolutions as matrix products); + folded batch norms; the ``fp32`` row adds fused attention.
+  convolutions as matrix products); + folded batch norms (as the bf16 path runs them). The
+  ``fp32`` row is channels-last with fused attention.
 
 Timing: the runs alternate between the paths (round i of every path, then round i + 1, ...), so
 a change in the machine's load hits them alike; in each round a path first runs ``--settle``

@@ -3,9 +3,10 @@
 Both meta-architectures use them in eval mode (see ``SegmentationMetaArch.prepare_for_inference``;
 ``MaskFormer`` also uses the band-wise functions below):
 
-* :class:`InferenceWeights`: detectron2 ``Conv2d`` layers whose ``norm`` is a frozen batch norm
-  (``FrozenBatchNorm2d``, or a ``BatchNorm2d`` with running statistics, as in eval mode) run as
-  one convolution with the norm folded into the weight and bias, stored channels-last; in
+* :class:`InferenceWeights`: 1x1 convolutions of channels-last inputs run as matrix products;
+  with ``fold`` (the bfloat16 path), detectron2 ``Conv2d`` layers whose ``norm`` is a frozen batch
+  norm (``FrozenBatchNorm2d``, or a ``BatchNorm2d`` with running statistics, as in eval mode) run
+  as one convolution with the norm folded into the weight and bias, stored channels-last; in
   bfloat16, the weights of the matrix products are kept in bfloat16 too. These tensors are a
   cache kept beside the model: modules, parameters and ``state_dict()`` are untouched, they are
   used only inside :meth:`InferenceWeights.active` / :meth:`InferenceWeights.call`, and
@@ -17,7 +18,8 @@ Both meta-architectures use them in eval mode (see ``SegmentationMetaArch.prepar
 * :func:`semantic_scores_from_low_res` and :func:`semantic_scores_from_logits`: MaskFormer's
   semantic combination ``sum_q softmax(cls)[q, c] * sigmoid(mask)[q, y, x]`` (the "no object"
   class dropped) computed band by band (upsample -> sigmoid -> one matrix product written into the
-  result), so only the K x H x W result is ever held at full resolution.
+  result, or into ``out``), every band in the same scratch memory, so only the K x H x W result is
+  ever held at full resolution.
 """
 import contextlib
 import math
@@ -221,14 +223,16 @@ class InferenceWeights:
     def is_current(self, module: nn.Module, dtype: Optional[torch.dtype] = None) -> bool:
         """Whether this still describes ``module`` as it is now: the same ``Conv2d`` layers, the
         same of them foldable, and no tensor copied or folded from modified or replaced."""
-        if dtype != self.dtype or not self.fold:
+        if dtype != self.dtype:
             return False
         convs = [m for m in module.modules() if isinstance(m, Conv2d)]
         if len(convs) != len(self._forwards):
             return False
         index = 0
         for conv, forward in zip(convs, self._forwards):
-            if conv is not forward.conv or _foldable_norm(conv.norm) != (forward.weight is not None):
+            if conv is not forward.conv:
+                return False
+            if self.fold and _foldable_norm(conv.norm) != (forward.weight is not None):
                 return False
             if forward.weight is None:
                 continue
@@ -286,7 +290,8 @@ def _source_index(dst: int, factor: int) -> int:
     return max(0, math.floor((dst + 0.5) / factor - 0.5))
 
 
-def upsample_bilinear_rows(x: Tensor, factor: int, rows: Tuple[int, int], width: int) -> Tensor:
+def upsample_bilinear_rows(x: Tensor, factor: int, rows: Tuple[int, int], width: int,
+                           scratch: Optional[Tensor] = None) -> Tensor:
     """
     Rows ``rows[0]:rows[1]`` and columns ``0:width`` of
     ``F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)``, computed
@@ -297,9 +302,13 @@ def upsample_bilinear_rows(x: Tensor, factor: int, rows: Tuple[int, int], width:
         factor: integer upsampling factor (the full result is N x C x h*factor x w*factor).
         rows: output rows [r0, r1) of the full result.
         width: number of leading output columns wanted.
+        scratch: a 1-D tensor of x's dtype and device with at least
+            ``upsample_rows_scratch_size(...)`` elements to compute the band in (so that bands
+            computed one after the other reuse one block of memory), or None for new memory.
     Returns:
-        N x C x (r1 - r0) x width; equal to the same part of the full result (the same kernel
-        with the same source indices and weights).
+        N x C x (r1 - r0) x width, in x's memory format (a view of ``scratch`` when given); equal
+        to the same part of the full result (the same kernel with the same source indices and
+        weights).
     """
     h, w = x.shape[-2:]
     r0, r1 = rows
@@ -315,10 +324,32 @@ def upsample_bilinear_rows(x: Tensor, factor: int, rows: Tuple[int, int], width:
     # ask for one more row / column then (it exists, and is dropped).
     rows_out += int(rows_out == s1 - s0 and factor > 1)
     cols_out += int(cols_out == c1 and factor > 1)
-    band = torch.ops.aten.upsample_bilinear2d.default(
-        x[..., s0:s1, :c1], [rows_out, cols_out], False, float(factor), float(factor)
-    )
+    source = x[..., s0:s1, :c1]
+    if scratch is None:
+        band = torch.ops.aten.upsample_bilinear2d.default(
+            source, [rows_out, cols_out], False, float(factor), float(factor)
+        )
+    else:
+        shape = (x.shape[0], x.shape[1], rows_out, cols_out)
+        if scratch.numel() < math.prod(shape):
+            raise ValueError(f"scratch has {scratch.numel()} elements, the band needs {math.prod(shape)}")
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
+        band = scratch[: math.prod(shape)].view(shape) if not channels_last else \
+            scratch[: math.prod(shape)].view(shape[0], rows_out, cols_out, shape[1]).permute(0, 3, 1, 2)
+        torch.ops.aten.upsample_bilinear2d.out(
+            source, [rows_out, cols_out], False, float(factor), float(factor), out=band
+        )
     return band[..., r0 - s0 * factor:r1 - s0 * factor, :width]
+
+
+def upsample_rows_scratch_size(x: Tensor, factor: int, tile_rows: int, width: int) -> int:
+    """Elements of a ``scratch`` that ``upsample_bilinear_rows`` takes for any band of at most
+    ``tile_rows`` rows and ``width`` columns of ``x`` (N x C x h x w) upsampled by ``factor``."""
+    # the band starts up to 2 input rows before its first row and ends 3 after its last
+    # (and each may get one more row or column, see upsample_bilinear_rows)
+    rows = min(x.shape[-2] * factor, tile_rows + 5 * factor) + 1
+    cols = min(x.shape[-1] * factor, width) + 1
+    return x.shape[0] * x.shape[1] * rows * cols
 
 
 def upsample_bilinear_crop(x: Tensor, full_size: Sequence[int], crop: Sequence[int]) -> Tensor:
@@ -345,12 +376,27 @@ def _class_probabilities(mask_cls: Tensor) -> Tensor:
     return F.softmax(mask_cls.float(), dim=-1)[:, :-1].t()
 
 
+def _scores_output(out: Optional[Tensor], shape: Tuple[int, int, int], device: torch.device) -> Tensor:
+    """``out`` checked to be a contiguous float32 tensor of ``shape`` on ``device``, or a new one."""
+    if out is None:
+        return torch.empty(shape, device=device)
+    if (tuple(out.shape) != tuple(shape) or out.dtype != torch.float32 or out.device != device
+            or not out.is_contiguous()):
+        raise ValueError(
+            f"semantic scores: out must be a contiguous float32 tensor of shape {tuple(shape)} on "
+            f"{device}, got {out.dtype} of shape {tuple(out.shape)} on {out.device} (contiguous: "
+            f"{out.is_contiguous()})"
+        )
+    return out
+
+
 def semantic_scores_from_low_res(
     mask_cls: Tensor,
     mask_pred: Tensor,
     full_size: Sequence[int],
     crop: Sequence[int],
     tile_rows: int = SEMANTIC_TILE_ROWS,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """
     MaskFormer's semantic scores of the mask logits upsampled to ``full_size`` and cropped:
@@ -362,35 +408,37 @@ def semantic_scores_from_low_res(
         mask_pred: Q x h x w mask logits at the mask resolution.
         full_size: (H, W) the logits are upsampled to (the padded image size).
         crop: (height, width) kept from the top left (the image size).
+        out: where to write the scores (K x crop[0] x crop[1], float32, contiguous), or None.
     Returns:
-        K x crop[0] x crop[1] float32 scores.
+        K x crop[0] x crop[1] float32 scores (``out`` when given).
     """
     h, w = mask_pred.shape[-2:]
     fh, fw = _integer_factor(h, full_size[0]), _integer_factor(w, full_size[1])
     if fh is None or fh != fw:
         logits = F.interpolate(mask_pred[None].float(), size=tuple(full_size), mode="bilinear",
                                align_corners=False)[0]
-        return semantic_scores_from_logits(mask_cls, logits[:, : crop[0], : crop[1]], tile_rows)
+        return semantic_scores_from_logits(mask_cls, logits[:, : crop[0], : crop[1]], tile_rows, out)
     probs_t = _class_probabilities(mask_cls)
     num_queries = mask_pred.shape[0]
     height, width = crop
-    scores = probs_t.new_empty((probs_t.shape[0], height, width))
+    scores = _scores_output(out, (probs_t.shape[0], height, width), probs_t.device)
     flat = scores.view(probs_t.shape[0], height * width)
     # Channels-last: the upsampling kernel then interpolates all queries of a pixel at once
     # (several times faster than planar), and a band is a (pixels x queries) matrix.
     # (Built from h x w x Q so that even the batch stride is the canonical channels-last one, or
     # PyTorch takes the input for planar and the kernel for the slow path.)
     low = mask_pred.float().permute(1, 2, 0).contiguous()[None].permute(0, 3, 1, 2)
+    scratch = low.new_empty(upsample_rows_scratch_size(low, fh, tile_rows, width))  # one for all bands
     for r0 in range(0, height, tile_rows):
         r1 = min(height, r0 + tile_rows)
-        band = upsample_bilinear_rows(low, fh, (r0, r1), width)  # 1 x Q x rows x width
+        band = upsample_bilinear_rows(low, fh, (r0, r1), width, scratch)  # 1 x Q x rows x width
         band = band.permute(0, 2, 3, 1).reshape(-1, num_queries).sigmoid_()  # a view, no copy
         torch.mm(probs_t, band.t(), out=flat[:, r0 * width:r1 * width])
     return scores
 
 
 def semantic_scores_from_logits(mask_cls: Tensor, mask_pred: Tensor,
-                                tile_rows: int = SEMANTIC_TILE_ROWS) -> Tensor:
+                                tile_rows: int = SEMANTIC_TILE_ROWS, out: Optional[Tensor] = None) -> Tensor:
     """
     ``semantic_inference(mask_cls, mask_pred)`` (``sum_q softmax(cls)[q, c] * sigmoid(mask)[q]``)
     of full-resolution mask logits, band by band without a full-size sigmoid.
@@ -398,12 +446,13 @@ def semantic_scores_from_logits(mask_cls: Tensor, mask_pred: Tensor,
     Args:
         mask_cls: Q x (K+1) class logits.
         mask_pred: Q x H x W mask logits (any strides); not modified.
+        out: where to write the scores (K x H x W, float32, contiguous), or None.
     Returns:
-        K x H x W float32 scores.
+        K x H x W float32 scores (``out`` when given).
     """
     probs_t = _class_probabilities(mask_cls)
     num_queries, height, width = mask_pred.shape
-    scores = probs_t.new_empty((probs_t.shape[0], height, width))
+    scores = _scores_output(out, (probs_t.shape[0], height, width), probs_t.device)
     flat = scores.view(probs_t.shape[0], height * width)
     buffer = probs_t.new_empty(num_queries * min(tile_rows, height) * width)
     for r0 in range(0, height, tile_rows):

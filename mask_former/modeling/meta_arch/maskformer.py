@@ -15,7 +15,6 @@ from torch.nn import functional as F
 
 from ..criterion import build_criterion
 from ..inference_optimization import (
-    InferenceWeights,
     inference_dtype,
     semantic_scores_from_logits,
     semantic_scores_from_low_res,
@@ -90,6 +89,7 @@ class MaskFormer(SegmentationMetaArch):
         instance_on: bool = False,
         detections_per_image: int = 100,
         precision: str = "fp32",
+        reuse_output_memory: Optional[bool] = None,
         optimize_inference: bool = True,
         optimize_training: bool = True,
         activation_checkpointing: Sequence[str] = (),
@@ -112,6 +112,9 @@ class MaskFormer(SegmentationMetaArch):
             detections_per_image: top-k of instance inference.
             precision: "fp32" or "bf16", the dtype of the network's weights and activations in
                 inference (MODEL.MASK_FORMER.TEST.PRECISION); post-processing is float32.
+            reuse_output_memory: write the semantic scores of the optimised path into the memory
+                of the previous call's once the caller has let go of them (``output_buffer``);
+                None: with bf16 only (MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY).
             optimize_inference: run inference through the optimised path (folded batch norms,
                 channels-last convolutions, band-wise upsampling and semantic combination; see
                 ``prepare_for_inference``). False runs the reference path (plain modules,
@@ -145,6 +148,12 @@ class MaskFormer(SegmentationMetaArch):
         self.detections_per_image = detections_per_image
         inference_dtype(precision)  # validates
         self.precision = precision
+        if not (reuse_output_memory is None or isinstance(reuse_output_memory, bool)):
+            raise ValueError(
+                f"MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY={reuse_output_memory!r}: expected None "
+                "(on with bf16), True or False"
+            )
+        self.reuse_output_memory = reuse_output_memory
         self.optimize_inference = optimize_inference
         self.optimize_training = optimize_training
         self.set_task_switches(semantic_on, panoptic_on, instance_on)
@@ -191,24 +200,24 @@ class MaskFormer(SegmentationMetaArch):
             **task_switches(tasks),
             "detections_per_image": detections_per_image(cfg),
             "precision": mf.TEST.PRECISION,
+            "reuse_output_memory": mf.TEST.REUSE_OUTPUT_MEMORY,
         }
 
-    def run_network_for_inference(self, images: Tensor, *, fold_norms: bool = True,
+    def run_network_for_inference(self, images: Tensor, *, fold_norms: Optional[bool] = None,
                                   channels_last: bool = True, fuse_attention: bool = True
                                   ) -> Dict[str, Tensor]:
         """
-        Backbone and head as the optimised inference path runs them: batch norms folded into
-        their convolutions, channels-last activations, fused attention, in ``self.precision``;
-        the outputs are float32. Call under ``torch.no_grad()`` (the folded weights are copies).
-        The keyword switches turn single levers off, for measuring them
-        (``tools/benchmark_inference.py --levers``).
+        Backbone and head as the optimised inference path runs them: channels-last activations,
+        fused attention, in ``self.precision``, and in bfloat16 the batch norms folded into their
+        convolutions (``prepare_for_inference``); the outputs are float32. Call under
+        ``torch.no_grad()`` (the folded weights are copies). The keyword switches turn single
+        levers on or off, for measuring them (``tools/benchmark_inference.py --levers``;
+        ``fold_norms`` None: as ``prepare_for_inference`` chooses).
         """
-        if fold_norms:
-            weights = self.prepare_for_inference()
-        elif channels_last:  # convolutions as built, 1x1 ones of channels-last inputs as products
-            weights = InferenceWeights(self, self._weights_dtype(), fold=False)
-        else:
+        if fold_norms is False and not channels_last:
             weights = None
+        else:  # 1x1 convolutions of channels-last inputs run as matrix products
+            weights = self.prepare_for_inference(fold=fold_norms)
         with contextlib.ExitStack() as stack:
             if weights is not None:
                 stack.enter_context(weights.active())
@@ -327,10 +336,11 @@ class MaskFormer(SegmentationMetaArch):
         mask_cls_results = outputs["pred_logits"].float()
         mask_pred_results = outputs["pred_masks"].float()  # at the mask resolution
         padded_size = tuple(images.tensor.shape[-2:])
+        num_classes = mask_cls_results.shape[-1] - 1
         processed_results = []
-        for mask_cls, mask_pred, input_per_image, image_size in zip(
+        for i, (mask_cls, mask_pred, input_per_image, image_size) in enumerate(zip(
             mask_cls_results, mask_pred_results, batched_inputs, images.image_sizes
-        ):
+        )):
             image_size = (int(image_size[0]), int(image_size[1]))
             output_size = (int(input_per_image.get("height", image_size[0])),
                            int(input_per_image.get("width", image_size[1])))
@@ -339,10 +349,12 @@ class MaskFormer(SegmentationMetaArch):
                 mask_pred = upsample_bilinear_crop(mask_pred[None], padded_size, image_size)
                 mask_pred = _resize(mask_pred, image_size, output_size)[0]
                 if self.semantic_on:
-                    result[SEMANTIC.output_key] = semantic_scores_from_logits(mask_cls, mask_pred)
+                    scores = self.output_buffer(("sem_seg", i), (num_classes, *output_size))
+                    result[SEMANTIC.output_key] = semantic_scores_from_logits(mask_cls, mask_pred, out=scores)
             else:
                 if self.semantic_on:
-                    sem_seg = semantic_scores_from_low_res(mask_cls, mask_pred, padded_size, image_size)
+                    scores = self.output_buffer(("sem_seg", i), (num_classes, *image_size))
+                    sem_seg = semantic_scores_from_low_res(mask_cls, mask_pred, padded_size, image_size, out=scores)
                     result[SEMANTIC.output_key] = _resize(sem_seg[None], image_size, output_size)[0]
                 if self.panoptic_on or self.instance_on:  # as ``inference``: at the padded size
                     mask_pred = F.interpolate(mask_pred[None], size=padded_size, mode="bilinear",
