@@ -46,10 +46,10 @@ class SegmentationMetaArch(nn.Module):
     optimize_training: bool = True
     # MODEL.MASK_FORMER.TEST.PRECISION of the network in inference ("fp32" or "bf16")
     precision: str = "fp32"
-    # Run inference through the optimised path (folded batch norms, channels-last convolutions, in
-    # ``precision``; see ``prepare_for_inference``); False runs the modules as built.
+    # Run inference through the optimised path (channels-last convolutions, in ``precision``, in
+    # bfloat16 with folded batch norms; see ``prepare_for_inference``); False runs the modules as built.
     optimize_inference: bool = True
-    # Keep the memory of the optimised path's large outputs for the next call (``inference_buffers``):
+    # Keep the memory of the optimised path's large outputs for the next call (``output_buffer``):
     # True, False, or None for "with bf16" (MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY)
     reuse_output_memory: Optional[bool] = None
     _inference_weights = None  # InferenceWeights, an inference-only cache (prepare_for_inference)
@@ -111,10 +111,11 @@ class SegmentationMetaArch(nn.Module):
         Build, or rebuild when the weights changed, what the optimised inference path keeps beside
         the model (``InferenceWeights``): in bfloat16, the weights of every convolution with a
         frozen batch norm with the norm folded in (channels-last) and bfloat16 copies of the other
-        weights of matrix products and convolutions. In float32 nothing is copied: the folded
-        weights would be copies (R50: 94 MB, about a fifth of the reference path's inference
-        memory at 512x512) for about 3 % of the time, so the convolutions run as built.
-        ``fold`` overrides that choice (for measuring what folding pays).
+        weights of matrix products and convolutions. In float32 nothing is copied and the
+        convolutions run as built (1x1 ones of channels-last inputs as matrix products): the folded
+        weights would be copies (R50: 94 MB, a fifth of the reference path's inference memory at
+        512x512) for no time that ``tools/benchmark_inference.py --levers`` could tell from its
+        noise. ``fold`` overrides that choice (for measuring what folding pays).
 
         Called by every optimised forward in eval mode (cheap when nothing changed); the modules,
         parameters and ``state_dict()`` are left as they are, so training, checkpoints and the
