@@ -24,6 +24,7 @@ from mask_former.modeling.backbone.swin import (
     shifted_window_attention_mask,
     window_partition,
     window_reverse,
+    zero_masked_attention,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +146,47 @@ def test_shifted_window_mask_blocks_wrapped_neighbours():
     assert torch.equal(mask, expected)
     # windows away from the bottom/right border are not masked at all
     assert torch.all(mask[0] == 0)
+
+
+def test_shifted_window_mask_with_minus_infinity():
+    original = shifted_window_attention_mask(14, 21, 7, 3)
+    mask = shifted_window_attention_mask(14, 21, 7, 3, masked_logit=float("-inf"))
+    assert torch.equal(mask, torch.where(original == -100.0, float("-inf"), 0.0))
+    assert bool((original == -100.0).any())
+    # every token may attend to itself: no row is masked entirely (a softmax of all -inf is NaN)
+    assert torch.all(mask.diagonal(dim1=1, dim2=2) == 0)
+
+
+def test_zero_masked_attention_keeps_the_outputs(monkeypatch):
+    """Inside ``zero_masked_attention`` the shifted windows are masked with -inf: the masked pairs'
+    weights are exactly 0 instead of ~e^-100, the same outputs to float rounding."""
+    import mask_former.modeling.backbone.swin as swin
+
+    masked_logits = []
+    original_mask = swin.shifted_window_attention_mask
+
+    def spy(*args, **kwargs):
+        mask = original_mask(*args, **kwargs)
+        masked_logits.append(float(mask.min()))
+        return mask
+
+    monkeypatch.setattr(swin, "shifted_window_attention_mask", spy)
+    torch.manual_seed(0)
+    model = build_swin(small_swin_cfg(WINDOW_SIZE=4)).eval()
+    images = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        expected = model(images)
+        assert set(masked_logits) == {-100.0}
+        masked_logits.clear()
+        with zero_masked_attention():
+            got = model(images)
+        assert set(masked_logits) == {float("-inf")}
+        masked_logits.clear()
+        model(images)  # the context is left: -100 again
+        assert set(masked_logits) == {-100.0}
+    for name in expected:
+        assert torch.isfinite(got[name]).all()
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5)
 
 
 def test_window_attention_matches_naive_attention():

@@ -13,6 +13,7 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..backbone.swin import zero_masked_attention
 from ..criterion import build_criterion
 from ..inference_optimization import (
     inference_dtype,
@@ -208,8 +209,9 @@ class MaskFormer(SegmentationMetaArch):
                                   ) -> Dict[str, Tensor]:
         """
         Backbone and head as the optimised inference path runs them: channels-last activations,
-        fused attention, in ``self.precision``, and in bfloat16 the batch norms folded into their
-        convolutions (``prepare_for_inference``); the outputs are float32. Call under
+        fused attention (a Swin backbone's masked window pairs weighted exactly 0,
+        ``zero_masked_attention``), in ``self.precision``, and in bfloat16 the batch norms folded
+        into their convolutions (``prepare_for_inference``); the outputs are float32. Call under
         ``torch.no_grad()`` (the folded weights are copies). The keyword switches turn single
         levers on or off, for measuring them (``tools/benchmark_inference.py --levers``;
         ``fold_norms`` None: as ``prepare_for_inference`` chooses).
@@ -222,6 +224,7 @@ class MaskFormer(SegmentationMetaArch):
             if weights is not None:
                 stack.enter_context(weights.active())
             stack.enter_context(fused_attention(fuse_attention))
+            stack.enter_context(zero_masked_attention(fuse_attention))
             stack.enter_context(self.inference_autocast())
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
