@@ -276,3 +276,37 @@ def test_activation_checkpointing_rejects_unknown_and_repeated_names():
     cfg.MODEL.ACTIVATION_CHECKPOINTING = ["backbone.res2", "backbone.res2"]
     with pytest.raises(ValueError, match="'backbone.res2' is listed twice"):
         build_model(cfg)
+
+
+def test_swin_trains_and_recomputes_with_its_windows_masked_by_minus_infinity(monkeypatch):
+    """With ``optimize_training`` a Swin backbone's shifted windows are masked with -inf (no
+    denormal attention weights), also when a checkpointed backbone is recomputed in the backward;
+    the modules as built keep the original's -100."""
+    import mask_former.modeling.backbone.swin as swin
+
+    masked_logits = []
+    original_mask = swin.shifted_window_attention_mask
+
+    def spy(*args, **kwargs):
+        mask = original_mask(*args, **kwargs)
+        masked_logits.append(float(mask.min()))
+        return mask
+
+    monkeypatch.setattr(swin, "shifted_window_attention_mask", spy)
+    cfg, batch = tiny_swin_cfg(), make_batch()
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    training_losses_and_grads(model, batch, optimize_training=False)
+    assert masked_logits and set(masked_logits) == {-100.0}
+    calls = len(masked_logits)
+    masked_logits.clear()
+    training_losses_and_grads(model, batch, optimize_training=True)
+    assert len(masked_logits) == calls and set(masked_logits) == {float("-inf")}
+
+    masked_logits.clear()
+    cfg.MODEL.ACTIVATION_CHECKPOINTING = ["backbone"]
+    checkpointed = build_model(cfg).train()
+    checkpointed.load_state_dict(model.state_dict())
+    training_losses_and_grads(checkpointed, batch, optimize_training=True)
+    # the forward and its recomputation in the backward
+    assert len(masked_logits) == 2 * calls and set(masked_logits) == {float("-inf")}

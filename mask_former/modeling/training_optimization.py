@@ -27,6 +27,7 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .backbone.swin import zero_masked_attention, zero_masked_attention_enabled
 from .inference_optimization import run_conv
 
 __all__ = ["frozen_norm_affine", "folded_frozen_norms", "channels_last_conv_weights", "checkpoint_activations"]
@@ -95,7 +96,8 @@ class _CheckpointedMethod:
     backward: in training with gradients on, the method runs under ``torch.utils.checkpoint``
     (non-reentrant, random state preserved, so dropout draws the same masks). Convolutions folded
     by an enclosing :func:`folded_frozen_norms` when it ran are folded again for the
-    recomputation, which happens after that context has exited."""
+    recomputation, which happens after that context has exited, and Swin's windows are masked as
+    they were (``zero_masked_attention``)."""
 
     __slots__ = ("module", "method")
 
@@ -109,9 +111,11 @@ class _CheckpointedMethod:
         if not (module.training and torch.is_grad_enabled()):
             return method(module, *args, **kwargs)
         folded = _has_folded_norms(module)
+        zero_masked = zero_masked_attention_enabled()
 
         def run(*inputs):
-            with folded_frozen_norms(module) if folded else contextlib.nullcontext():
+            with folded_frozen_norms(module) if folded else contextlib.nullcontext(), \
+                    zero_masked_attention(zero_masked):
                 return method(module, *inputs, **kwargs)
 
         return checkpoint(run, *args, use_reentrant=False)

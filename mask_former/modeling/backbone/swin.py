@@ -27,6 +27,7 @@ __all__ = [
     "relative_position_index",
     "shifted_window_attention_mask",
     "zero_masked_attention",
+    "zero_masked_attention_enabled",
 ]
 
 # Value added to attention logits between tokens that were not neighbours before the cyclic
@@ -43,14 +44,20 @@ def zero_masked_attention(enabled: bool = True) -> Iterator[None]:
     below float32's resolution beside the unmasked weights (the same result to float rounding) but
     is a denormal number, and a matrix product with denormal operands runs many times slower on
     x86 CPUs (a 441 x 768 x 768 product of Swin-T's last stage: 30 ms instead of 1.6 ms). Every
-    token attends at least to itself, so no row is masked entirely. MaskFormer's optimised
-    inference path enters it; the modules as built keep -100.
+    token attends at least to itself, so no row is masked entirely. The optimised inference path
+    and training with ``optimize_training`` (``SegmentationMetaArch.backbone_features``) enter it;
+    the modules as built keep -100.
     """
     token = _ZERO_MASKED.set(enabled)
     try:
         yield
     finally:
         _ZERO_MASKED.reset(token)
+
+
+def zero_masked_attention_enabled() -> bool:
+    """Whether the calling code runs inside :func:`zero_masked_attention`."""
+    return _ZERO_MASKED.get()
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -406,7 +413,7 @@ class SwinStage(nn.Module):
         if self.shift_size > 0 and len(self.blocks) > 1:
             attn_mask = shifted_window_attention_mask(
                 math.ceil(H / ws) * ws, math.ceil(W / ws) * ws, ws, self.shift_size, x.device,
-                float("-inf") if _ZERO_MASKED.get() else _MASKED_LOGIT,
+                float("-inf") if zero_masked_attention_enabled() else _MASKED_LOGIT,
             )
         for block in self.blocks:
             x = block(x, attn_mask)

@@ -15,6 +15,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ...tasks import enabled_tasks, get_task
+from ..backbone.swin import zero_masked_attention
 from ..inference_optimization import InferenceWeights, inference_dtype
 from ..reusable_buffers import ReusableBuffers
 from ..training_optimization import channels_last_conv_weights, folded_frozen_norms
@@ -137,12 +138,13 @@ class SegmentationMetaArch(nn.Module):
         same losses and gradients to float rounding, faster on CPUs (oneDNN's own layout). The
         first such call also stores every convolution weight of the model channels-last
         (``training_optimization.channels_last_conv_weights``), so the features stay in that layout
-        through the heads without a reorder of the weights at every call."""
+        through the heads without a reorder of the weights at every call. A Swin backbone's shifted
+        windows are masked with -inf (``swin.zero_masked_attention``: no denormal numbers)."""
         if self.training and self.optimize_training:
             if not getattr(self, "_conv_weights_channels_last", False):
                 channels_last_conv_weights(self)
                 self._conv_weights_channels_last = True
-            with folded_frozen_norms(self.backbone):
+            with folded_frozen_norms(self.backbone), zero_masked_attention():
                 return self.backbone(images.contiguous(memory_format=torch.channels_last))
         return self.backbone(images)
 
