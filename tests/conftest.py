@@ -23,6 +23,25 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def swin_masked_logits(monkeypatch):
+    """A list that receives, for every shifted-window attention mask a Swin backbone builds, the
+    value it gives the masked pairs (the mask's minimum): -100 as built, -inf inside
+    ``zero_masked_attention``."""
+    import mask_former.modeling.backbone.swin as swin
+
+    masked_logits = []
+    build_mask = swin.shifted_window_attention_mask
+
+    def spy(*args, **kwargs):
+        mask = build_mask(*args, **kwargs)
+        masked_logits.append(float(mask.min()))
+        return mask
+
+    monkeypatch.setattr(swin, "shifted_window_attention_mask", spy)
+    return masked_logits
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not REFERENCE_DIR.is_dir():

@@ -157,20 +157,10 @@ def test_shifted_window_mask_with_minus_infinity():
     assert torch.all(mask.diagonal(dim1=1, dim2=2) == 0)
 
 
-def test_zero_masked_attention_keeps_the_outputs(monkeypatch):
+def test_zero_masked_attention_keeps_the_outputs(swin_masked_logits):
     """Inside ``zero_masked_attention`` the shifted windows are masked with -inf: the masked pairs'
     weights are exactly 0 instead of ~e^-100, the same outputs to float rounding."""
-    import mask_former.modeling.backbone.swin as swin
-
-    masked_logits = []
-    original_mask = swin.shifted_window_attention_mask
-
-    def spy(*args, **kwargs):
-        mask = original_mask(*args, **kwargs)
-        masked_logits.append(float(mask.min()))
-        return mask
-
-    monkeypatch.setattr(swin, "shifted_window_attention_mask", spy)
+    masked_logits = swin_masked_logits
     torch.manual_seed(0)
     model = build_swin(small_swin_cfg(WINDOW_SIZE=4)).eval()
     images = torch.randn(2, 3, 64, 80)

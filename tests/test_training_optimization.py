@@ -278,21 +278,11 @@ def test_activation_checkpointing_rejects_unknown_and_repeated_names():
         build_model(cfg)
 
 
-def test_swin_trains_and_recomputes_with_its_windows_masked_by_minus_infinity(monkeypatch):
+def test_swin_trains_and_recomputes_with_its_windows_masked_by_minus_infinity(swin_masked_logits):
     """With ``optimize_training`` a Swin backbone's shifted windows are masked with -inf (no
     denormal attention weights), also when a checkpointed backbone is recomputed in the backward;
     the modules as built keep the original's -100."""
-    import mask_former.modeling.backbone.swin as swin
-
-    masked_logits = []
-    original_mask = swin.shifted_window_attention_mask
-
-    def spy(*args, **kwargs):
-        mask = original_mask(*args, **kwargs)
-        masked_logits.append(float(mask.min()))
-        return mask
-
-    monkeypatch.setattr(swin, "shifted_window_attention_mask", spy)
+    masked_logits = swin_masked_logits
     cfg, batch = tiny_swin_cfg(), make_batch()
     torch.manual_seed(0)
     model = build_model(cfg).train()
