@@ -223,8 +223,9 @@ class InferenceWeights:
         return sum(1 for f in self._forwards if f.weight is not None)
 
     def is_current(self, module: nn.Module, dtype: Optional[torch.dtype] = None) -> bool:
-        """Whether this still describes ``module`` as it is now: the same ``Conv2d`` layers, the
-        same of them foldable, and no tensor copied or folded from modified or replaced."""
+        """Whether this still describes ``module`` as it is now: the same ``Conv2d`` layers (when
+        folding, the same of them foldable), and no tensor copied or folded from modified or
+        replaced."""
         if dtype != self.dtype:
             return False
         convs = [m for m in module.modules() if isinstance(m, Conv2d)]
@@ -333,11 +334,14 @@ def upsample_bilinear_rows(x: Tensor, factor: int, rows: Tuple[int, int], width:
         )
     else:
         shape = (x.shape[0], x.shape[1], rows_out, cols_out)
-        if scratch.numel() < math.prod(shape):
-            raise ValueError(f"scratch has {scratch.numel()} elements, the band needs {math.prod(shape)}")
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
-        band = scratch[: math.prod(shape)].view(shape) if not channels_last else \
-            scratch[: math.prod(shape)].view(shape[0], rows_out, cols_out, shape[1]).permute(0, 3, 1, 2)
+        size = math.prod(shape)
+        if scratch.numel() < size:
+            raise ValueError(f"scratch has {scratch.numel()} elements, the band needs {size}")
+        if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
+            # the layout the kernel writes for a channels-last input
+            band = scratch[:size].view(shape[0], rows_out, cols_out, shape[1]).permute(0, 3, 1, 2)
+        else:
+            band = scratch[:size].view(shape)
         torch.ops.aten.upsample_bilinear2d.out(
             source, [rows_out, cols_out], False, float(factor), float(factor), out=band
         )
