@@ -260,7 +260,6 @@ def test_folded_weights_follow_weight_changes():
     other = build(cfg, seed=7)
     batch = images([(64, 48)])
 
-
     def folded_path(model):  # fp32 with the batch norms folded (as bf16 runs)
         padded = model.preprocess_images(batch)
         outputs = model.run_network_for_inference(padded.tensor, fold_norms=True)

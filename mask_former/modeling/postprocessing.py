@@ -39,7 +39,7 @@ import torch
 from detectron2.structures import Boxes, Instances
 from torch.nn import functional as F
 
-from mask_former.modeling.pixel_owners import certifiable, certified_pixel_owners
+from .pixel_owners import certifiable, certified_pixel_owners
 
 __all__ = [
     "semantic_inference",

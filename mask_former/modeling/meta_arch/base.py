@@ -98,7 +98,7 @@ class SegmentationMetaArch(nn.Module):
         if reuse is None:
             reuse = self.precision != "fp32"
         if not reuse:
-            self._inference_buffers = None
+            self._inference_buffers = None  # reuse switched off: free what an earlier call kept
             return None
         if self._inference_buffers is None:
             self._inference_buffers = ReusableBuffers()

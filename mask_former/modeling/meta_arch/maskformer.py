@@ -116,10 +116,10 @@ class MaskFormer(SegmentationMetaArch):
             reuse_output_memory: write the semantic scores of the optimised path into the memory
                 of the previous call's once the caller has let go of them (``output_buffer``);
                 None: with bf16 only (MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY).
-            optimize_inference: run inference through the optimised path (folded batch norms,
-                channels-last convolutions, band-wise upsampling and semantic combination; see
-                ``prepare_for_inference``). False runs the reference path (plain modules,
-                full-resolution intermediates), which is always float32.
+            optimize_inference: run inference through the optimised path (channels-last
+                convolutions, fused attention, band-wise upsampling and semantic combination, in
+                bf16 folded batch norms; see ``prepare_for_inference``). False runs the reference
+                path (plain modules, full-resolution intermediates), which is always float32.
             optimize_training: train with channels-last convolutions and the backbone's frozen
                 batch norms folded into them (``backbone_features``; same losses and gradients to
                 float rounding). False trains the modules as built.
