@@ -1,5 +1,8 @@
 """Multi-scale deformable attention (mask_former.layers) against a deliberately naive reference:
-explicit loops over batch, heads, levels, queries and points, bilinear interpolation by hand."""
+explicit loops over batch, heads, levels, queries and points, bilinear interpolation by hand.
+The sampling runs two ways: ``grid_sample`` (as built, and whenever gradients are on) and the
+gathered rows of ``inference_kernels()`` (inference); ``kernels`` runs a test under each."""
+import contextlib
 import math
 
 import pytest
@@ -10,11 +13,26 @@ from mask_former.layers import (
     MSDeformAttn,
     MultiScaleDeformableEncoder,
     flatten_levels,
+    inference_kernels,
     ms_deform_attn,
     split_levels,
 )
 
 SHAPES = [(5, 7), (3, 4), (1, 1)]  # odd sizes and a single pixel
+
+
+@pytest.fixture(params=["grid_sample", "gathered"])
+def kernels(request):
+    """A context to run the sampling in: as built, or the inference kernels (gradients off)."""
+    if request.param == "grid_sample":
+        return contextlib.nullcontext
+    return lambda: _gathered()
+
+
+@contextlib.contextmanager
+def _gathered():
+    with torch.no_grad(), inference_kernels():
+        yield
 
 
 def bilinear(level: torch.Tensor, x: float, y: float) -> torch.Tensor:
@@ -66,24 +84,57 @@ def random_inputs(shapes, batch=2, heads=3, dim=4, queries=5, points=3, dtype=to
     return value, locations, weights
 
 
-def test_matches_naive_reference_fp32():
+def test_matches_naive_reference_fp32(kernels):
     value, locations, weights = random_inputs(SHAPES)
     expected = naive_ms_deform_attn(value, SHAPES, locations, weights)
     for shapes in (torch.tensor(SHAPES), SHAPES):  # tensor or pairs
-        out = ms_deform_attn(value, shapes, level_start_index(SHAPES), locations, weights)
+        with kernels():
+            out = ms_deform_attn(value, shapes, level_start_index(SHAPES), locations, weights)
         assert out.dtype == torch.float32 and out.shape == (2, 5, 12)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_pixel_convention():
+def test_matches_naive_reference_at_the_borders(kernels):
+    """Points on and around every edge of every level, including the last level (whose clamped
+    corners reach past the canvas of the gathered kernel if it had no spare row and column) and
+    points far outside."""
+    shapes = [(2, 3), (3, 1), (4, 6)]  # the widest level last
+    edges = torch.tensor([-3.0, -0.25, 0.0, 0.1, 0.5, 0.9, 1.0, 1.25, 4.0])
+    xy = torch.cartesian_prod(edges, edges)  # 81 points
+    value = torch.randn(1, sum(h * w for h, w in shapes), 2, 3, generator=torch.Generator().manual_seed(3))
+    locations = xy.view(1, 81, 1, 1, 1, 2).expand(1, 81, 2, len(shapes), 1, 2).contiguous()
+    weights = torch.rand(1, 81, 2, len(shapes), 1, generator=torch.Generator().manual_seed(4))
+    expected = naive_ms_deform_attn(value, shapes, locations, weights)
+    with kernels():
+        out = ms_deform_attn(value, shapes, None, locations, weights)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_pixel_convention(kernels):
     # one level, one head: a point on a pixel centre reads that pixel, a point half a pixel
     # outside the map's edge reads half of the edge pixel, points further out read zero.
     value = torch.arange(1.0, 7.0).view(1, 6, 1, 1)  # 2 x 3 map [[1, 2, 3], [4, 5, 6]]
     xy = [((1 + 0.5) / 3, (1 + 0.5) / 2), (0.5 / 3, 0.5 / 2), (0.0, 0.5 / 2), (-0.5 / 3, 0.5 / 2), (1.5, 0.5)]
     locations = torch.tensor(xy).view(1, len(xy), 1, 1, 1, 2)
     weights = torch.ones(1, len(xy), 1, 1, 1)
-    out = ms_deform_attn(value, [(2, 3)], None, locations, weights).flatten()
+    with kernels():
+        out = ms_deform_attn(value, [(2, 3)], None, locations, weights).flatten()
     torch.testing.assert_close(out, torch.tensor([5.0, 1.0, 0.5, 0.0, 0.0]))
+
+
+def test_gathered_kernel_is_used_for_inference_only():
+    """Under ``inference_kernels()`` the sampling is gathered (no ``grid_sample``) with gradients
+    off, and ``grid_sample`` (differentiable) with them on."""
+    value, locations, weights = random_inputs(SHAPES)
+
+    def ops(grad: bool):
+        with torch.autograd.set_grad_enabled(grad), inference_kernels(), torch.profiler.profile() as prof:
+            ms_deform_attn(value, SHAPES, None, locations, weights)
+        return {event.name for event in prof.events()}
+
+    assert "aten::embedding_bag" in ops(False) or "aten::_embedding_bag_forward_only" in ops(False)
+    assert "aten::grid_sampler_2d" not in ops(False)
+    assert "aten::grid_sampler_2d" in ops(True)
 
 
 def test_gradcheck_float64():
@@ -98,10 +149,11 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
 
 
-def test_bfloat16_close_to_float32():
+def test_bfloat16_close_to_float32(kernels):
     value, locations, weights = random_inputs(SHAPES)
     ref = ms_deform_attn(value, SHAPES, None, locations, weights)
-    out = ms_deform_attn(value.bfloat16(), SHAPES, None, locations.bfloat16(), weights.bfloat16())
+    with kernels():
+        out = ms_deform_attn(value.bfloat16(), SHAPES, None, locations.bfloat16(), weights.bfloat16())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
 
@@ -128,7 +180,7 @@ def test_module_initialisation():
 
 
 @pytest.mark.parametrize("ref_dim", [2, 4])
-def test_module_matches_naive_reference(ref_dim):
+def test_module_matches_naive_reference(ref_dim, kernels):
     torch.manual_seed(0)
     d_model, heads, points, batch, queries = 8, 2, 3, 2, 4
     attn = MSDeformAttn(d_model, n_levels=len(SHAPES), n_heads=heads, n_points=points)
@@ -141,7 +193,8 @@ def test_module_matches_naive_reference(ref_dim):
     padding = torch.rand(batch, tokens) < 0.3
     spatial_shapes = torch.tensor(SHAPES)
 
-    out = attn(query, reference, inputs, spatial_shapes, level_start_index(SHAPES), padding)
+    with kernels():  # the gathered sampling and the fused linear layers
+        out = attn(query, reference, inputs, spatial_shapes, level_start_index(SHAPES), padding)
     assert out.shape == (batch, queries, d_model)
 
     with torch.no_grad():
@@ -160,7 +213,9 @@ def test_module_matches_naive_reference(ref_dim):
     torch.testing.assert_close(out.detach(), expected, atol=1e-5, rtol=1e-5)
 
     # bfloat16 module: finite and close to float32
-    out_bf16 = attn.to(torch.bfloat16)(query.bfloat16(), reference, inputs.bfloat16(), spatial_shapes, None, padding)
+    with kernels():
+        out_bf16 = attn.to(torch.bfloat16)(query.bfloat16(), reference, inputs.bfloat16(), spatial_shapes, None,
+                                           padding)
     assert out_bf16.dtype == torch.bfloat16 and torch.isfinite(out_bf16).all()
     torch.testing.assert_close(out_bf16.float(), out.detach(), atol=0.2, rtol=0.1)
 

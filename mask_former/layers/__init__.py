@@ -8,15 +8,21 @@ from .deformable_transformer import (
     split_levels,
     valid_ratios_of_mask,
 )
+from .fused_linear import LINEAR_ACTIVATIONS, linear
+from .inference_kernels import inference_kernels, inference_kernels_enabled
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn
 
 __all__ = [
     "DeformableTransformerEncoder",
     "DeformableTransformerEncoderLayer",
+    "LINEAR_ACTIVATIONS",
     "MSDeformAttn",
     "MultiLevelTokens",
     "MultiScaleDeformableEncoder",
     "flatten_levels",
+    "inference_kernels",
+    "inference_kernels_enabled",
+    "linear",
     "ms_deform_attn",
     "split_levels",
     "valid_ratios_of_mask",

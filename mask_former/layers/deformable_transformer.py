@@ -9,12 +9,12 @@ Parameter names follow Deformable DETR (``layers.N.self_attn.sampling_offsets``,
 ``linear1``, ...; ``level_embed``), so its checkpoints' encoder weights map one to one.
 """
 import dataclasses
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused_linear import linear
 from .ms_deform_attn import MSDeformAttn, SpatialShapes, spatial_shape_list
 
 __all__ = [
@@ -146,12 +146,10 @@ def split_levels(tokens: Tensor, spatial_shapes: SpatialShapes) -> List[Tensor]:
     return [p.transpose(1, 2).reshape(batch, channels, h, w) for p, (h, w) in zip(pieces, shapes)]
 
 
-def _activation(name: str) -> Callable[[Tensor], Tensor]:
-    if name == "relu":
-        return F.relu
-    if name == "gelu":
-        return F.gelu
-    raise ValueError(f"Unknown activation {name!r}; expected 'relu' or 'gelu'")
+def _check_activation(name: str) -> str:
+    if name not in ("relu", "gelu"):
+        raise ValueError(f"Unknown activation {name!r}; expected 'relu' or 'gelu'")
+    return name
 
 
 class DeformableTransformerEncoderLayer(nn.Module):
@@ -173,7 +171,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.activation = _activation(activation)
+        self.activation = _check_activation(activation)  # applied by ``linear`` with linear1
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout3 = nn.Dropout(dropout)
@@ -195,8 +193,8 @@ class DeformableTransformerEncoderLayer(nn.Module):
         query = src if pos is None else src + pos
         attended = self.self_attn(query, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attended))
-        hidden = self.dropout2(self.activation(self.linear1(src)))
-        return self.norm2(src + self.dropout3(self.linear2(hidden)))
+        hidden = self.dropout2(linear(src, self.linear1, self.activation))
+        return self.norm2(src + self.dropout3(linear(hidden, self.linear2)))
 
 
 class DeformableTransformerEncoder(nn.Module):

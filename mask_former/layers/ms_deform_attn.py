@@ -6,8 +6,9 @@ by bilinear interpolation and averaged with weights also predicted from the quer
 
 ``ms_deform_attn`` is the functional core (what Deformable DETR runs as a compiled CUDA op): it
 runs one ``grid_sample`` for all heads and levels at once, on CPU or GPU, in float64, float32 or
-bfloat16/float16 (sampled in float32). ``MSDeformAttn`` is the module with Deformable DETR's
-parameter names and initialisation.
+bfloat16/float16 (sampled in float32); in inference (``inference_kernels()``, gradients off) it
+gathers and sums the samples' corner pixels with ``F.embedding_bag`` instead. ``MSDeformAttn`` is
+the module with Deformable DETR's parameter names and initialisation.
 """
 import math
 from typing import List, Optional, Sequence, Tuple, Union
@@ -15,6 +16,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .fused_linear import linear
+from .inference_kernels import inference_kernels_enabled
 
 SpatialShapes = Union[Tensor, Sequence[Tuple[int, int]]]
 
@@ -148,6 +152,8 @@ def _sample_and_sum(value: Tensor, shapes: List[Tuple[int, int]], level_sizes: T
             f"attention_weights has shape {tuple(attention_weights.shape)}, expected {expected}"
         )
 
+    if inference_kernels_enabled() and not torch.is_grad_enabled():
+        return _gathered_sample_and_sum(value, shapes, sampling_locations, attention_weights)
     dtype = _compute_dtype(value.dtype)
     canvas = _pack_levels(value.to(dtype), shapes)
     grid = _canvas_grid(sampling_locations.to(dtype), level_sizes.to(dtype), canvas.shape[-2], canvas.shape[-1])
@@ -156,6 +162,82 @@ def _sample_and_sum(value: Tensor, shapes: List[Tuple[int, int]], level_sizes: T
     weights = attention_weights.to(dtype).transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     output = (samples * weights).sum(dim=-1)  # (B * M) x D x Q
     output = output.view(batch, heads * dim, queries).transpose(1, 2).contiguous()
+    return output.to(value.dtype)
+
+
+def _bordered_canvas(value: Tensor, shapes: List[Tuple[int, int]]) -> Tensor:
+    """The levels' maps one below the other, each inside a border of zeros, as the rows of a
+    table for ``F.embedding_bag``::
+
+        0 0 0 0 0 0 0 0 0
+        0 level 0   0 0 0
+        0 0 0 0 0 0 0 0 0
+        0 0 0 0 0 0 0 0 0
+        0 level 1 0 0 0 0
+        ...
+        0 0 0 0 0 0 0 0 0   (one more row, and two more columns right of the widest level)
+
+    Args:
+        value: B x S x M x D tokens of all levels.
+    Returns:
+        B x M x canvas_h x canvas_w x D, canvas_h = sum_l(H_l + 2) + 1, canvas_w = max_l W_l + 3.
+    """
+    batch, _, heads, dim = value.shape
+    canvas = value.new_zeros((batch, heads, sum(h + 2 for h, _ in shapes) + 1, max(w for _, w in shapes) + 3, dim))
+    row = 1
+    for (h, w), level in zip(shapes, value.split([h * w for h, w in shapes], dim=1)):
+        canvas[:, :, row:row + h, 1:1 + w] = level.view(batch, h, w, heads, dim).permute(0, 3, 1, 2, 4)
+        row += h + 2
+    return canvas
+
+
+def _gathered_sample_and_sum(value: Tensor, shapes: List[Tuple[int, int]], sampling_locations: Tensor,
+                             attention_weights: Tensor) -> Tensor:
+    """``_sample_and_sum`` as four ``F.embedding_bag`` calls, one per bilinear corner: each
+    (image, head, query) row sums its L x P corner pixels of the canvas of ``_bordered_canvas``,
+    weighted by attention weight x bilinear weight. Equal to the ``grid_sample`` computation to
+    float rounding, without its B x M x D x Q x (L x P) samples.
+
+    Coordinates are clamped to [-1, W_l] x [-1, H_l] pixels first: beyond, every corner of a
+    sample lies outside the level (a zero sample, as with ``grid_sample``'s zero padding); at
+    the clamp, the corners read the zero border (and those with weight 0 the row or column after
+    it, which the canvas also has).
+    """
+    batch, _, heads, dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    dtype = _compute_dtype(value.dtype)
+    canvas = _bordered_canvas(value.to(dtype), shapes)
+    canvas_h, canvas_w = canvas.shape[2:4]
+    if canvas_h * canvas_w >= 2 ** 24:  # the cell index below is computed exactly in float32
+        dtype = torch.float64
+    sizes = torch.tensor(shapes, dtype=dtype, device=value.device)
+    heights, widths = sizes[:, 0, None], sizes[:, 1, None]  # L x 1, broadcast over P
+    first_rows = torch.cumsum(heights + 2, dim=0) - (heights + 1)  # canvas row of each level's row 0
+    # (image, head, query) major, as the rows of the bags
+    locations = sampling_locations.to(dtype).permute(0, 2, 1, 3, 4, 5).contiguous()
+    x = torch.maximum(torch.minimum(locations[..., 0] * widths - 0.5, widths), widths.new_tensor(-1.0))
+    y = torch.maximum(torch.minimum(locations[..., 1] * heights - 0.5, heights), heights.new_tensor(-1.0))
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x.sub_(x0), y.sub_(y0)  # B x M x Q x L x P
+    index_dtype = torch.int32 if canvas.numel() // dim < 2 ** 31 else torch.int64
+    top_left = ((y0 + first_rows) * canvas_w + x0 + 1).to(index_dtype)
+    top_left += (torch.arange(batch * heads, dtype=index_dtype, device=value.device)
+                 * (canvas_h * canvas_w)).view(batch, heads, 1, 1, 1)
+    weights = attention_weights.to(dtype).permute(0, 2, 1, 3, 4).contiguous()
+    bottom = weights * fy
+    top = weights - bottom
+    top_right, bottom_right = top * fx, bottom * fx
+    corners = ((0, top - top_right), (1, top_right), (canvas_w, bottom - bottom_right),
+               (canvas_w + 1, bottom_right))
+    samples = levels * points
+    table = canvas.view(-1, dim)
+    top_left = top_left.view(-1, samples)
+    output = None
+    for offset, corner_weights in corners:
+        corner = F.embedding_bag(top_left + offset if offset else top_left, table,
+                                 per_sample_weights=corner_weights.view(-1, samples).to(table.dtype), mode="sum")
+        output = corner if output is None else output.add_(corner)
+    output = output.view(batch, heads, queries, dim).permute(0, 2, 1, 3).reshape(batch, queries, heads * dim)
     return output.to(value.dtype)
 
 
@@ -233,9 +315,9 @@ class MSDeformAttn(nn.Module):
                 f"reference_points must be B x Q x L x 2 (points) or B x Q x L x 4 (boxes) with "
                 f"B, Q, L = {batch}, {queries}, {self.n_levels}; got shape {tuple(reference_points.shape)}"
             )
-        offsets = self.sampling_offsets(query).view(
+        offsets = linear(query, self.sampling_offsets).view(
             batch, queries, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).view(
+        weights = linear(query, self.attention_weights).view(
             batch, queries, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(batch, queries, self.n_heads, self.n_levels, self.n_points)
         ref = reference_points[:, :, None, :, None, :]  # B x Q x 1 x L x 1 x (2 | 4)
@@ -270,7 +352,7 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"MSDeformAttn was built for n_levels={self.n_levels} but got {len(shapes)} spatial shapes {shapes}"
             )
-        value = self.value_proj(input_flatten)
+        value = linear(input_flatten, self.value_proj)
         if input_padding_mask is not None:
             if tuple(input_padding_mask.shape) != (batch, tokens):
                 raise ValueError(
@@ -281,4 +363,4 @@ class MSDeformAttn(nn.Module):
         level_sizes = torch.as_tensor(input_spatial_shapes, device=query.device)
         locations, weights = self.sampling_locations_and_weights(query, reference_points, level_sizes)
         output = _sample_and_sum(value, shapes, level_sizes, locations, weights)
-        return self.output_proj(output)
+        return linear(output, self.output_proj)

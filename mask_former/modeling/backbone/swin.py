@@ -20,6 +20,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
 
+from ...layers.fused_linear import linear
+
 __all__ = [
     "D2SwinTransformer",
     "window_partition",
@@ -171,17 +173,17 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Two-layer feed-forward network with GELU: C -> hidden -> C, applied on the last dim."""
+    """Two-layer feed-forward network with GELU: C -> hidden -> C, applied on the last dim (each
+    linear layer with its activation one call inside ``layers.inference_kernels``)."""
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(linear(self.drop(linear(x, self.fc1, "gelu")), self.fc2))
 
 
 class WindowAttention(nn.Module):
@@ -237,7 +239,7 @@ class WindowAttention(nn.Module):
         num_win_total, n, c = x.shape
         head_dim = c // self.num_heads
         # qkv output channels are laid out as (3, heads, head_dim) in the checkpoints.
-        qkv = self.qkv(x).view(num_win_total, n, 3, self.num_heads, head_dim)
+        qkv = linear(x, self.qkv).view(num_win_total, n, 3, self.num_heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW) x heads x N x d
 
         attn_bias = self.relative_position_bias().unsqueeze(0)  # 1 x heads x N x N
@@ -257,7 +259,7 @@ class WindowAttention(nn.Module):
             scale=self.scale,
         )
         out = out.transpose(1, 2).reshape(num_win_total, n, c)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(linear(out, self.proj))
 
     def extra_repr(self):
         return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}"
@@ -354,7 +356,7 @@ class PatchMerging(nn.Module):
         x = torch.cat(
             [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1
         )
-        return self.reduction(self.norm(x))
+        return linear(self.norm(x), self.reduction)
 
 
 class SwinStage(nn.Module):

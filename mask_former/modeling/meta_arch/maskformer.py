@@ -13,6 +13,7 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ...layers.inference_kernels import inference_kernels
 from ..backbone.swin import zero_masked_attention
 from ..criterion import build_criterion
 from ..inference_optimization import (
@@ -205,13 +206,15 @@ class MaskFormer(SegmentationMetaArch):
         }
 
     def run_network_for_inference(self, images: Tensor, *, fold_norms: Optional[bool] = None,
-                                  channels_last: bool = True, fuse_attention: bool = True
-                                  ) -> Dict[str, Tensor]:
+                                  channels_last: bool = True, fuse_attention: bool = True,
+                                  fast_kernels: bool = True) -> Dict[str, Tensor]:
         """
         Backbone and head as the optimised inference path runs them: channels-last activations,
         fused attention (a Swin backbone's masked window pairs weighted exactly 0,
-        ``zero_masked_attention``), in ``self.precision``, and in bfloat16 the batch norms folded
-        into their convolutions (``prepare_for_inference``); the outputs are float32. Call under
+        ``zero_masked_attention``), the layers' inference kernels (``layers.inference_kernels``:
+        linear layers fused with their activation, gathered deformable attention), in
+        ``self.precision``, and in bfloat16 the batch norms folded into their convolutions
+        (``prepare_for_inference``); the outputs are float32. Call under
         ``torch.no_grad()`` (the folded weights are copies). The keyword switches turn single
         levers on or off, for measuring them (``tools/benchmark_inference.py --levers``;
         ``fold_norms`` None: as ``prepare_for_inference`` chooses).
@@ -225,6 +228,7 @@ class MaskFormer(SegmentationMetaArch):
                 stack.enter_context(weights.active())
             stack.enter_context(fused_attention(fuse_attention))
             stack.enter_context(zero_masked_attention(fuse_attention))
+            stack.enter_context(inference_kernels(fast_kernels))
             stack.enter_context(self.inference_autocast())
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
