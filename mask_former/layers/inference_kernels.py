@@ -9,6 +9,8 @@ kernels, equal to float rounding:
   weighted sum as weighted sums of gathered rows (``F.embedding_bag``), without the
   per-sample intermediate of ``grid_sample``.
 
+Both apply on CPU only (where they were measured); on GPUs the layers run as built.
+
 Outside it, and whenever gradients are on, the layers run as built.
 """
 import contextlib

@@ -6,8 +6,8 @@ by bilinear interpolation and averaged with weights also predicted from the quer
 
 ``ms_deform_attn`` is the functional core (what Deformable DETR runs as a compiled CUDA op): it
 runs one ``grid_sample`` for all heads and levels at once, on CPU or GPU, in float64, float32 or
-bfloat16/float16 (sampled in float32); in inference (``inference_kernels()``, gradients off) it
-gathers and sums the samples' corner pixels with ``F.embedding_bag`` instead. ``MSDeformAttn`` is
+bfloat16/float16 (sampled in float32); in inference on CPU (``inference_kernels()``, gradients
+off) it gathers and sums the samples' corner pixels with ``F.embedding_bag`` instead. ``MSDeformAttn`` is
 the module with Deformable DETR's parameter names and initialisation.
 """
 import math
@@ -152,7 +152,8 @@ def _sample_and_sum(value: Tensor, shapes: List[Tuple[int, int]], level_sizes: T
             f"attention_weights has shape {tuple(attention_weights.shape)}, expected {expected}"
         )
 
-    if inference_kernels_enabled() and not torch.is_grad_enabled():
+    if inference_kernels_enabled() and not torch.is_grad_enabled() and value.device.type == "cpu":
+        # (measured on CPU only; GPUs keep grid_sample)
         return _gathered_sample_and_sum(value, shapes, sampling_locations, attention_weights)
     dtype = _compute_dtype(value.dtype)
     canvas = _pack_levels(value.to(dtype), shapes)
