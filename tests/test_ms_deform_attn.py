@@ -122,6 +122,26 @@ def test_pixel_convention(kernels):
     torch.testing.assert_close(out, torch.tensor([5.0, 1.0, 0.5, 0.0, 0.0]))
 
 
+def test_gathered_kernel_edge_cases():
+    """No queries, and NaN locations (a diverged model): the same as the modules as built."""
+    value, locations, weights = random_inputs(SHAPES)
+    with torch.no_grad(), inference_kernels():
+        empty = ms_deform_attn(value, SHAPES, None, locations[:, :0], weights[:, :0])
+    assert empty.shape == (2, 0, 12)
+    locations[0, 1, 2, 0, 1] = float("nan")
+    weights[1, 3, 0, 1, 2] = float("nan")
+    expected = ms_deform_attn(value, SHAPES, None, locations, weights)
+    with torch.no_grad(), inference_kernels():
+        out = ms_deform_attn(value, SHAPES, None, locations, weights)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
+    locations[0, 1, 2, 0, 1] = 0.5  # NaN weights only: gathered, the NaN where it belongs
+    expected = ms_deform_attn(value, SHAPES, None, locations, weights)
+    with torch.no_grad(), inference_kernels():
+        out = ms_deform_attn(value, SHAPES, None, locations, weights)
+    assert out.isnan().any()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
 def test_gathered_kernel_is_used_for_inference_only():
     """Under ``inference_kernels()`` the sampling is gathered (no ``grid_sample``) with gradients
     off, and ``grid_sample`` (differentiable) with them on."""

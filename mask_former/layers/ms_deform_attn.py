@@ -152,8 +152,10 @@ def _sample_and_sum(value: Tensor, shapes: List[Tuple[int, int]], level_sizes: T
             f"attention_weights has shape {tuple(attention_weights.shape)}, expected {expected}"
         )
 
-    if inference_kernels_enabled() and not torch.is_grad_enabled() and value.device.type == "cpu":
-        # (measured on CPU only; GPUs keep grid_sample)
+    if (inference_kernels_enabled() and not torch.is_grad_enabled() and value.device.type == "cpu"
+            and not torch.isnan(sampling_locations).any()):
+        # (measured on CPU only: GPUs keep grid_sample; a NaN location has no pixel to gather,
+        # grid_sample gives it the result it always gave)
         return _gathered_sample_and_sum(value, shapes, sampling_locations, attention_weights)
     dtype = _compute_dtype(value.dtype)
     canvas = _pack_levels(value.to(dtype), shapes)
