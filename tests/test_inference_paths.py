@@ -439,6 +439,40 @@ def test_benchmark_inference_tool_runs(tmp_path):
     assert "amx_bf16" in report["cpu"]
 
 
+def test_benchmark_inference_memory_repeats(monkeypatch):
+    """--memory-repeats: the paths take turns in fresh subprocesses (stubbed here with fixed
+    figures); medians, ratios paired by turn and their range, as worked out by hand."""
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("benchmark_inference_tool",
+                                                  repo / "tools" / "benchmark_inference.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    figures = {"reference": [500.0, 400.0, 600.0], "bf16": [300.0, 320.0, 330.0]}
+    order = []
+
+    def fake_measure(args, path):
+        order.append(path)
+        inference = figures[path][sum(p == path for p in order) - 1]
+        return {"rss_after_build_mb": 1000.0, "peak_rss_mb": 1000.0 + inference, "inference_mb": inference,
+                "peak_reset_after_build": True}
+
+    monkeypatch.setattr(tool, "measure_memory", fake_measure)
+    args = tool.get_parser().parse_args(["--config-file", "x.yaml", "--memory-repeats", "3"])
+    memory = tool.measure_memory_repeated(args, ["reference", "bf16"])
+    assert order == ["reference", "bf16"] * 3  # turns, not one path after the other
+    bf16 = memory["bf16"]
+    assert bf16["inference_mb"] == 320.0 and bf16["inference_mb_all"] == [300.0, 320.0, 330.0]
+    # per turn 300/500 = 0.6, 320/400 = 0.8, 330/600 = 0.55: median 0.6, range 0.55-0.8
+    assert bf16["inference_mb_ratio"] == pytest.approx(0.6)
+    assert bf16["inference_mb_ratio_range"] == pytest.approx([0.55, 0.8])
+    assert memory["reference"]["inference_mb_ratio"] == 1.0
+    assert tool._memory_cell(bf16, "inference_mb") == "320 (0.60x, 0.55-0.80x)"
+    assert tool._memory_cell(memory["reference"], "inference_mb") == "500 (1.00x)"
+    with pytest.raises(SystemExit):
+        tool.check_args(tool.get_parser(), tool.get_parser().parse_args(
+            ["--config-file", "x.yaml", "--memory-repeats", "0"]))
+
+
 @pytest.mark.parametrize("preset,expected", [(None, "1"), ("0", "0")])
 def test_import_turns_on_huge_pages_for_large_tensors_unless_set(preset, expected):
     """``import mask_former`` sets THP_MEM_ALLOC_ENABLE=1 (read by torch at its first large

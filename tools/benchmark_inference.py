@@ -46,7 +46,11 @@ Memory: each path runs in a fresh subprocess of this script: the resident set si
 model is built, then the peak resident set size over ``--memory-runs`` forward passes (Linux:
 the peak is reset after building, so it is the inference peak), and the increase of the one over
 the other ("inference memory"). Whole-process figures include the ~0.7 GB that importing torch
-and detectron2 costs.
+and detectron2 costs. The peak of one subprocess depends on where the allocator's freed memory
+happens to lie (it moved by up to a fifth between runs on our machines): ``--memory-repeats N``
+runs N subprocesses per path, the paths taking turns, and reports the medians, each path's
+ratio as the median over the turns of its figure / the reference's in the same turn, and the
+range of those ratios.
 
 Weights: random, seeded (``--seed``), with random frozen batch-norm statistics so that folding
 is exercised, unless ``--weights`` names a checkpoint (the config's MODEL.WEIGHTS, often
@@ -118,6 +122,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--memory-runs", type=int, default=2, help="forward passes per memory subprocess")
+    parser.add_argument("--memory-repeats", type=int, default=3,
+                        help="memory subprocesses per path (medians and the range of the ratios are reported)")
     parser.add_argument("--weights", metavar="FILE",
                         help="checkpoint to load (default: random weights, see --seed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
@@ -132,7 +138,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--input-size must be positive, got {args.input_size}")
     if args.settle < 0:
         parser.error("--settle must be >= 0")
-    for name in ("runs", "memory_runs"):
+    for name in ("runs", "memory_runs", "memory_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
@@ -295,6 +301,45 @@ def measure_memory(args, path: str) -> Dict[str, object]:
     raise RuntimeError(f"memory subprocess of {path!r} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+def measure_memory_repeated(args, paths: List[str], reference: str = "reference") -> Dict[str, Dict[str, object]]:
+    """``--memory-repeats`` turns, in each of which every path runs once in a fresh subprocess
+    (``measure_memory``). Per path: the medians of the figures, every turn's figures
+    (``*_all``), and per figure the median and the range over the turns of its ratio to the
+    reference's in the same turn (``*_ratio``, ``*_ratio_range``)."""
+    turns = {path: [] for path in paths}
+    for turn in range(args.memory_repeats):
+        for path in paths:
+            logger.info(f"Memory of {path} (fresh subprocess {turn + 1}/{args.memory_repeats}) ...")
+            turns[path].append(measure_memory(args, path))
+    results = {}
+    for path, runs in turns.items():
+        memory: Dict[str, object] = {"peak_reset_after_build": all(r["peak_reset_after_build"] for r in runs)}
+        for key in ("rss_after_build_mb", "peak_rss_mb", "inference_mb"):
+            values = [r[key] for r in runs]
+            if any(v is None for v in values):
+                memory[key] = None
+                continue
+            memory[key] = statistics.median(values)
+            memory[f"{key}_all"] = values
+            if key != "rss_after_build_mb":
+                ratios = [v / r[key] for v, r in zip(values, turns[reference])]
+                memory[f"{key}_ratio"] = statistics.median(ratios)
+                memory[f"{key}_ratio_range"] = [min(ratios), max(ratios)]
+        results[path] = memory
+    return results
+
+
+def _memory_cell(memory: Dict[str, object], key: str) -> str:
+    """"median MB (median ratio)", with the range of the ratios when there were several turns."""
+    if not memory or memory.get(key) is None:
+        return ""
+    cell = f"{memory[key]:.0f} ({memory[f'{key}_ratio']:.2f}x"
+    low, high = memory[f"{key}_ratio_range"]
+    if len(memory[f"{key}_all"]) > 1 and low != high:  # (the reference's are all 1)
+        cell += f", {low:.2f}-{high:.2f}x"
+    return cell + ")"
+
+
 def cpu_description() -> Dict[str, object]:
     flags = cpu_flags()
     return {
@@ -319,12 +364,10 @@ def paired_ratios(results: Dict[str, Dict], reference: str = "reference") -> Non
             r[f"{kind}_ratio"] = statistics.median(ratios)
 
 
-def format_table(results: Dict[str, Dict], reference: str = "reference") -> str:
-    ref = results[reference]
+def format_table(results: Dict[str, Dict]) -> str:
     rows = []
     for name, r in results.items():
         mem = r.get("memory") or {}
-        ref_mem = ref.get("memory") or {}
         agree = r.get("agreement", {})
         rows.append([
             name,
@@ -332,8 +375,8 @@ def format_table(results: Dict[str, Dict], reference: str = "reference") -> str:
             f"{r['cpu_s']:.3f}", f"{r['cpu_ratio']:.2f}x",
             "" if "sem_seg_max_rel_diff" not in agree else f"{agree['sem_seg_max_rel_diff']:.1e}",
             "" if "sem_seg_argmax_agreement" not in agree else f"{100 * agree['sem_seg_argmax_agreement']:.3f}%",
-            "" if not mem else f"{mem['peak_rss_mb']:.0f} ({mem['peak_rss_mb'] / ref_mem['peak_rss_mb']:.2f}x)",
-            "" if not mem else f"{mem['inference_mb']:.0f} ({mem['inference_mb'] / ref_mem['inference_mb']:.2f}x)",
+            _memory_cell(mem, "peak_rss_mb"),
+            _memory_cell(mem, "inference_mb"),
         ])
     headers = ["path", "wall s", "ratio", "CPU s", "ratio", "max|diff|/max", "argmax equal",
                "peak RSS MB", "inference MB"]
@@ -375,9 +418,8 @@ def main(argv=None) -> Dict[str, object]:
         results[name]["agreement"] = agreement(outputs[name], outputs["reference"])
     paired_ratios(results)
     if not args.no_memory:
-        for path in paths:
-            logger.info(f"Memory of {path} (fresh subprocess) ...")
-            results[path]["memory"] = measure_memory(args, path)
+        for path, memory in measure_memory_repeated(args, paths).items():
+            results[path]["memory"] = memory
 
     report = {
         "config_file": args.config_file,
