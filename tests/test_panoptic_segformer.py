@@ -15,6 +15,7 @@ from detectron2.structures import BitMasks, ImageList, Instances
 
 from mask_former import add_mask_former_config
 from mask_former.layers import flatten_levels
+from mask_former.modeling.meta_arch import panoptic_segformer as psf_meta_arch
 from mask_former.modeling.panoptic_segformer import BoxMaskMatcher, LocationDecoder, PanopticSegFormerCriterion
 from mask_former.modeling.panoptic_segformer.location_decoder import sine_box_embedding
 from mask_former.modeling.panoptic_segformer.mask_decoder import AttentionMaskDecoder, AttentionMaskHead
@@ -472,7 +473,7 @@ def test_optimised_bf16_inference_folds_the_backbone_and_runs_cached_bfloat16_we
     assert model._inference_weights is None  # training drops the copies
 
 
-def test_instances_and_semantic_scores_by_their_plain_formulas():
+def test_instances_and_semantic_scores_by_their_plain_formulas(monkeypatch):
     """The instance output (confidence p * q^2 with q the mean probability inside the binary
     mask, sorted by it, tight boxes) and the semantic scores (per class the highest score x
     probability), against the plain formulas written here; one box worked out by hand."""
@@ -498,12 +499,14 @@ def test_instances_and_semantic_scores_by_their_plain_formulas():
     assert got.pred_boxes.tensor[order.tolist().index(3)].tolist() == [0, 0, 0, 0]
     assert got.scores[order.tolist().index(0)] == pytest.approx(0.9 * (0.9 * 15 / 16) ** 2)
 
-    sem_seg = model.semantic_scores(labels, scores, probs)
-    assert sem_seg.shape == (5, 9, 11)
-    for c in range(5):
-        masks = [scores[i] * probs[i] for i in range(4) if labels[i] == c]
-        expected = torch.stack(masks).amax(0) if masks else torch.zeros(9, 11)
-        assert torch.equal(sem_seg[c], expected), c
+    for masks_per_chunk in (16, 3, 1):  # one chunk, a chunk and a rest, one mask at a time
+        monkeypatch.setattr(psf_meta_arch, "SEMANTIC_MASKS_PER_CHUNK", masks_per_chunk)
+        sem_seg = model.semantic_scores(labels, scores, probs)
+        assert sem_seg.shape == (5, 9, 11)
+        for c in range(5):
+            masks = [scores[i] * probs[i] for i in range(4) if labels[i] == c]
+            expected = torch.stack(masks).amax(0) if masks else torch.zeros(9, 11)
+            assert torch.equal(sem_seg[c], expected), (masks_per_chunk, c)
 
 
 def test_targets_split_things_with_boxes_from_masks():
