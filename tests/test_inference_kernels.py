@@ -1,12 +1,20 @@
 """``layers.inference_kernels``: the fused linear layers against ``F.linear`` and the activation
 written out, where they are used and where not; the Swin and deformable-encoder layers that call
 them. (The gathered deformable attention is tested in test_ms_deform_attn.py.)"""
+import threading
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mask_former.layers import DeformableTransformerEncoderLayer, inference_kernels, inference_kernels_enabled, linear
+from mask_former.layers import (
+    ContextSwitch,
+    DeformableTransformerEncoderLayer,
+    inference_kernels,
+    inference_kernels_enabled,
+    linear,
+)
 from mask_former.modeling.backbone.swin import Mlp, PatchMerging, WindowAttention
 
 ACTIVATIONS = {"none": lambda y: y, "relu": lambda y: y.clamp(min=0),
@@ -37,6 +45,22 @@ def test_context_nests_and_resets():
             assert not inference_kernels_enabled()
         assert inference_kernels_enabled()
     assert not inference_kernels_enabled()
+
+
+def test_context_switch_restores_after_an_exception_and_is_per_thread():
+    switch = ContextSwitch("test_switch")
+    with pytest.raises(RuntimeError):
+        with switch():
+            assert switch.enabled()
+            raise RuntimeError
+    assert not switch.enabled()
+    seen = []
+    with switch():
+        thread = threading.Thread(target=lambda: seen.append(switch.enabled()))
+        thread.start()
+        thread.join()
+        assert switch.enabled()
+    assert seen == [False]  # a new thread starts with the default
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))

@@ -3,6 +3,7 @@ explicit loops over batch, heads, levels, queries and points, bilinear interpola
 The sampling runs two ways: ``grid_sample`` (as built, and whenever gradients are on) and the
 gathered rows of ``inference_kernels()`` (inference); ``kernels`` runs a test under each."""
 import contextlib
+import importlib
 import math
 
 import pytest
@@ -120,6 +121,29 @@ def test_pixel_convention(kernels):
     with kernels():
         out = ms_deform_attn(value, [(2, 3)], None, locations, weights).flatten()
     torch.testing.assert_close(out, torch.tensor([5.0, 1.0, 0.5, 0.0, 0.0]))
+
+
+def test_gathered_kernel_on_canvases_beyond_float32_and_int32(monkeypatch):
+    """The float64 cell index and the int64 gather indices that very large inputs take, forced
+    here on small ones by lowering the limits: the same results."""
+    msda = importlib.import_module("mask_former.layers.ms_deform_attn")  # the module, not the function
+    value, locations, weights = random_inputs(SHAPES)
+    expected = naive_ms_deform_attn(value, SHAPES, locations, weights)
+    floored, gathered = [], []
+    floor, embedding_bag = torch.Tensor.floor, msda.F.embedding_bag
+    monkeypatch.setattr(torch.Tensor, "floor", lambda t: floored.append(t.dtype) or floor(t))
+
+    def recording_embedding_bag(index, *args, **kwargs):
+        gathered.append(index.dtype)
+        return embedding_bag(index, *args, **kwargs)
+
+    monkeypatch.setattr(msda.F, "embedding_bag", recording_embedding_bag)
+    monkeypatch.setattr(msda, "_FLOAT32_EXACT_INTEGERS", 4)
+    monkeypatch.setattr(msda, "_INT32_INDICES", 4)
+    with torch.no_grad(), inference_kernels():
+        out = ms_deform_attn(value, SHAPES, None, locations, weights)
+    assert set(floored) == {torch.float64} and gathered == [torch.int64] * 4
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_gathered_kernel_edge_cases():

@@ -1,4 +1,5 @@
 """Generic building blocks below ``modeling``: they import nothing from the rest of mask_former."""
+from .context_switch import ContextSwitch
 from .deformable_transformer import (
     DeformableTransformerEncoder,
     DeformableTransformerEncoderLayer,
@@ -13,6 +14,7 @@ from .inference_kernels import inference_kernels, inference_kernels_enabled
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn
 
 __all__ = [
+    "ContextSwitch",
     "DeformableTransformerEncoder",
     "DeformableTransformerEncoderLayer",
     "LINEAR_ACTIVATIONS",

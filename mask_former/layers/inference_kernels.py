@@ -13,26 +13,21 @@ Both apply on CPU only (where they were measured); on GPUs the layers run as bui
 
 Outside it, and whenever gradients are on, the layers run as built.
 """
-import contextlib
-from contextvars import ContextVar
-from typing import Iterator
+from typing import ContextManager
+
+from .context_switch import ContextSwitch
 
 __all__ = ["inference_kernels", "inference_kernels_enabled"]
 
-_INFERENCE_KERNELS: ContextVar[bool] = ContextVar("inference_kernels", default=False)
+_INFERENCE_KERNELS = ContextSwitch("inference_kernels")
 
 
-@contextlib.contextmanager
-def inference_kernels(enabled: bool = True) -> Iterator[None]:
+def inference_kernels(enabled: bool = True) -> ContextManager[None]:
     """Within this context the layers listed in the module docstring use their inference
     kernels; ``enabled=False`` turns them off inside an enclosing context."""
-    token = _INFERENCE_KERNELS.set(enabled)
-    try:
-        yield
-    finally:
-        _INFERENCE_KERNELS.reset(token)
+    return _INFERENCE_KERNELS(enabled)
 
 
 def inference_kernels_enabled() -> bool:
     """Whether the code runs inside ``inference_kernels()``."""
-    return _INFERENCE_KERNELS.get()
+    return _INFERENCE_KERNELS.enabled()

@@ -22,6 +22,12 @@ from .inference_kernels import inference_kernels_enabled
 
 SpatialShapes = Union[Tensor, Sequence[Tuple[int, int]]]
 
+# The gathered kernel computes each sample's cell index in float32 while the canvas has fewer
+# cells than float32 counts exactly (in float64 beyond), and gathers with int32 indices while all
+# canvases together have fewer cells than int32 holds (int64 beyond).
+_FLOAT32_EXACT_INTEGERS = 2 ** 24
+_INT32_INDICES = 2 ** 31
+
 __all__ = ["ms_deform_attn", "MSDeformAttn", "SpatialShapes", "spatial_shape_list"]
 
 
@@ -211,7 +217,7 @@ def _gathered_sample_and_sum(value: Tensor, shapes: List[Tuple[int, int]], sampl
     dtype = _compute_dtype(value.dtype)
     canvas = _bordered_canvas(value.to(dtype), shapes)
     canvas_h, canvas_w = canvas.shape[2:4]
-    if canvas_h * canvas_w >= 2 ** 24:  # the cell index below is computed exactly in float32
+    if canvas_h * canvas_w >= _FLOAT32_EXACT_INTEGERS:
         dtype = torch.float64
     sizes = torch.tensor(shapes, dtype=dtype, device=value.device)
     heights, widths = sizes[:, 0, None], sizes[:, 1, None]  # L x 1, broadcast over P
@@ -222,7 +228,7 @@ def _gathered_sample_and_sum(value: Tensor, shapes: List[Tuple[int, int]], sampl
     y = torch.maximum(torch.minimum(locations[..., 1] * heights - 0.5, heights), heights.new_tensor(-1.0))
     x0, y0 = x.floor(), y.floor()
     fx, fy = x.sub_(x0), y.sub_(y0)  # B x M x Q x L x P
-    index_dtype = torch.int32 if canvas.numel() // dim < 2 ** 31 else torch.int64
+    index_dtype = torch.int32 if canvas.numel() // dim < _INT32_INDICES else torch.int64
     top_left = ((y0 + first_rows) * canvas_w + x0 + 1).to(index_dtype)
     top_left += (torch.arange(batch * heads, dtype=index_dtype, device=value.device)
                  * (canvas_h * canvas_w)).view(batch, heads, 1, 1, 1)

@@ -8,10 +8,8 @@ those checkpoints load without any key remapping.
 Internally feature maps are kept channels-last, ``B x H x W x C``; the outputs are
 ``B x C x H x W``.
 """
-import contextlib
-import contextvars
 import math
-from typing import Dict, Iterator, Optional, Sequence
+from typing import ContextManager, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +18,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
 
+from ...layers.context_switch import ContextSwitch
 from ...layers.fused_linear import linear
 
 __all__ = [
@@ -35,11 +34,10 @@ __all__ = [
 # Value added to attention logits between tokens that were not neighbours before the cyclic
 # shift. The original implementation uses -100 (not -inf); kept for numerical parity.
 _MASKED_LOGIT = -100.0
-_ZERO_MASKED = contextvars.ContextVar("swin_zero_masked_attention", default=False)
+_ZERO_MASKED = ContextSwitch("swin_zero_masked_attention")
 
 
-@contextlib.contextmanager
-def zero_masked_attention(enabled: bool = True) -> Iterator[None]:
+def zero_masked_attention(enabled: bool = True) -> ContextManager[None]:
     """
     Within this context the shifted windows mask their attention with -inf instead of the
     original's -100: the masked pairs get a weight of exactly 0 instead of about e^-100, which is
@@ -50,16 +48,12 @@ def zero_masked_attention(enabled: bool = True) -> Iterator[None]:
     and training with ``optimize_training`` (``SegmentationMetaArch.backbone_features``) enter it;
     the modules as built keep -100.
     """
-    token = _ZERO_MASKED.set(enabled)
-    try:
-        yield
-    finally:
-        _ZERO_MASKED.reset(token)
+    return _ZERO_MASKED(enabled)
 
 
 def zero_masked_attention_enabled() -> bool:
     """Whether the calling code runs inside :func:`zero_masked_attention`."""
-    return _ZERO_MASKED.get()
+    return _ZERO_MASKED.enabled()
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:

@@ -3,14 +3,14 @@
 Sequences are laid out (length, batch, channels), as ``nn.MultiheadAttention`` expects by default;
 the parameter names match the published DETR and MaskFormer checkpoints.
 """
-import contextlib
-import contextvars
 import copy
-from typing import Iterator, List, Optional
+from typing import ContextManager, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ...layers.context_switch import ContextSwitch
 
 
 def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -18,11 +18,10 @@ def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
 
 
 # Whether attention layers in eval mode skip the attention weights (see fused_attention).
-_FUSED_ATTENTION = contextvars.ContextVar("mask_former_fused_attention", default=False)
+_FUSED_ATTENTION = ContextSwitch("mask_former_fused_attention")
 
 
-@contextlib.contextmanager
-def fused_attention(enabled: bool = True) -> Iterator[None]:
+def fused_attention(enabled: bool = True) -> ContextManager[None]:
     """
     Within this context the attention layers of this module that are in eval mode do not ask
     ``nn.MultiheadAttention`` for the attention weights, so PyTorch computes the attention with
@@ -30,17 +29,13 @@ def fused_attention(enabled: bool = True) -> Iterator[None]:
     Outside it, and always in training, the explicit computation (with its dropout random
     stream) is kept. MaskFormer's optimised inference path enters it.
     """
-    token = _FUSED_ATTENTION.set(enabled)
-    try:
-        yield
-    finally:
-        _FUSED_ATTENTION.reset(token)
+    return _FUSED_ATTENTION(enabled)
 
 
 def _attend(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
             key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """``attn(query, key, value)[0]``, fused inside :func:`fused_attention` in eval mode."""
-    need_weights = attn.training or not _FUSED_ATTENTION.get()
+    need_weights = attn.training or not _FUSED_ATTENTION.enabled()
     return attn(query, key, value=value, key_padding_mask=key_padding_mask,
                 need_weights=need_weights)[0]
 
