@@ -128,6 +128,11 @@ def test_fused_linear_not_used_for_mixed_dtypes():
     assert "mkldnn::_linear_pointwise" not in names
 
 
+def test_fused_linear_wrong_width_raises_pytorchs_shape_error():
+    with torch.no_grad(), inference_kernels(), pytest.raises(RuntimeError, match=r"2x4 and 5x3"):
+        linear(torch.randn(2, 4), random_linear(5, 3))
+
+
 def test_fused_linear_rejects_unknown_activation():
     with pytest.raises(ValueError, match="activation must be one of .* got 'tanh'"):
         linear(torch.randn(2, 3), random_linear(3, 3), "tanh")

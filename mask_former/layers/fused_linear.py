@@ -34,10 +34,13 @@ def _onednn_linear_available() -> bool:
 
 def _fused_dtype(x: Tensor, layer: nn.Linear) -> Optional[torch.dtype]:
     """The dtype the fused call computes in, or None where ``linear`` must not fuse: gradients
-    on, not on CPU, or a dtype other than the one ``layer(x)`` would compute in (under CPU
-    autocast: the autocast dtype, which the weights must already have)."""
+    on, not on CPU, a dtype other than the one ``layer(x)`` would compute in (under CPU autocast:
+    the autocast dtype, which the weights must already have), or an input of the wrong width
+    (``layer(x)`` then says which shapes do not fit; oneDNN's error would not)."""
     weight, bias = layer.weight, layer.bias
     if torch.is_grad_enabled() or x.device.type != "cpu" or weight.device.type != "cpu":
+        return None
+    if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         return None
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
