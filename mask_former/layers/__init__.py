@@ -12,8 +12,10 @@ from .deformable_transformer import (
 from .fused_linear import LINEAR_ACTIVATIONS, linear
 from .inference_kernels import inference_kernels, inference_kernels_enabled
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn
+from .point_sampling import BilinearPoints
 
 __all__ = [
+    "BilinearPoints",
     "ContextSwitch",
     "DeformableTransformerEncoder",
     "DeformableTransformerEncoderLayer",

@@ -49,6 +49,15 @@ FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
 
 
+def _target_products(values: Tensor, targets: Tensor) -> Tensor:
+    """``values @ targets^T``: Q x T (or B x Q x T) sums over the P pixels of ``values`` (Q x P)
+    times ``targets`` (T x P), computed as ``(targets @ values^T)^T``: the same sums. With the
+    few targets as the rows of the product it was faster on a CPU for the matcher's point-sampled
+    values (2 images x 100 queries x 12,544 points, points-major as ``BilinearPoints`` writes
+    them, 8 targets: 0.33 against 0.54 ms), and no slower at full resolution."""
+    return torch.matmul(targets, values.transpose(-1, -2)).transpose(-1, -2)
+
+
 def sigmoid_focal_loss(
     inputs: Tensor,
     targets: Tensor,
@@ -114,10 +123,9 @@ def sigmoid_focal_cost(
         focal_pos.mul_(softplus.sub_(inputs))
     else:
         focal_pos = focal_pos * (softplus - inputs)
-    targets_t = targets.transpose(-1, -2)
     # two products rather than (pos - neg) @ t^T + sum(neg): that form cancels large terms where
     # the logits are large, in float32 (the matcher's dtype)
-    pos_cost, neg_cost = focal_pos @ targets_t, focal_neg @ (1 - targets_t)
+    pos_cost, neg_cost = _target_products(focal_pos, targets), _target_products(focal_neg, 1 - targets)
     if alpha >= 0:
         pos_cost, neg_cost = pos_cost * alpha, neg_cost * (1 - alpha)
     return (pos_cost + neg_cost) / num_pixels
@@ -149,8 +157,7 @@ def bce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
         Q x T cost matrix (or B x Q x T).
     """
     num_pixels = inputs.shape[-1]
-    targets_t = targets.transpose(-1, -2)
-    cost = F.softplus(-inputs) @ targets_t + F.softplus(inputs) @ (1 - targets_t)
+    cost = _target_products(F.softplus(-inputs), targets) + _target_products(F.softplus(inputs), 1 - targets)
     return cost / num_pixels
 
 
@@ -182,7 +189,7 @@ def brier_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     num_pixels = inputs.shape[-1]
     prob = inputs.sigmoid()
     # sum (p - y)^2 = sum p^2 - 2 sum p*y + sum y^2
-    cost = (prob**2).sum(-1)[..., :, None] - 2 * prob @ targets.transpose(-1, -2) + (targets**2).sum(-1)[..., None, :]
+    cost = (prob**2).sum(-1)[..., :, None] - 2 * _target_products(prob, targets) + (targets**2).sum(-1)[..., None, :]
     # the expansion can round to slightly below zero
     return cost.clamp(min=0) / num_pixels
 
@@ -216,7 +223,7 @@ def dice_cost(inputs: Tensor, targets: Tensor) -> Tensor:
         Q x T cost matrix (or B x Q x T).
     """
     prob = inputs.sigmoid()
-    numerator = 2 * prob @ targets.transpose(-1, -2)
+    numerator = 2 * _target_products(prob, targets)
     denominator = prob.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :]
     return 1 - (numerator + 1) / (denominator + 1)
 

