@@ -44,7 +44,7 @@ def test_values_by_hand():
     assert samples[0, 0].tolist() == pytest.approx(expected, abs=1e-6)
 
 
-def test_one_gather_for_any_number_of_maps_and_dtypes():
+def test_any_number_of_maps_dtypes_and_layouts():
     generator = torch.Generator().manual_seed(1)
     coords = torch.rand(2, 30, 2, generator=generator)
     points = BilinearPoints(coords, 8, 9)
@@ -64,6 +64,27 @@ def test_one_gather_for_any_number_of_maps_and_dtypes():
     for strided in (maps[:, 3:7], channels_last, channels_last[:, 3:7]):
         torch.testing.assert_close(points.sample(strided), grid_sample_points(strided.contiguous(), coords),
                                    rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("int64_indices", [False, True])
+def test_nan_coordinates_give_nan_samples(int64_indices, monkeypatch):
+    # the other points are unaffected, and the NaN point reads valid pixels (no index error), with
+    # int32 and int64 indices (limit lowered)
+    if int64_indices:
+        monkeypatch.setattr(point_sampling, "_INT32_INDICES", 1)
+    generator = torch.Generator().manual_seed(3)
+    coords = torch.rand(2, 6, 2, generator=generator)
+    coords[0, 2, 0] = float("nan")
+    coords[1, 4, 1] = float("nan")
+    maps = torch.randn(2, 3, 5, 7, generator=generator)
+    points = BilinearPoints(coords, 5, 7)
+    assert 0 <= int(points.indices.min()) and int(points.indices.max()) < 2 * 5 * 7
+    samples = points.sample(maps)
+    assert samples[0, :, 2].isnan().all() and samples[1, :, 4].isnan().all()
+    finite = torch.ones(2, 6, dtype=torch.bool)
+    finite[0, 2] = finite[1, 4] = False
+    expected = grid_sample_points(maps, coords.nan_to_num(0.5))
+    torch.testing.assert_close(samples.transpose(1, 2)[finite], expected.transpose(1, 2)[finite], rtol=1e-6, atol=1e-6)
 
 
 def test_empty_maps_and_points():

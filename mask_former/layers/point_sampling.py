@@ -29,7 +29,8 @@ class BilinearPoints:
     def __init__(self, coords: Tensor, height: int, width: int):
         """
         Args:
-            coords: B x P x 2 points, (x, y) in [0, 1] (the map's corners at 0 and 1).
+            coords: B x P x 2 points, (x, y) in [0, 1] (the map's corners at 0 and 1). Points
+                beyond read the border; a point with a NaN coordinate gets NaN samples.
             height, width: the size of the maps :meth:`sample` will read.
         """
         if coords.dim() != 3 or coords.shape[-1] != 2:
@@ -48,6 +49,8 @@ class BilinearPoints:
         y = (coords[..., 1] * height - 0.5).clamp_(0, height - 1)
         x0, y0 = x.floor(), y.floor()
         fx, fy = x - x0, y - y0
+        # a NaN coordinate reads pixel 0 with NaN weights (a NaN sample), not an undefined index
+        x0, y0 = x0.nan_to_num_(0.0), y0.nan_to_num_(0.0)
         # the corner right of (below) the last column (row) has weight 0: read the border again
         x1, y1 = (x0 + 1).clamp_(max=width - 1), (y0 + 1).clamp_(max=height - 1)
         index_dtype = torch.int32 if self.num_images * height * width < _INT32_INDICES else torch.int64
