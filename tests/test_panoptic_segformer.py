@@ -132,6 +132,86 @@ def test_optional_mask_product_adds_maskformer_masks_to_the_attention_masks():
     assert not any("embed" in name for name, _ in published.named_parameters())
 
 
+def _decoder_inputs(padded: bool):
+    torch.manual_seed(0)
+    shapes = [(6, 5), (3, 3), (2, 1), (1, 1)]
+    features = [torch.randn(2, 32, h, w) for h, w in shapes]
+    masks = [torch.zeros(2, h, w, dtype=torch.bool) for h, w in shapes]
+    if padded:  # the second image's right column is padding on every level
+        for mask in masks:
+            mask[1, :, -1:] = True
+    memory = flatten_levels(features, masks, [torch.randn(2, 32, h, w) for h, w in shapes])
+    return torch.randn(2, 4, 32), torch.randn(2, 4, 32), torch.randn(2, 3, 32), torch.randn(2, 3, 32), memory
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_mask_decoder_last_layer_only_equals_the_last_of_all_layers(padded):
+    """``all_layers=False`` (what inference asks for) gives the last layer's outputs of the full
+    run, exactly, with and without padding to mask."""
+    decoder = AttentionMaskDecoder(psf_cfg(), num_thing_classes=2).eval()
+    inputs = _decoder_inputs(padded)
+    with torch.no_grad():
+        every, last = decoder(*inputs), decoder(*inputs, all_layers=False)
+    for kind, layers in (("things", 2), ("stuff", 3)):
+        assert len(every[kind]) == layers and len(last[kind]) == 1
+        for key in ("pred_logits", "pred_masks"):
+            assert torch.equal(last[kind][0][key], every[kind][-1][key]), (kind, key)
+    if padded:  # the padding is masked: the same tokens unmasked give other outputs
+        with torch.no_grad():
+            unmasked = decoder(*_decoder_inputs(False))
+        assert not torch.equal(every["things"][-1]["pred_logits"][1], unmasked["things"][-1]["pred_logits"][1])
+        assert torch.equal(every["things"][-1]["pred_logits"][0], unmasked["things"][-1]["pred_logits"][0])
+
+
+class _DecoderOfEveryLayer(AttentionMaskDecoder):
+    """A registered mask decoder whose forward has no ``all_layers`` (returns every layer)."""
+
+    def forward(self, thing_query, thing_pos, stuff_query, stuff_pos, memory):
+        return super().forward(thing_query, thing_pos, stuff_query, stuff_pos, memory)
+
+
+def test_inference_runs_the_mask_heads_of_the_last_layers_only():
+    """In optimised inference the meta-architecture asks the mask decoder for its last layers only
+    (one mask head call per decoder, against every layer's with the modules as built and in
+    training); a registered decoder without ``all_layers`` still works, and gives the same results
+    (it returns every layer, inference reads the last)."""
+    from mask_former.modeling.panoptic_segformer import PSF_MASK_DECODER_REGISTRY
+
+    if "_DecoderOfEveryLayer" not in PSF_MASK_DECODER_REGISTRY:
+        PSF_MASK_DECODER_REGISTRY.register(_DecoderOfEveryLayer)
+    cfg = psf_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    calls = []
+    for module in model.mask_decoder.modules():
+        if isinstance(module, AttentionMaskHead):
+            module.register_forward_hook(lambda m, i, o: calls.append(m))
+    cfg.MODEL.PANOPTIC_SEGFORMER.MASK_DECODER_NAME = "_DecoderOfEveryLayer"
+    every_layer = build_model(cfg).eval()
+    every_layer.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        got, want = model(make_batch()), every_layer(make_batch())
+    assert len(calls) == 2  # the thing decoder's last head and the stuff decoder's
+    assert calls[0] is model.mask_decoder.thing_decoder.mask_heads[-1]
+    assert calls[1] is model.mask_decoder.stuff_decoder.mask_heads[-1]
+    for g, w in zip(got, want):
+        assert torch.equal(g["sem_seg"], w["sem_seg"])
+        assert torch.equal(g["panoptic_seg"][0], w["panoptic_seg"][0]) and g["panoptic_seg"][1] == w["panoptic_seg"][1]
+        assert torch.equal(g["instances"].pred_masks, w["instances"].pred_masks)
+        assert torch.equal(g["instances"].scores, w["instances"].scores)
+    psf = cfg.MODEL.PANOPTIC_SEGFORMER
+    every = psf.THING_MASK_DEC_LAYERS + psf.STUFF_MASK_DEC_LAYERS
+    calls.clear()
+    model.optimize_inference = False  # the modules as built: every layer
+    with torch.no_grad():
+        model(make_batch())
+    assert len(calls) == every  # one call per layer, for the batch
+    calls.clear()
+    model.train()
+    model(make_batch())
+    assert len(calls) == every
+
+
 # ---------------------------------------------------------------- location decoder
 def test_box_refinement_per_layer_keeps_boxes_in_unit_square():
     torch.manual_seed(0)

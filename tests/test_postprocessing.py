@@ -22,6 +22,7 @@ from mask_former.modeling.postprocessing import (
     _argmax_over_queries,
     _count_true,
     _mask_statistics,
+    binarize_masks,
     boxes_from_profiles,
     instance_inference,
     mask_wise_merge,
@@ -513,6 +514,24 @@ def test_mask_wise_merge_rejects_bad_arguments(kwargs, message):
         mask_wise_merge(*_merge_inputs(), {0}, **kwargs)
     with pytest.raises(ValueError, match="one entry per mask"):
         mask_wise_merge(torch.zeros(2, dtype=torch.long), torch.zeros(3), torch.zeros(3, 2, 2), {0})
+
+
+def test_mask_wise_merge_takes_the_callers_binary_masks():
+    """``binarized`` (what the Panoptic SegFormer computes once for the panoptic and the instance
+    output) is what the merge reads: the binary masks of the hand-computed case give its result,
+    other binary masks another one; shapes that do not fit the probabilities are named."""
+    labels, scores, probs = _merge_inputs()
+    binarized = binarize_masks(probs, 0.5)
+    panoptic_seg, segments_info = mask_wise_merge(labels, scores, probs, {0}, binarized=binarized)
+    assert panoptic_seg.tolist() == MASK_WISE_EXPECTED_SEG
+    _assert_segments(segments_info, MASK_WISE_EXPECTED_INFO)
+    # every mask empty: no candidate, so nothing is placed whatever the probabilities
+    binary, area, prob_in_mask = binarized
+    empty = (torch.zeros_like(binary), torch.zeros_like(area), torch.zeros_like(prob_in_mask))
+    panoptic_seg, segments_info = mask_wise_merge(labels, scores, probs, {0}, binarized=empty)
+    assert not panoptic_seg.any() and segments_info == []
+    with pytest.raises(ValueError, match=r"binarized must be .*\(7, 3, 4\).*\(6, 3, 4\)"):
+        mask_wise_merge(labels, scores, probs, {0}, binarized=(binary[:6], area, prob_in_mask))
 
 
 def test_mask_wise_panoptic_inference_on_maskformer_outputs():

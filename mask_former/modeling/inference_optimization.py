@@ -271,14 +271,14 @@ class InferenceWeights:
             for conv in installed:
                 conv.__dict__.pop("forward", None)
 
-    def call(self, submodule: nn.Module, name: str, *args):
-        """``submodule(*args)`` with the low-precision copies of its weights (``name``: its name in
-        the root module), through ``torch.func.functional_call``."""
+    def call(self, submodule: nn.Module, name: str, *args, **kwargs):
+        """``submodule(*args, **kwargs)`` with the low-precision copies of its weights (``name``:
+        its name in the root module), through ``torch.func.functional_call``."""
         prefix = name + "."
         cast = {k[len(prefix):]: v for k, v in self._cast.items() if k.startswith(prefix)}
         if not cast:
-            return submodule(*args)
-        return torch.func.functional_call(submodule, cast, args)
+            return submodule(*args, **kwargs)
+        return torch.func.functional_call(submodule, cast, args, kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -496,6 +496,7 @@ def mask_wise_merge(
     stuff_quality_threshold: float = 0.25,
     thing_overlap_threshold: float = 0.4,
     stuff_overlap_threshold: float = 0.2,
+    binarized: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, List[Dict]]:
     """
     Panoptic segmentation by mask-wise merging (Panoptic SegFormer, Li et al., CVPR 2022).
@@ -521,6 +522,8 @@ def mask_wise_merge(
         thing_quality_threshold, stuff_quality_threshold: minimum confidence of a thing / stuff mask.
         thing_overlap_threshold, stuff_overlap_threshold: maximum fraction of a thing / stuff mask
             that may already be placed.
+        binarized: ``binarize_masks(mask_probs, mask_threshold)`` when the caller has it already
+            (the Panoptic SegFormer's instance output needs it too), or None to compute it here.
 
     Returns:
         panoptic_seg: H x W int32 segment ids, 0 = void.
@@ -536,7 +539,14 @@ def mask_wise_merge(
     labels = labels.long()
     panoptic_seg = torch.zeros(mask_probs.shape[-2:], dtype=torch.int32, device=mask_probs.device)
     isthing = _is_thing(labels, {int(c) for c in thing_ids})
-    binary, area, prob_in_mask = binarize_masks(mask_probs, mask_threshold)
+    if binarized is None:
+        binarized = binarize_masks(mask_probs, mask_threshold)
+    binary, area, prob_in_mask = binarized
+    if binary.shape != mask_probs.shape or area.shape != scores.shape or prob_in_mask.shape != scores.shape:
+        raise ValueError(
+            f"binarized must be binarize_masks' (binary, area, prob_in_mask) of the {tuple(mask_probs.shape)} "
+            f"mask_probs, got shapes {tuple(binary.shape)}, {tuple(area.shape)}, {tuple(prob_in_mask.shape)}"
+        )
     confidence = scores.to(prob_in_mask.dtype) ** alpha * (prob_in_mask / (area + 1)) ** beta
 
     quality_threshold = torch.where(isthing, thing_quality_threshold, stuff_quality_threshold)

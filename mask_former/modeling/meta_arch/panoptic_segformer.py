@@ -6,6 +6,7 @@ Inference returns the same three outputs as MaskFormer (``sem_seg``, ``panoptic_
 ``instances``), switched by ``MODEL.MASK_FORMER.TEST.{SEMANTIC,PANOPTIC,INSTANCE}_ON``.
 """
 import contextlib
+import inspect
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -56,10 +57,16 @@ def _resize_to_output(logits: Tensor, image_size: Tuple[int, int], height: int, 
     return sem_seg_postprocess(logits, image_size, height, width)
 
 
-def _run_module(weights: Optional[InferenceWeights], module: nn.Module, name: str, *args):
-    """``module(*args)``, with the cached inference weights when there are (``name``: the
+def _run_module(weights: Optional[InferenceWeights], module: nn.Module, name: str, *args, **kwargs):
+    """``module(*args, **kwargs)``, with the cached inference weights when there are (``name``: the
     module's name in the model)."""
-    return module(*args) if weights is None else weights.call(module, name, *args)
+    return module(*args, **kwargs) if weights is None else weights.call(module, name, *args, **kwargs)
+
+
+def takes_all_layers(mask_decoder: nn.Module) -> bool:
+    """Whether a mask decoder's forward takes ``all_layers`` (``AttentionMaskDecoder``'s switch to
+    the last layers' outputs only); a registered decoder without it returns every layer."""
+    return "all_layers" in inspect.signature(mask_decoder.forward).parameters
 
 
 def thing_queries_from_encoder(value: str) -> bool:
@@ -146,7 +153,8 @@ class PanopticSegFormer(SegmentationMetaArch):
                 under bfloat16 autocast in inference with "bf16"; the merging stays float32.
             optimize_inference: run inference with the layers' inference kernels
                 (``layers.inference_kernels``: linear layers fused with their activation,
-                gathered deformable attention) and, in bfloat16, through the optimised path, as
+                gathered deformable attention), with the mask decoder making the masks of its
+                last layers only (those inference reads), and, in bfloat16, through the optimised path, as
                 MaskFormer does: the backbone's frozen batch norms folded into its convolutions,
                 channels-last convolutions, bfloat16 copies of the weights kept beside the model
                 (``prepare_for_inference``) rather than cast again by autocast at every call;
@@ -163,6 +171,9 @@ class PanopticSegFormer(SegmentationMetaArch):
         # one query per stuff class: positional part (first C channels) and content (last C)
         self.stuff_query = nn.Embedding(len(stuff_ids), 2 * hidden_dim)
         self.mask_decoder = mask_decoder
+        # inference reads the last layer's masks only; the optimised path has a decoder that can
+        # skip the others do so
+        self._last_layer_kwargs = {"all_layers": False} if takes_all_layers(mask_decoder) else {}
         self.criterion = criterion
         self.loss_weights = loss_weights
         self.thing_ids = list(thing_ids)
@@ -263,8 +274,9 @@ class PanopticSegFormer(SegmentationMetaArch):
                                   query_idx[..., None].expand(-1, -1, location["hidden"].shape[-1]))
             query_pos = torch.gather(location["query_pos"], 1,
                                      query_idx[..., None].expand(-1, -1, location["query_pos"].shape[-1]))
+            # the optimised path makes the outputs of the last layers only, the ones read below
             masks = _run_module(weights, self.mask_decoder, "mask_decoder", hidden, query_pos, stuff_query,
-                                stuff_pos, memory)
+                                stuff_pos, memory, **(self._last_layer_kwargs if optimized else {}))
         masks = {kind: [{k: v.float() for k, v in layer.items()} for layer in layers] for kind, layers in masks.items()}
         return self.inference(scores, thing_classes, masks, batched_inputs, images)
 
@@ -376,13 +388,18 @@ class PanopticSegFormer(SegmentationMetaArch):
             result: Dict[str, object] = {}
             if self.semantic_on:
                 result[SEMANTIC.output_key] = self.semantic_scores(labels, scores, probs)
+            # the binary masks, their areas and inner probability mass, once for both outputs
+            binarized = None
+            if self.panoptic_on or self.instance_on:
+                binarized = binarize_masks(probs, self.merge_params.get("mask_threshold", 0.5))
             if self.panoptic_on:
                 result[PANOPTIC.output_key] = mask_wise_merge(labels, scores, probs, self.thing_ids,
-                                                              **self.merge_params)
+                                                              binarized=binarized, **self.merge_params)
             if self.instance_on:
                 num_things = thing_classes.shape[1]
-                result[INSTANCE.output_key] = self.instances(labels[:num_things], scores[:num_things],
-                                                             probs[:num_things])
+                result[INSTANCE.output_key] = self.instances(
+                    labels[:num_things], scores[:num_things], probs[:num_things],
+                    tuple(t[:num_things] for t in binarized))
             results.append(result)
         return results
 
@@ -406,12 +423,21 @@ class PanopticSegFormer(SegmentationMetaArch):
             sem_seg.scatter_reduce_(0, index, weighted, reduce="amax", include_self=True)
         return sem_seg
 
-    def instances(self, labels: Tensor, scores: Tensor, probs: Tensor) -> Instances:
+    def instances(self, labels: Tensor, scores: Tensor, probs: Tensor,
+                  binarized: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Instances:
         """The thing masks as instances, scored by the mask-wise merging confidence
-        ``p ** alpha * q ** beta`` and sorted by it."""
+        ``p ** alpha * q ** beta`` and sorted by it.
+
+        Args:
+            labels, scores: N class ids and N scores of the masks.
+            probs: N x H x W mask probabilities.
+            binarized: ``binarize_masks(probs, mask_threshold)`` when the caller has it, or None.
+        """
         params = self.merge_params
         # binary = probs > threshold, its area and sum(probs * binary), by the merge's vectorised code
-        binary, area, prob_in_mask = binarize_masks(probs, params.get("mask_threshold", 0.5))
+        if binarized is None:
+            binarized = binarize_masks(probs, params.get("mask_threshold", 0.5))
+        binary, area, prob_in_mask = binarized
         quality = prob_in_mask / (area + 1)
         confidence = scores ** params.get("alpha", 1.0) * quality ** params.get("beta", 2.0)
         order = confidence.argsort(descending=True)

@@ -17,6 +17,8 @@ PSF_MASK_DECODER_REGISTRY.__doc__ = """
 Mask decoders of Panoptic SegFormer: (thing queries, stuff queries, encoder tokens) -> per layer,
 class logits and mask logits of every query. A registered class is ``@configurable`` with
 ``from_config(cls, cfg, num_thing_classes)``; see ``AttentionMaskDecoder.forward`` for the outputs.
+Inference reads the last layer's outputs only: a forward that takes ``all_layers`` is called with
+``all_layers=False`` there and may skip the other layers' outputs.
 """
 
 
