@@ -123,26 +123,25 @@ def test_pixel_convention(kernels):
     torch.testing.assert_close(out, torch.tensor([5.0, 1.0, 0.5, 0.0, 0.0]))
 
 
-def test_gathered_kernel_on_canvases_beyond_float32_and_int32(monkeypatch):
-    """The float64 cell index and the int64 gather indices that very large inputs take, forced
-    here on small ones by lowering the limits: the same results."""
+def test_gathered_kernel_on_canvases_beyond_int32(monkeypatch):
+    """The int64 gather indices that very large inputs take, forced here on small ones by lowering
+    the limit: the same results, from one gather (through the functional op and the module)."""
     msda = importlib.import_module("mask_former.layers.ms_deform_attn")  # the module, not the function
     value, locations, weights = random_inputs(SHAPES)
     expected = naive_ms_deform_attn(value, SHAPES, locations, weights)
-    floored, gathered = [], []
-    floor, embedding_bag = torch.Tensor.floor, msda.F.embedding_bag
-    monkeypatch.setattr(torch.Tensor, "floor", lambda t: floored.append(t.dtype) or floor(t))
+    gathered = []
+    embedding_bag = msda.F.embedding_bag
 
     def recording_embedding_bag(index, *args, **kwargs):
         gathered.append(index.dtype)
         return embedding_bag(index, *args, **kwargs)
 
     monkeypatch.setattr(msda.F, "embedding_bag", recording_embedding_bag)
-    monkeypatch.setattr(msda, "_FLOAT32_EXACT_INTEGERS", 4)
-    monkeypatch.setattr(msda, "_INT32_INDICES", 4)
     with torch.no_grad(), inference_kernels():
+        ms_deform_attn(value, SHAPES, None, locations, weights)
+        monkeypatch.setattr(msda, "_INT32_INDICES", 4)
         out = ms_deform_attn(value, SHAPES, None, locations, weights)
-    assert set(floored) == {torch.float64} and gathered == [torch.int64] * 4
+    assert gathered == [torch.int32, torch.int64]
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -262,6 +261,33 @@ def test_module_matches_naive_reference(ref_dim, kernels):
                                            padding)
     assert out_bf16.dtype == torch.bfloat16 and torch.isfinite(out_bf16).all()
     torch.testing.assert_close(out_bf16.float(), out.detach(), atol=0.2, rtol=0.1)
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_module_gathers_once_and_falls_back_on_nan_queries(ref_dim):
+    """In inference the module goes from its offsets straight to pixel coordinates and one gather
+    (no ``grid_sample``); a query whose offsets are NaN (a diverged model) sends the call to the
+    modules' own computation, whose result it then equals, NaN rows included."""
+    torch.manual_seed(0)
+    attn = MSDeformAttn(8, n_levels=len(SHAPES), n_heads=2, n_points=3)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    tokens = sum(h * w for h, w in SHAPES)
+    query, inputs = torch.randn(2, 4, 8), torch.randn(2, tokens, 8)
+    reference = torch.rand(2, 4, len(SHAPES), ref_dim)
+    with torch.no_grad(), inference_kernels(), torch.profiler.profile() as prof:
+        attn(query, reference, inputs, SHAPES, None)
+    names = [event.name for event in prof.events()]
+    assert names.count("aten::embedding_bag") == 1  # (which calls _embedding_bag_forward_only)
+    assert "aten::grid_sampler_2d" not in names
+
+    query[1, 2, 0] = float("nan")
+    with torch.no_grad():
+        expected = attn(query, reference, inputs, SHAPES, None)
+        with inference_kernels():
+            out = attn(query, reference, inputs, SHAPES, None)
+    assert out[1, 2].isnan().all() and not out[0].isnan().any()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
 def test_flatten_and_split_levels_round_trip():

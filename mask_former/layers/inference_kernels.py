@@ -6,8 +6,9 @@ kernels, equal to float rounding:
 
 * ``fused_linear.linear``: a linear layer, its bias and its activation as one oneDNN call;
 * ``ms_deform_attn.ms_deform_attn``: the deformable attention's bilinear samples and their
-  weighted sum as weighted sums of gathered rows (``F.embedding_bag``), without the
-  per-sample intermediate of ``grid_sample``.
+  weighted sum as weighted sums of gathered rows (one ``F.embedding_bag`` call), without the
+  per-sample intermediate of ``grid_sample``; ``MSDeformAttn`` computes the samples' pixel
+  coordinates straight from its offsets for it.
 
 Both apply on CPU only (where they were measured); on GPUs the layers run as built.
 

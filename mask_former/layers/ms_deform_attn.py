@@ -22,10 +22,8 @@ from .inference_kernels import inference_kernels_enabled
 
 SpatialShapes = Union[Tensor, Sequence[Tuple[int, int]]]
 
-# The gathered kernel computes each sample's cell index in float32 while the canvas has fewer
-# cells than float32 counts exactly (in float64 beyond), and gathers with int32 indices while all
-# canvases together have fewer cells than int32 holds (int64 beyond).
-_FLOAT32_EXACT_INTEGERS = 2 ** 24
+# The gathered kernel gathers with int32 indices while the canvases of all images and heads
+# together have fewer cells than int32 holds (int64 beyond).
 _INT32_INDICES = 2 ** 31
 
 __all__ = ["ms_deform_attn", "MSDeformAttn", "SpatialShapes", "spatial_shape_list"]
@@ -129,6 +127,12 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, level_start_ind
                            sampling_locations, attention_weights)
 
 
+def _gathering(value: Tensor) -> bool:
+    """Whether the samples are gathered (``_gather_at_pixels``) rather than ``grid_sample``d: under
+    ``inference_kernels()``, gradients off, on CPU (measured there only; GPUs keep grid_sample)."""
+    return inference_kernels_enabled() and not torch.is_grad_enabled() and value.device.type == "cpu"
+
+
 def _sample_and_sum(value: Tensor, shapes: List[Tuple[int, int]], level_sizes: Tensor,
                     sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """``ms_deform_attn`` with the level shapes given both as Python ints (to cut the tokens into
@@ -158,10 +162,8 @@ def _sample_and_sum(value: Tensor, shapes: List[Tuple[int, int]], level_sizes: T
             f"attention_weights has shape {tuple(attention_weights.shape)}, expected {expected}"
         )
 
-    if (inference_kernels_enabled() and not torch.is_grad_enabled() and value.device.type == "cpu"
-            and not torch.isnan(sampling_locations).any()):
-        # (measured on CPU only: GPUs keep grid_sample; a NaN location has no pixel to gather,
-        # grid_sample gives it the result it always gave)
+    if _gathering(value) and not torch.isnan(sampling_locations).any():
+        # (a NaN location has no pixel to gather; grid_sample gives it the result it always gave)
         return _gathered_sample_and_sum(value, shapes, sampling_locations, attention_weights)
     dtype = _compute_dtype(value.dtype)
     canvas = _pack_levels(value.to(dtype), shapes)
@@ -174,9 +176,10 @@ def _sample_and_sum(value: Tensor, shapes: List[Tuple[int, int]], level_sizes: T
     return output.to(value.dtype)
 
 
-def _bordered_canvas(value: Tensor, shapes: List[Tuple[int, int]]) -> Tensor:
-    """The levels' maps one below the other, each inside a border of zeros, as the rows of a
-    table for ``F.embedding_bag``::
+def _pixel_major_canvas(value: Tensor, shapes: List[Tuple[int, int]], dtype: torch.dtype) -> Tuple[Tensor, List[int]]:
+    """The levels' maps one below the other, each inside a border of zeros, pixel-major with the
+    heads innermost, as the rows of a table for ``F.embedding_bag`` (row ``((b * canvas_h + r) *
+    canvas_w + c) * M + m`` holds head m's D channels of cell (r, c) of image b)::
 
         0 0 0 0 0 0 0 0 0
         0 level 0   0 0 0
@@ -186,68 +189,138 @@ def _bordered_canvas(value: Tensor, shapes: List[Tuple[int, int]]) -> Tensor:
         ...
         0 0 0 0 0 0 0 0 0   (one more row, and two more columns right of the widest level)
 
+    Only the border is written with zeros; the levels are copied in (the tokens are already
+    pixel-major with the heads innermost).
+
     Args:
         value: B x S x M x D tokens of all levels.
+        dtype: of the canvas (the values are converted in the copy).
     Returns:
-        B x M x canvas_h x canvas_w x D, canvas_h = sum_l(H_l + 2) + 1, canvas_w = max_l W_l + 3.
+        B x canvas_h x canvas_w x (M * D), canvas_h = sum_l(H_l + 2) + 1, canvas_w = max_l W_l + 3;
+        and the canvas row of each level's row 0.
     """
     batch, _, heads, dim = value.shape
-    canvas = value.new_zeros((batch, heads, sum(h + 2 for h, _ in shapes) + 1, max(w for _, w in shapes) + 3, dim))
-    row = 1
+    canvas_h, canvas_w = sum(h + 2 for h, _ in shapes) + 1, max(w for _, w in shapes) + 3
+    canvas = value.new_empty((batch, canvas_h, canvas_w, heads * dim), dtype=dtype)
+    canvas[:, 0].zero_()
+    first_rows, row = [], 1
     for (h, w), level in zip(shapes, value.split([h * w for h, w in shapes], dim=1)):
-        canvas[:, :, row:row + h, 1:1 + w] = level.view(batch, h, w, heads, dim).permute(0, 3, 1, 2, 4)
+        canvas[:, row:row + h, 0].zero_()
+        canvas[:, row:row + h, 1:1 + w] = level.reshape(batch, h, w, heads * dim)
+        canvas[:, row:row + h, 1 + w:].zero_()
+        canvas[:, row + h:row + h + 2].zero_()
+        first_rows.append(row)
         row += h + 2
-    return canvas
+    return canvas, first_rows
 
 
-def _gathered_sample_and_sum(value: Tensor, shapes: List[Tuple[int, int]], sampling_locations: Tensor,
-                             attention_weights: Tensor) -> Tensor:
-    """``_sample_and_sum`` as four ``F.embedding_bag`` calls, one per bilinear corner: each
-    (image, head, query) row sums its L x P corner pixels of the canvas of ``_bordered_canvas``,
-    weighted by attention weight x bilinear weight. Equal to the ``grid_sample`` computation to
-    float rounding, without its B x M x D x Q x (L x P) samples.
+def _level_constant(values: Sequence[float], points: int, dtype: torch.dtype, device) -> Tensor:
+    """L x P x 2 tensor of per-level (x, y) constants: ``values`` is L pairs. Broadcast over the
+    leading B x Q x M dimensions of the samples, it keeps the inner loop of an element-wise
+    operation L x P x 2 elements long (a per-level L x 1 x 2 operand makes it 2)."""
+    return torch.tensor(values, dtype=dtype, device=device)[:, None, :].expand(-1, points, -1).contiguous()
+
+
+def _gather_at_pixels(value: Tensor, shapes: List[Tuple[int, int]], pixels: Tensor,
+                      attention_weights: Tensor) -> Tensor:
+    """``_sample_and_sum`` of samples given in pixel coordinates, as one ``F.embedding_bag`` call:
+    each (image, query, head) row sums the four bilinear corners of its L x P samples in the
+    canvas of ``_pixel_major_canvas``, weighted by attention weight x bilinear weight. Equal to the
+    ``grid_sample`` computation to float rounding, without its B x M x D x Q x (L x P) samples.
 
     Coordinates are clamped to [-1, W_l] x [-1, H_l] pixels first: beyond, every corner of a
     sample lies outside the level (a zero sample, as with ``grid_sample``'s zero padding); at
     the clamp, the corners read the zero border (and those with weight 0 the row or column after
     it, which the canvas also has).
+
+    Args:
+        value: B x S x M x D.
+        pixels: B x Q x M x L x P x 2 (x, y) pixel coordinates in each level (pixel (i, j) centred
+            at (j, i)), float32 or float64, not NaN; overwritten.
+        attention_weights: B x Q x M x L x P.
+    Returns:
+        B x Q x (M * D) in ``value``'s dtype.
     """
     batch, _, heads, dim = value.shape
-    _, queries, _, levels, points, _ = sampling_locations.shape
+    _, queries, _, levels, points, _ = pixels.shape
     dtype = _compute_dtype(value.dtype)
-    canvas = _bordered_canvas(value.to(dtype), shapes)
-    canvas_h, canvas_w = canvas.shape[2:4]
-    if canvas_h * canvas_w >= _FLOAT32_EXACT_INTEGERS:
-        dtype = torch.float64
-    sizes = torch.tensor(shapes, dtype=dtype, device=value.device)
-    heights, widths = sizes[:, 0, None], sizes[:, 1, None]  # L x 1, broadcast over P
-    first_rows = torch.cumsum(heights + 2, dim=0) - (heights + 1)  # canvas row of each level's row 0
-    # (image, head, query) major, as the rows of the bags
-    locations = sampling_locations.to(dtype).permute(0, 2, 1, 3, 4, 5).contiguous()
-    x = torch.maximum(torch.minimum(locations[..., 0] * widths - 0.5, widths), widths.new_tensor(-1.0))
-    y = torch.maximum(torch.minimum(locations[..., 1] * heights - 0.5, heights), heights.new_tensor(-1.0))
-    x0, y0 = x.floor(), y.floor()
-    fx, fy = x.sub_(x0), y.sub_(y0)  # B x M x Q x L x P
-    index_dtype = torch.int32 if canvas.numel() // dim < _INT32_INDICES else torch.int64
-    top_left = ((y0 + first_rows) * canvas_w + x0 + 1).to(index_dtype)
-    top_left += (torch.arange(batch * heads, dtype=index_dtype, device=value.device)
-                 * (canvas_h * canvas_w)).view(batch, heads, 1, 1, 1)
-    weights = attention_weights.to(dtype).permute(0, 2, 1, 3, 4).contiguous()
-    bottom = weights * fy
-    top = weights - bottom
-    top_right, bottom_right = top * fx, bottom * fx
-    corners = ((0, top - top_right), (1, top_right), (canvas_w, bottom - bottom_right),
-               (canvas_w + 1, bottom_right))
-    samples = levels * points
-    table = canvas.view(-1, dim)
-    top_left = top_left.view(-1, samples)
-    output = None
-    for offset, corner_weights in corners:
-        corner = F.embedding_bag(top_left + offset if offset else top_left, table,
-                                 per_sample_weights=corner_weights.view(-1, samples).to(table.dtype), mode="sum")
-        output = corner if output is None else output.add_(corner)
-    output = output.view(batch, heads, queries, dim).permute(0, 2, 1, 3).reshape(batch, queries, heads * dim)
-    return output.to(value.dtype)
+    canvas, first_rows = _pixel_major_canvas(value, shapes, dtype)
+    canvas_h, canvas_w = canvas.shape[1:3]
+    upper = _level_constant([(w, h) for h, w in shapes], points, pixels.dtype, pixels.device)
+    pixels = pixels.clamp_(min=upper.new_full((), -1.0).expand_as(upper), max=upper)
+    cells = pixels.floor()
+    fractions = pixels.sub_(cells)  # B x Q x M x L x P x 2
+    index_dtype = torch.int32 if batch * canvas_h * canvas_w * heads < _INT32_INDICES else torch.int64
+    cells = cells.to(index_dtype)
+    # table row of the top-left corner: ((b * canvas_h + first_row_l + y) * canvas_w + 1 + x) * M + m
+    first = torch.tensor(first_rows, dtype=index_dtype, device=value.device)
+    image = torch.arange(batch, dtype=index_dtype, device=value.device) * canvas_h
+    head = torch.arange(heads, dtype=index_dtype, device=value.device)
+    base = ((image.view(batch, 1, 1, 1) + first.view(1, 1, levels, 1)) * canvas_w + 1) * heads
+    base = (base + head.view(1, heads, 1, 1)).expand(batch, heads, levels, points).contiguous().unsqueeze(1)
+    top_left = torch.add(cells[..., 0] * heads, cells[..., 1], alpha=canvas_w * heads).add_(base)
+    # corner-major bags, B x Q x M x 4 x L x P: top left, top right, bottom left, bottom right
+    offsets = torch.tensor([0, heads, canvas_w * heads, (canvas_w + 1) * heads], dtype=index_dtype,
+                           device=value.device).view(4, 1, 1)
+    corner_index = top_left.unsqueeze(3) + offsets
+    corner_weights = pixels.new_empty((batch, queries, heads, 4, levels, points), dtype=dtype)
+    fx, fy = fractions[..., 0], fractions[..., 1]
+    attention_weights = attention_weights.to(dtype)
+    bottom = attention_weights * fy
+    top = attention_weights - bottom
+    torch.mul(top, fx, out=corner_weights[:, :, :, 1])
+    torch.sub(top, corner_weights[:, :, :, 1], out=corner_weights[:, :, :, 0])
+    torch.mul(bottom, fx, out=corner_weights[:, :, :, 3])
+    torch.sub(bottom, corner_weights[:, :, :, 3], out=corner_weights[:, :, :, 2])
+    samples = 4 * levels * points
+    output = F.embedding_bag(corner_index.view(-1, samples), canvas.view(-1, dim),
+                             per_sample_weights=corner_weights.view(-1, samples), mode="sum")
+    return output.view(batch, queries, heads * dim).to(value.dtype)
+
+
+def _gathered_sample_and_sum(value: Tensor, shapes: List[Tuple[int, int]], sampling_locations: Tensor,
+                             attention_weights: Tensor) -> Tensor:
+    """``_sample_and_sum`` by ``_gather_at_pixels``, the locations in [0, 1] of each level turned
+    into pixel coordinates (x W_l - 0.5, y H_l - 0.5)."""
+    points = sampling_locations.shape[4]
+    dtype = _compute_dtype(value.dtype)
+    sizes = _level_constant([(w, h) for h, w in shapes], points, dtype, value.device)
+    pixels = sampling_locations.to(dtype) * sizes
+    return _gather_at_pixels(value, shapes, pixels.sub_(0.5), attention_weights)
+
+
+def _pixel_coordinates(offsets: Tensor, reference_points: Tensor, shapes: List[Tuple[int, int]]) -> Tensor:
+    """The pixel coordinates of ``MSDeformAttn``'s samples, without going through [0, 1]: with
+    points, ``ref * size - 0.5 + offset``; with boxes, ``(cx, cy) * size - 0.5 + offset * (w, h) *
+    size / (2 P)``. The per-(query, level) terms are spread to every head and point by a product
+    with a 0 / 1 matrix (exact: one term per output), which on a CPU took a fraction of the time
+    of a broadcast over the innermost point dimension.
+
+    Args:
+        offsets: B x Q x M x L x P x 2.
+        reference_points: B x Q x L x 2 points or B x Q x L x 4 boxes, in [0, 1] of each level.
+    Returns:
+        B x Q x M x L x P x 2 float32 (float64 for float64 offsets) pixel coordinates.
+    """
+    batch, queries, heads, levels, points, _ = offsets.shape
+    dtype = _compute_dtype(offsets.dtype)
+    sizes = torch.tensor([(w, h) for h, w in shapes], dtype=dtype, device=offsets.device)  # L x 2
+    # spread[(l, c), (m, l', p, c')] = 1 where l = l' and c = c'
+    spread = torch.eye(levels * 2, dtype=dtype, device=offsets.device).view(levels, 2, 1, levels, 1, 2)
+    spread = spread.expand(-1, -1, heads, -1, points, -1).reshape(levels * 2, -1)
+
+    def per_sample(per_level: Tensor, add: Optional[Tensor] = None) -> Tensor:
+        """B x Q x L x 2 -> B x Q x M x L x P x 2 (+ ``add``)."""
+        per_level = per_level.reshape(batch * queries, levels * 2)
+        if add is None:
+            return (per_level @ spread).view(offsets.shape)
+        return torch.addmm(add.to(dtype).view(batch * queries, -1), per_level, spread).view(offsets.shape)
+
+    reference_points = reference_points.to(dtype)
+    if reference_points.shape[-1] == 2:
+        return per_sample(reference_points * sizes - 0.5, add=offsets)
+    pixels = per_sample(reference_points[..., :2] * sizes - 0.5)
+    return pixels.addcmul_(offsets, per_sample(reference_points[..., 2:] * sizes * (0.5 / points)))
 
 
 class MSDeformAttn(nn.Module):
@@ -303,6 +376,26 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
+    def _check_reference_points(self, query: Tensor, reference_points: Tensor) -> None:
+        batch, queries, _ = query.shape
+        if reference_points.dim() != 4 or tuple(reference_points.shape[:3]) != (batch, queries, self.n_levels) \
+                or reference_points.shape[-1] not in (2, 4):
+            raise ValueError(
+                f"reference_points must be B x Q x L x 2 (points) or B x Q x L x 4 (boxes) with "
+                f"B, Q, L = {batch}, {queries}, {self.n_levels}; got shape {tuple(reference_points.shape)}"
+            )
+
+    def _offsets_and_weights(self, query: Tensor) -> Tuple[Tensor, Tensor]:
+        """B x Q x M x L x P x 2 offsets (in the units of ``sampling_locations_and_weights``) and
+        B x Q x M x L x P attention weights (a softmax over L x P) of the queries."""
+        batch, queries, _ = query.shape
+        offsets = linear(query, self.sampling_offsets).view(
+            batch, queries, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = linear(query, self.attention_weights).view(
+            batch, queries, self.n_heads, self.n_levels * self.n_points)
+        weights = weights.softmax(-1).view(batch, queries, self.n_heads, self.n_levels, self.n_points)
+        return offsets, weights
+
     def sampling_locations_and_weights(self, query: Tensor, reference_points: Tensor,
                                        spatial_shapes: SpatialShapes) -> Tuple[Tensor, Tensor]:
         """Where each query samples, and with which weights.
@@ -317,18 +410,8 @@ class MSDeformAttn(nn.Module):
             sampling_locations: B x Q x M x L x P x 2, (x, y) in [0, 1] of each level.
             attention_weights: B x Q x M x L x P, summing to 1 over L x P.
         """
-        batch, queries, _ = query.shape
-        if reference_points.dim() != 4 or tuple(reference_points.shape[:3]) != (batch, queries, self.n_levels) \
-                or reference_points.shape[-1] not in (2, 4):
-            raise ValueError(
-                f"reference_points must be B x Q x L x 2 (points) or B x Q x L x 4 (boxes) with "
-                f"B, Q, L = {batch}, {queries}, {self.n_levels}; got shape {tuple(reference_points.shape)}"
-            )
-        offsets = linear(query, self.sampling_offsets).view(
-            batch, queries, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = linear(query, self.attention_weights).view(
-            batch, queries, self.n_heads, self.n_levels * self.n_points)
-        weights = weights.softmax(-1).view(batch, queries, self.n_heads, self.n_levels, self.n_points)
+        self._check_reference_points(query, reference_points)
+        offsets, weights = self._offsets_and_weights(query)
         ref = reference_points[:, :, None, :, None, :]  # B x Q x 1 x L x 1 x (2 | 4)
         if reference_points.shape[-1] == 2:
             sizes = torch.as_tensor(spatial_shapes, device=query.device)
@@ -369,6 +452,14 @@ class MSDeformAttn(nn.Module):
                 )
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(batch, tokens, self.n_heads, self.d_model // self.n_heads)
+        if _gathering(value):
+            # the samples' pixel coordinates straight from the offsets (what the gathered kernel
+            # reads), not through the locations in [0, 1]
+            self._check_reference_points(query, reference_points)
+            offsets, weights = self._offsets_and_weights(query)
+            pixels = _pixel_coordinates(offsets, reference_points, shapes)
+            if not torch.isnan(pixels).any():
+                return linear(_gather_at_pixels(value, shapes, pixels, weights), self.output_proj)
         level_sizes = torch.as_tensor(input_spatial_shapes, device=query.device)
         locations, weights = self.sampling_locations_and_weights(query, reference_points, level_sizes)
         output = _sample_and_sum(value, shapes, level_sizes, locations, weights)
