@@ -25,6 +25,8 @@ SpatialShapes = Union[Tensor, Sequence[Tuple[int, int]]]
 # The gathered kernel gathers with int32 indices while the canvases of all images and heads
 # together have fewer cells than int32 holds (int64 beyond).
 _INT32_INDICES = 2 ** 31
+# Corner samples whose indices and weights it computes at a time (2 MB of them).
+_GATHERED_SAMPLES = 1 << 18
 
 __all__ = ["ms_deform_attn", "MSDeformAttn", "SpatialShapes", "spatial_shape_list"]
 
@@ -246,36 +248,50 @@ def _gather_at_pixels(value: Tensor, shapes: List[Tuple[int, int]], pixels: Tens
     dtype = _compute_dtype(value.dtype)
     canvas, first_rows = _pixel_major_canvas(value, shapes, dtype)
     canvas_h, canvas_w = canvas.shape[1:3]
+    table = canvas.view(-1, dim)
     upper = _level_constant([(w, h) for h, w in shapes], points, pixels.dtype, pixels.device)
-    pixels = pixels.clamp_(min=upper.new_full((), -1.0).expand_as(upper), max=upper)
-    cells = pixels.floor()
-    fractions = pixels.sub_(cells)  # B x Q x M x L x P x 2
+    lower = upper.new_full((), -1.0).expand_as(upper)
     index_dtype = torch.int32 if batch * canvas_h * canvas_w * heads < _INT32_INDICES else torch.int64
-    cells = cells.to(index_dtype)
     # table row of the top-left corner: ((b * canvas_h + first_row_l + y) * canvas_w + 1 + x) * M + m
     first = torch.tensor(first_rows, dtype=index_dtype, device=value.device)
     image = torch.arange(batch, dtype=index_dtype, device=value.device) * canvas_h
     head = torch.arange(heads, dtype=index_dtype, device=value.device)
     base = ((image.view(batch, 1, 1, 1) + first.view(1, 1, levels, 1)) * canvas_w + 1) * heads
     base = (base + head.view(1, heads, 1, 1)).expand(batch, heads, levels, points).contiguous().unsqueeze(1)
-    top_left = torch.add(cells[..., 0] * heads, cells[..., 1], alpha=canvas_w * heads).add_(base)
-    # corner-major bags, B x Q x M x 4 x L x P: top left, top right, bottom left, bottom right
+    # the corners' offsets from the top left: top right, bottom left, bottom right
     offsets = torch.tensor([0, heads, canvas_w * heads, (canvas_w + 1) * heads], dtype=index_dtype,
                            device=value.device).view(4, 1, 1)
-    corner_index = top_left.unsqueeze(3) + offsets
-    corner_weights = pixels.new_empty((batch, queries, heads, 4, levels, points), dtype=dtype)
-    fx, fy = fractions[..., 0], fractions[..., 1]
-    attention_weights = attention_weights.to(dtype)
-    bottom = attention_weights * fy
-    top = attention_weights - bottom
-    torch.mul(top, fx, out=corner_weights[:, :, :, 1])
-    torch.sub(top, corner_weights[:, :, :, 1], out=corner_weights[:, :, :, 0])
-    torch.mul(bottom, fx, out=corner_weights[:, :, :, 3])
-    torch.sub(bottom, corner_weights[:, :, :, 3], out=corner_weights[:, :, :, 2])
     samples = 4 * levels * points
-    output = F.embedding_bag(corner_index.view(-1, samples), canvas.view(-1, dim),
-                             per_sample_weights=corner_weights.view(-1, samples), mode="sum")
-    return output.view(batch, queries, heads * dim).to(value.dtype)
+
+    def gather(pixels: Tensor, attention_weights: Tensor) -> Tensor:  # of some queries
+        pixels = pixels.clamp_(min=lower, max=upper)
+        cells = pixels.floor()
+        fractions = pixels.sub_(cells)  # B x q x M x L x P x 2
+        cells = cells.to(index_dtype)
+        top_left = torch.add(cells[..., 0] * heads, cells[..., 1], alpha=canvas_w * heads).add_(base)
+        # corner-major bags, B x q x M x 4 x L x P: top left, top right, bottom left, bottom right
+        corner_index = top_left.unsqueeze(3) + offsets
+        corner_weights = pixels.new_empty(corner_index.shape, dtype=dtype)
+        fx, fy = fractions[..., 0], fractions[..., 1]
+        attention_weights = attention_weights.to(dtype)
+        bottom = attention_weights * fy
+        top = attention_weights - bottom
+        torch.mul(top, fx, out=corner_weights[:, :, :, 1])
+        torch.sub(top, corner_weights[:, :, :, 1], out=corner_weights[:, :, :, 0])
+        torch.mul(bottom, fx, out=corner_weights[:, :, :, 3])
+        torch.sub(bottom, corner_weights[:, :, :, 3], out=corner_weights[:, :, :, 2])
+        return F.embedding_bag(corner_index.view(-1, samples), table,
+                               per_sample_weights=corner_weights.view(-1, samples), mode="sum")
+
+    # a few queries at a time: their corners' indices and weights stay small (and in cache)
+    chunk = max(1, _GATHERED_SAMPLES // (batch * heads * samples))
+    if queries <= chunk:
+        return gather(pixels, attention_weights).view(batch, queries, heads * dim).to(value.dtype)
+    output = value.new_empty((batch, queries, heads * dim))
+    for start in range(0, queries, chunk):
+        part = slice(start, start + chunk)
+        output[:, part] = gather(pixels[:, part], attention_weights[:, part]).view(batch, -1, heads * dim)
+    return output
 
 
 def _gathered_sample_and_sum(value: Tensor, shapes: List[Tuple[int, int]], sampling_locations: Tensor,
