@@ -171,8 +171,8 @@ class PanopticSegFormer(SegmentationMetaArch):
         # one query per stuff class: positional part (first C channels) and content (last C)
         self.stuff_query = nn.Embedding(len(stuff_ids), 2 * hidden_dim)
         self.mask_decoder = mask_decoder
-        # inference reads the last layer's masks only; the optimised path has a decoder that can
-        # skip the others do so
+        # inference reads the last layer's masks only: the optimised path asks a decoder that can
+        # skip the other layers' outputs to do so
         self._last_layer_kwargs = {"all_layers": False} if takes_all_layers(mask_decoder) else {}
         self.criterion = criterion
         self.loss_weights = loss_weights
