@@ -474,7 +474,9 @@ class MSDeformAttn(nn.Module):
             self._check_reference_points(query, reference_points)
             offsets, weights = self._offsets_and_weights(query)
             pixels = _pixel_coordinates(offsets, reference_points, shapes)
-            if not torch.isnan(pixels).any():
+            # any NaN makes the sum NaN (so may +inf and -inf together: then the modules' own
+            # computation runs, with the same result); one pass instead of isnan's two
+            if not torch.isnan(pixels.sum()):
                 return linear(_gather_at_pixels(value, shapes, pixels, weights), self.output_proj)
         level_sizes = torch.as_tensor(input_spatial_shapes, device=query.device)
         locations, weights = self.sampling_locations_and_weights(query, reference_points, level_sizes)
