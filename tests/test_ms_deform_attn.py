@@ -145,12 +145,13 @@ def test_gathered_kernel_on_canvases_beyond_int32(monkeypatch):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("samples_at_a_time", [1, 2 * 3 * 4 * 3 * 3])
+# 2 images x 3 heads x 4 corners x 3 levels x 3 points = 216 samples per query: 1 and 3 queries
+@pytest.mark.parametrize("samples_at_a_time", [1, 3 * 2 * 3 * 4 * 3 * 3])
 def test_gathered_kernel_in_chunks_of_queries(monkeypatch, samples_at_a_time):
     """The gather takes a few queries at a time on large inputs; forced here to one query and to
     three at a time (the last chunk shorter): the same results as the naive reference."""
     msda = importlib.import_module("mask_former.layers.ms_deform_attn")
-    value, locations, weights = random_inputs(SHAPES)  # 2 images x 3 heads x 4 corners x 3 levels x 3 points
+    value, locations, weights = random_inputs(SHAPES)  # 5 queries
     expected = naive_ms_deform_attn(value, SHAPES, locations, weights)
     monkeypatch.setattr(msda, "_GATHERED_SAMPLES", samples_at_a_time)
     with torch.no_grad(), inference_kernels():

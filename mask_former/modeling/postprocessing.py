@@ -541,6 +541,11 @@ def mask_wise_merge(
     isthing = _is_thing(labels, {int(c) for c in thing_ids})
     if binarized is None:
         binarized = binarize_masks(mask_probs, mask_threshold)
+    if not isinstance(binarized, (tuple, list)) or len(binarized) != 3:
+        raise ValueError(
+            "binarized must be binarize_masks' (binary, area, prob_in_mask) of the mask_probs, got "
+            f"{type(binarized).__name__}" + (f" of {len(binarized)}" if isinstance(binarized, (tuple, list)) else "")
+        )
     binary, area, prob_in_mask = binarized
     if binary.shape != mask_probs.shape or area.shape != scores.shape or prob_in_mask.shape != scores.shape:
         raise ValueError(
