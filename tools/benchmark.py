@@ -3,6 +3,7 @@
 
     python tools/benchmark.py --config-file configs/ade20k-150/maskformer_R50_bs16_160k.yaml \
         --input-size 512 512 --device cuda --batch-size 2 --runs 20 --json bench.json [KEY VALUE ...]
+    python tools/benchmark.py ... --precision bf16      # the network in bfloat16 for inference
 
 Measures, each as the median (and mean, min) of --runs timed runs after --warmup untimed ones:
 
@@ -67,6 +68,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mask_former import add_mask_former_config  # noqa: E402
+from mask_former.cli.precision import add_precision_argument, apply_precision  # noqa: E402
 from mask_former.modeling import postprocessing  # noqa: E402
 from mask_former.modeling.assignment import linear_sum_assignment_torch  # noqa: E402
 from mask_former.modeling.panoptic_segformer import PanopticSegFormerCriterion  # noqa: E402
@@ -108,6 +110,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", action="store_true",
                         help="compare today's reference path with the optimised paths (inference and "
                         "training, see the module docstring) instead of --parts")
+    add_precision_argument(parser, what="the inference measured by --parts model (--compare runs both)")
     parser.add_argument("--no-memory", action="store_true", help="with --compare: skip the memory subprocesses")
     parser.add_argument("--reduced", action="store_true",
                         help=f"tiny run for tests: {REDUCED['runs']} runs, {REDUCED['warmup']} warm-up")
@@ -128,6 +131,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
+    if args.compare and args.precision:
+        parser.error("--precision: --compare runs the fp32 and the bf16 path side by side; drop one of them")
 
 
 def setup_cfg(args):
@@ -135,6 +140,7 @@ def setup_cfg(args):
     add_mask_former_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    apply_precision(cfg, args)
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.WEIGHTS = ""  # timings do not depend on the weights
     cfg.freeze()
@@ -424,7 +430,7 @@ def format_table(results: Dict) -> str:
     tables = []
     if "inference" in results:
         header += (f", batch {results['batch_size']} of {size}, "
-                   f"{results['num_parameters'] / 1e6:.2f}M parameters")
+                   f"{results['num_parameters'] / 1e6:.2f}M parameters, inference in {results['precision']}")
         rows = [
             ["inference", _ms(results["inference"]), f"{results['inference']['images_per_s']:.2f} images/s"],
             ["train iteration", _ms(results["train_iteration"]),
@@ -539,6 +545,7 @@ def run_benchmarks(cfg, args) -> Dict:
         "warmup": warmup,
         "parts": list(args.parts),
         "num_threads": torch.get_num_threads(),
+        "precision": cfg.MODEL.MASK_FORMER.TEST.PRECISION,
     }
     if "model" in args.parts:
         model = build_model(cfg)

@@ -3,6 +3,7 @@
 
     python tools/train_net.py --config-file configs/ade20k-150/maskformer_R50_bs16_160k.yaml --num-gpus 8
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS model_final.pkl
+    python tools/train_net.py --config-file ... --eval-only --precision bf16 MODEL.WEIGHTS model_final.pkl
     python tools/train_net.py --config-file ... --resume          # continue from OUTPUT_DIR/last_checkpoint
 
 On a machine without GPUs, --num-gpus N starts N CPU processes that train together over Gloo.

@@ -27,6 +27,7 @@ import tqdm
 from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
+from mask_former.cli.precision import add_precision_argument, apply_precision
 from mask_former.config import add_mask_former_config, merge_config_file
 from mask_former.data.dataset_mappers import read_image  # the reader training uses
 from mask_former.data.datasets.command_line import (
@@ -80,9 +81,7 @@ def get_parser() -> argparse.ArgumentParser:
                         + " that the config has on")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="instances and thing segments scoring below this are not drawn")
-    parser.add_argument("--precision", choices=["fp32", "bf16"],
-                        help="inference precision of the network (MODEL.MASK_FORMER.TEST.PRECISION, both "
-                        "model families): fp32, exact (default), or bf16, faster on CPUs with AVX-512 bf16 / AMX")
+    add_precision_argument(parser)
     parser.add_argument("--scale", type=int, default=1, metavar="N",
                         help="draw the images N times larger (each pixel an N x N block) so that the "
                         "labels of small images are legible; the predictions are made on the original "
@@ -128,8 +127,7 @@ def setup_cfg(args):
     add_mask_former_config(cfg)
     merge_config_file(cfg, args.config_file, allow_unsafe=args.allow_unsafe_config)
     cfg.merge_from_list(args.opts)
-    if getattr(args, "precision", None):
-        cfg.MODEL.MASK_FORMER.TEST.PRECISION = args.precision
+    apply_precision(cfg, args)
     resolve_num_classes(cfg, "DATASETS.TEST")  # NUM_CLASSES -1: the class count of the test dataset
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu":
         logger.info(f"CUDA is not available: running on the CPU instead of MODEL.DEVICE={cfg.MODEL.DEVICE}")

@@ -2,6 +2,7 @@
 
     maskformer-train --config-file configs/ade20k-150/maskformer_R50_bs16_160k.yaml --num-gpus 8
     maskformer-train --config-file ... --eval-only MODEL.WEIGHTS model_final.pkl
+    maskformer-train --config-file ... --eval-only --precision bf16 MODEL.WEIGHTS model_final.pkl
     maskformer-train --config-file ... --resume          # continue from OUTPUT_DIR/last_checkpoint
     maskformer-train --config-file configs/custom/maskformer_R50_semantic.yaml \
         --dataset my_train semantic data/images/train data/semantic_train data/classes.txt \
@@ -25,6 +26,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from mask_former.checkpoint import MaskFormerCheckpointer, check_weights_available
+from mask_former.cli.precision import add_precision_argument, apply_precision
 from mask_former.config import add_mask_former_config, merge_config_file
 from mask_former.data.datasets.command_line import (
     DatasetArgumentError,
@@ -53,6 +55,7 @@ def argument_parser():
     parser.add_argument("--allow-weights-mismatch", action="store_true",
                         help="with --eval-only: evaluate even when MODEL.WEIGHTS does not fit the model "
                         "(weights of another shape or missing are left as initialized)")
+    add_precision_argument(parser, what="evaluation (with --eval-only, and the evaluations during training)")
     return parser
 
 
@@ -80,6 +83,7 @@ def setup(args):
     add_mask_former_config(cfg)
     merge_config_file(cfg, args.config_file, allow_unsafe=args.allow_unsafe_config)
     cfg.merge_from_list(args.opts)
+    apply_precision(cfg, args)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE == "cuda":
         cfg.MODEL.DEVICE = "cpu"
     datasets_used = ("DATASETS.TEST",) if args.eval_only else ("DATASETS.TRAIN", "DATASETS.TEST")
