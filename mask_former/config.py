@@ -102,14 +102,15 @@ def add_mask_former_config(cfg):
     # alias of detectron2's TEST.DETECTIONS_PER_IMAGE (instances kept per image), which is read
     # when this is None; kept for configs written for earlier versions of this project
     cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE = None
-    # inference precision of the network (MaskFormer and PanopticSegFormer): "fp32" (exact) or "bf16"
-    # (faster on CPUs with AVX-512 bf16 / AMX); post-processing stays float32
+    # inference precision of the network (MaskFormer and PanopticSegFormer): "fp32" (exact), "bf16"
+    # (faster on CPUs with AVX-512 bf16 / AMX and on GPUs from Ampere on) or "fp16" (for GPUs
+    # without bfloat16; overflowing outputs are an error); post-processing stays float32
     cfg.MODEL.MASK_FORMER.TEST.PRECISION = "fp32"
     # keep the memory of the large outputs (MaskFormer's semantic scores) from one inference call
     # to the next, and write the next outputs into it once the caller has let go of the previous
     # ones: saves the page faults of new memory (0.32x -> 0.25x of the reference's time for R50
-    # bf16 at 512x512) for one output's worth of memory held between calls. None: on with bf16,
-    # off with fp32 (where the held memory raised the peak and the time did not change).
+    # bf16 at 512x512) for one output's worth of memory held between calls. None: on with bf16 and
+    # fp16, off with fp32 (where the held memory raised the peak and the time did not change).
     cfg.MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY = None
 
     # ---------------------------------------------------------------- pixel decoder

@@ -480,29 +480,56 @@ def test_model_trains_and_infers_the_three_outputs():
         assert (instances.scores[:-1] >= instances.scores[1:]).all()
 
 
-def test_bf16_inference_runs_the_network_in_bfloat16_and_merges_in_float32():
-    """MODEL.MASK_FORMER.TEST.PRECISION bf16: the decoders' products come out in bfloat16 (autocast),
-    the outputs are float32 and near the fp32 ones (same weights); a bad value is named."""
+@pytest.mark.parametrize("precision, dtype, tolerance", [
+    ("bf16", torch.bfloat16, 0.03),  # measured: below 0.008
+    ("fp16", torch.float16, 0.005),  # 3 more mantissa bits
+])
+def test_low_precision_inference_runs_the_network_in_it_and_merges_in_float32(precision, dtype, tolerance):
+    """MODEL.MASK_FORMER.TEST.PRECISION bf16 / fp16: the decoders' products come out in that dtype
+    (autocast), the outputs are float32 and near the fp32 ones (same weights)."""
     torch.manual_seed(0)
     cfg = psf_cfg()
     fp32 = build_model(cfg).eval()
-    cfg.MODEL.MASK_FORMER.TEST.PRECISION = "bf16"
-    bf16 = build_model(cfg).eval()
-    bf16.load_state_dict(fp32.state_dict())
+    cfg.MODEL.MASK_FORMER.TEST.PRECISION = precision
+    low = build_model(cfg).eval()
+    low.load_state_dict(fp32.state_dict())
     seen = []
-    bf16.mask_decoder.thing_decoder.layers[0].q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    low.mask_decoder.thing_decoder.layers[0].q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     with torch.no_grad():
-        want, got = fp32(make_batch()), bf16(make_batch())
-    assert seen == [torch.bfloat16]
+        want, got = fp32(make_batch()), low(make_batch())
+    assert seen == [dtype]
     for w, g in zip(want, got):
         assert g["sem_seg"].dtype == torch.float32
-        assert (g["sem_seg"] - w["sem_seg"]).abs().max() < 0.03  # measured: below 0.008
+        assert (g["sem_seg"] - w["sem_seg"]).abs().max() < tolerance
         torch.testing.assert_close(g["instances"].scores.sort().values, w["instances"].scores.sort().values,
-                                   rtol=0, atol=0.03)
+                                   rtol=0, atol=tolerance)
 
-    cfg.MODEL.MASK_FORMER.TEST.PRECISION = "fp16"
-    with pytest.raises(ValueError, match="MODEL.MASK_FORMER.TEST.PRECISION.*'fp16'"):
+
+def test_a_bad_precision_is_named():
+    cfg = psf_cfg()
+    cfg.MODEL.MASK_FORMER.TEST.PRECISION = "fp8"
+    with pytest.raises(ValueError, match="MODEL.MASK_FORMER.TEST.PRECISION.*'fp8'"):
         build_model(cfg)
+
+
+def test_fp16_outputs_that_overflow_are_an_error():
+    """float16 ends at 65504: class logits beyond it would be inf (NaN scores); fp16 inference
+    says so and names the precision, bf16 (float32's range) runs."""
+    for precision in ("fp16", "bf16"):
+        torch.manual_seed(0)
+        cfg = psf_cfg()
+        cfg.MODEL.MASK_FORMER.TEST.PRECISION = precision
+        model = build_model(cfg).eval()
+        with torch.no_grad():
+            for branch in model.location_decoder.class_branches:
+                # each representable in float16; their sum (the queries are layer-normed) is not
+                branch.weight[:, 0] = 60000.0
+                branch.bias.fill_(60000.0)
+            if precision == "fp16":
+                with pytest.raises(FloatingPointError, match="PRECISION fp16.*not finite.*bf16"):
+                    model(make_batch())
+            else:
+                model(make_batch())
 
 
 def _frozen_bn_psf(precision="fp32"):

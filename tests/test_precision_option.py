@@ -60,6 +60,7 @@ TOOLS = [demo_cfg, train_net_cfg, benchmark_cfg]
     (["--precision", "bf16"], [], "bf16"),
     (["--precision", "bf16"], [KEY, "fp32"], "bf16"),  # the option comes after the overrides
     (["--precision", "fp32"], [KEY, "bf16"], "fp32"),
+    (["--precision", "fp16"], [], "fp16"),
 ])
 def test_the_option_sets_the_config_key(tool, argv, overrides, expected, tmp_path):
     cfg = tool(with_overrides(tool, argv, overrides), tmp_path)
@@ -75,10 +76,10 @@ def test_evaluation_builds_the_model_in_that_precision(tmp_path):
 @pytest.mark.parametrize("tool", TOOLS, ids=["demo", "train_net", "benchmark"])
 def test_an_unknown_precision_is_a_usage_error(tool, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        tool(["--precision", "fp16"], tmp_path)
+        tool(["--precision", "fp8"], tmp_path)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "--precision" in err and "'fp16'" in err and "bf16" in err
+    assert "--precision" in err and "'fp8'" in err and "bf16" in err and "fp16" in err
 
 
 def test_benchmark_compare_runs_both_precisions_and_refuses_the_option(tmp_path, capsys):

@@ -12,8 +12,9 @@ def add_precision_argument(parser: argparse.ArgumentParser, what: str = "inferen
     parser.add_argument(
         "--precision", choices=sorted(PRECISIONS),
         help=f"precision of the network in {what} (sets MODEL.MASK_FORMER.TEST.PRECISION, after the "
-        "config file and overrides; default: the config's, fp32 unless set): fp32, exact, or bf16, "
-        "faster on CPUs with AVX-512 bf16 / AMX (post-processing stays float32)",
+        "config file and overrides; default: the config's, fp32 unless set): fp32, exact; bf16, "
+        "faster on CPUs with AVX-512 bf16 / AMX and on recent GPUs; fp16, for GPUs without "
+        "bfloat16 (post-processing stays float32)",
     )
 
 

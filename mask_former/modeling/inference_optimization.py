@@ -44,7 +44,9 @@ __all__ = [
 ]
 
 # MODEL.MASK_FORMER.TEST.PRECISION -> dtype of the network's weights and activations in inference.
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# bf16 is the fast path of CPUs with AVX-512 bf16 / AMX and of GPUs from Ampere on; fp16 is for
+# GPUs without bfloat16 (most CPUs have no float16 arithmetic and run it no faster than fp32).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Output rows per band of the semantic combination. At 512x512 with 100 queries and 150 classes,
 # into an output already in memory (REUSE_OUTPUT_MEMORY): 4 / 8 / 16 / 32 / 64 / 128 / 256 rows
@@ -166,6 +168,20 @@ def _unchanged(t: Optional[Tensor], state: Tuple[Tensor, int, int]) -> bool:
     return t is source and t._version == version and t.data_ptr() == pointer
 
 
+def _check_fits(name: str, dtype: torch.dtype, copies: Sequence[Optional[Tensor]],
+                sources: Sequence[Optional[Tensor]], folded: bool) -> None:
+    """A ValueError naming the weight or layer ``name`` when a weight that is finite in its
+    ``sources`` became infinite in its ``dtype`` ``copies`` (float16 ends at 65504)."""
+    if not any(c is not None and torch.isinf(c).any() for c in copies):
+        return
+    if all(s is None or torch.isfinite(s).all() for s in sources):
+        what = f"the convolution {name!r} with its batch norm folded in" if folded else f"the weight {name!r}"
+        raise ValueError(
+            f"MODEL.MASK_FORMER.TEST.PRECISION: {what} does not fit {dtype} (it has values beyond "
+            f"{torch.finfo(dtype).max:g}); run this model in another precision (bf16 has float32's range)"
+        )
+
+
 class InferenceWeights:
     """
     The weights a module runs with in inference, kept beside it:
@@ -173,14 +189,15 @@ class InferenceWeights:
     * every detectron2 ``Conv2d`` with a frozen batch norm runs as one convolution with the norm
       folded into its weight and bias; 1x1 convolutions of channels-last inputs run as matrix
       products;
-    * with a low-precision ``dtype`` (bfloat16), copies in that dtype of the weights that
+    * with a low-precision ``dtype`` (bfloat16, float16), copies in that dtype of the weights that
       autocast would otherwise cast again at every call (``Linear``, ``Conv2d`` and
       ``MultiheadAttention`` layers); the folded weights are stored in it too.
 
     ``with weights.active(): weights.call(module.sub, "sub", x)`` runs a submodule so; outside it
     the module runs as built. The module's parameters, buffers and ``state_dict()`` are never
     changed; :meth:`is_current` tells when they were (an optimizer step, ``load_state_dict``,
-    ``.to()``) so that the copies are made again.
+    ``.to()``) so that the copies are made again. A weight that would overflow ``dtype`` (float16
+    ends at 65504) is a ValueError naming its layer.
     """
 
     def __init__(self, module: nn.Module, dtype: Optional[torch.dtype] = None, fold: bool = True):
@@ -196,13 +213,15 @@ class InferenceWeights:
         self.fold = fold
         self._forwards = []
         self._sources = []  # state of the tensors folded from
-        for conv in module.modules():
+        for name, conv in module.named_modules():
             if not isinstance(conv, Conv2d):
                 continue
             weight = bias = None
             if fold and _foldable_norm(conv.norm):
                 weight, bias = fold_conv_norm(conv, dtype)
-                for t in [conv.weight, conv.bias] + _norm_sources(conv.norm):
+                sources = [conv.weight, conv.bias] + _norm_sources(conv.norm)
+                _check_fits(name, weight.dtype, [weight, bias], sources, folded=True)
+                for t in sources:
                     if t is not None:
                         self._sources.append(_tensor_state(t))
             self._forwards.append(_InferenceConvForward(conv, weight, bias))
@@ -213,6 +232,7 @@ class InferenceWeights:
                 for name, p in _low_precision_sources(module, self._folded_modules()):
                     if p.is_floating_point() and p.dtype != dtype:
                         self._cast[name] = p.detach().to(dtype)
+                        _check_fits(name, dtype, [self._cast[name]], [p], folded=False)
                         self._cast_sources.append((name, _tensor_state(p)))
 
     def _folded_modules(self) -> set:

@@ -8,6 +8,7 @@ A new meta-architecture subclasses :class:`SegmentationMetaArch`, registers ``pi
 ``pixel_std`` buffers (C x 1 x 1), sets ``size_divisibility`` and calls :meth:`set_task_switches`.
 """
 import contextlib
+import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,6 +22,8 @@ from ..reusable_buffers import ReusableBuffers
 from ..training_optimization import channels_last_conv_weights, folded_frozen_norms
 
 __all__ = ["SegmentationMetaArch", "task_switches"]
+
+logger = logging.getLogger(__name__)
 
 SEMANTIC, PANOPTIC, INSTANCE = (get_task(name) for name in ("semantic", "panoptic", "instance"))
 
@@ -45,7 +48,7 @@ class SegmentationMetaArch(nn.Module):
     # Train with channels-last convolutions and the backbone's frozen batch norms folded into them
     # (``backbone_features``); False trains the modules as built.
     optimize_training: bool = True
-    # MODEL.MASK_FORMER.TEST.PRECISION of the network in inference ("fp32" or "bf16")
+    # MODEL.MASK_FORMER.TEST.PRECISION of the network in inference ("fp32", "bf16" or "fp16")
     precision: str = "fp32"
     # Run inference through the optimised path (channels-last convolutions, in ``precision``, in
     # bfloat16 with folded batch norms; see ``prepare_for_inference``); False runs the modules as built.
@@ -55,6 +58,7 @@ class SegmentationMetaArch(nn.Module):
     reuse_output_memory: Optional[bool] = None
     _inference_weights = None  # InferenceWeights, an inference-only cache (prepare_for_inference)
     _inference_buffers = None  # ReusableBuffers of the optimised path's large outputs
+    _warned_fp16_on_cpu = False  # said once per model that fp16 is slow on CPUs
 
     @classmethod
     def output_tasks(cls, cfg) -> Tuple[str, ...]:
@@ -75,11 +79,26 @@ class SegmentationMetaArch(nn.Module):
         return self.pixel_mean.device
 
     def inference_autocast(self):
-        """The context the network runs in at inference: nothing in fp32, autocast to bfloat16
-        (matrix products and convolutions) with ``precision`` "bf16"."""
+        """The context the network runs in at inference: nothing in fp32, autocast to bfloat16 or
+        float16 (matrix products and convolutions) with ``precision`` "bf16" or "fp16"."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
+        if self.precision == "fp16" and self.device.type == "cpu" and not self._warned_fp16_on_cpu:
+            logger.warning("MODEL.MASK_FORMER.TEST.PRECISION fp16 on a CPU: most CPUs have no float16 "
+                           "arithmetic and run it no faster than fp32; bf16 is the CPU fast path")
+            self._warned_fp16_on_cpu = True
         return torch.autocast(self.device.type, dtype=inference_dtype(self.precision))
+
+    def check_low_precision_outputs(self, outputs: Sequence[torch.Tensor]) -> None:
+        """In fp16, a FloatingPointError when the network's ``outputs`` are not all finite: float16
+        overflows beyond 65504, where bfloat16 and float32 do not, and the outputs would be NaN."""
+        if self.precision != "fp16":
+            return
+        if not all(bool(torch.isfinite(t).all()) for t in outputs):
+            raise FloatingPointError(
+                "MODEL.MASK_FORMER.TEST.PRECISION fp16: the network's outputs are not finite (float16 "
+                "overflows beyond 65504); run this model in bf16 (float32's range) or fp32"
+            )
 
     def train(self, mode: bool = True):
         if mode:
@@ -110,8 +129,8 @@ class SegmentationMetaArch(nn.Module):
     def prepare_for_inference(self, fold: Optional[bool] = None) -> InferenceWeights:
         """
         Build, or rebuild when the weights changed, what the optimised inference path keeps beside
-        the model (``InferenceWeights``): in bfloat16, the weights of every convolution with a
-        frozen batch norm with the norm folded in (channels-last) and bfloat16 copies of the other
+        the model (``InferenceWeights``): in bf16 and fp16, the weights of every convolution with a
+        frozen batch norm with the norm folded in (channels-last) and low-precision copies of the other
         weights of matrix products and convolutions. In float32 nothing is copied and the
         convolutions run as built (1x1 ones of channels-last inputs as matrix products): the folded
         weights would be copies (R50: 94 MB, a fifth of the reference path's inference memory at

@@ -112,14 +112,15 @@ class MaskFormer(SegmentationMetaArch):
             pixel_mean, pixel_std: per-channel normalization of the input image.
             semantic_on, panoptic_on, instance_on: which results inference returns.
             detections_per_image: top-k of instance inference.
-            precision: "fp32" or "bf16", the dtype of the network's weights and activations in
-                inference (MODEL.MASK_FORMER.TEST.PRECISION); post-processing is float32.
+            precision: "fp32", "bf16" or "fp16", the dtype of the network's weights and activations
+                in inference (MODEL.MASK_FORMER.TEST.PRECISION); post-processing is float32. fp16
+                outputs that overflowed are a FloatingPointError (``check_low_precision_outputs``).
             reuse_output_memory: write the semantic scores of the optimised path into the memory
                 of the previous call's once the caller has let go of them (``output_buffer``);
-                None: with bf16 only (MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY).
+                None: with bf16 or fp16 only (MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY).
             optimize_inference: run inference through the optimised path (channels-last
                 convolutions, fused attention, band-wise upsampling and semantic combination, in
-                bf16 folded batch norms; see ``prepare_for_inference``). False runs the reference
+                bf16 and fp16 folded batch norms; see ``prepare_for_inference``). False runs the reference
                 path (plain modules, full-resolution intermediates), which is always float32.
             optimize_training: train with channels-last convolutions and the backbone's frozen
                 batch norms folded into them (``backbone_features``; same losses and gradients to
@@ -237,7 +238,9 @@ class MaskFormer(SegmentationMetaArch):
             else:
                 features = weights.call(self.backbone, "backbone", images)
                 outputs = weights.call(self.sem_seg_head, "sem_seg_head", features)
-        return {k: v.float() if isinstance(v, Tensor) else v for k, v in outputs.items()}
+        outputs = {k: v.float() if isinstance(v, Tensor) else v for k, v in outputs.items()}
+        self.check_low_precision_outputs([outputs["pred_logits"], outputs["pred_masks"]])
+        return outputs
 
     def forward(self, batched_inputs: List[Dict[str, object]]):
         """

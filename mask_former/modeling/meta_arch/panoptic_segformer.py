@@ -149,16 +149,17 @@ class PanopticSegFormer(SegmentationMetaArch):
             merge_params: keyword arguments of ``mask_wise_merge`` (alpha, beta, thresholds).
             activation_checkpointing: dotted names of submodules whose activations are recomputed
                 in the backward instead of kept (``training_optimization.checkpoint_activations``).
-            precision: "fp32" or "bf16" (MODEL.MASK_FORMER.TEST.PRECISION): the network runs
-                under bfloat16 autocast in inference with "bf16"; the merging stays float32.
+            precision: "fp32", "bf16" or "fp16" (MODEL.MASK_FORMER.TEST.PRECISION): the network
+                runs under bfloat16 / float16 autocast in inference with "bf16" / "fp16"; the
+                merging stays float32. fp16 outputs that overflowed are a FloatingPointError.
             optimize_inference: run inference with the layers' inference kernels
                 (``layers.inference_kernels``: linear layers fused with their activation,
                 gathered deformable attention), with the mask decoder making the masks of its
-                last layers only (those inference reads), and, in bfloat16, through the optimised path, as
+                last layers only (those inference reads), and, in bf16 and fp16, through the optimised path, as
                 MaskFormer does: the backbone's frozen batch norms folded into its convolutions,
-                channels-last convolutions, bfloat16 copies of the weights kept beside the model
+                channels-last convolutions, low-precision copies of the weights kept beside the model
                 (``prepare_for_inference``) rather than cast again by autocast at every call;
-                False runs the modules as built (under autocast in bfloat16). fp32 inference
+                False runs the modules as built (under autocast in bf16 / fp16). fp32 inference
                 runs the modules themselves as built: there the cached weights and channels-last
                 convolutions measured 0.95x the time at 1.10x the peak memory (R50 at 512 x 512,
                 README).
@@ -278,6 +279,8 @@ class PanopticSegFormer(SegmentationMetaArch):
             masks = _run_module(weights, self.mask_decoder, "mask_decoder", hidden, query_pos, stuff_query,
                                 stuff_pos, memory, **(self._last_layer_kwargs if optimized else {}))
         masks = {kind: [{k: v.float() for k, v in layer.items()} for layer in layers] for kind, layers in masks.items()}
+        self.check_low_precision_outputs([location["pred_logits"][-1]]
+                                         + [v for layers in masks.values() for v in layers[-1].values()])
         return self.inference(scores, thing_classes, masks, batched_inputs, images)
 
     def locate(self, images: ImageList, targets: Optional[List[Dict[str, Tensor]]],
