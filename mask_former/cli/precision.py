@@ -8,7 +8,8 @@ __all__ = ["add_precision_argument", "apply_precision"]
 
 
 def add_precision_argument(parser: argparse.ArgumentParser, what: str = "inference") -> None:
-    """Add ``--precision {fp32,bf16}`` to ``parser``; ``what`` says what it applies to in the help."""
+    """Add ``--precision`` (the keys of ``PRECISIONS``) to ``parser``; ``what`` says what it applies to
+    in the help."""
     parser.add_argument(
         "--precision", choices=sorted(PRECISIONS),
         help=f"precision of the network in {what} (sets MODEL.MASK_FORMER.TEST.PRECISION, after the "

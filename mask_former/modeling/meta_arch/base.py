@@ -51,7 +51,7 @@ class SegmentationMetaArch(nn.Module):
     # MODEL.MASK_FORMER.TEST.PRECISION of the network in inference ("fp32", "bf16" or "fp16")
     precision: str = "fp32"
     # Run inference through the optimised path (channels-last convolutions, in ``precision``, in
-    # bfloat16 with folded batch norms; see ``prepare_for_inference``); False runs the modules as built.
+    # bf16 / fp16 with folded batch norms; see ``prepare_for_inference``); False runs the modules as built.
     optimize_inference: bool = True
     # Keep the memory of the optimised path's large outputs for the next call (``output_buffer``):
     # True, False, or None for "with bf16" (MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY)
