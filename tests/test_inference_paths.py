@@ -281,6 +281,33 @@ def test_preparing_leaves_modules_and_state_dict_alone(precision):
     copy.deepcopy(model)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_optimised_inference_stores_conv_weights_channels_last(precision):
+    """The optimised path's activations are channels-last: it stores every convolution weight so,
+    in place (the same values and Parameter objects, as training does), and the low-precision
+    copies take that layout, so that no weight is reordered at every call."""
+    cfg = tiny_cfg()
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    cfg.MODEL.MASK_FORMER.TEST.PRECISION = precision
+    model = build(cfg)
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    before = {name: (m.weight, m.weight.detach().clone()) for name, m in convs.items()}
+    assert not all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs.values())
+    with torch.no_grad():
+        expected = model(images([(64, 48)]))[0]["sem_seg"].clone()  # the first call stores them
+        got = model(images([(64, 48)]))[0]["sem_seg"]
+    assert torch.equal(got, expected)
+    for name, m in convs.items():
+        parameter, values = before[name]
+        assert m.weight is parameter and torch.equal(m.weight, values), name
+        assert m.weight.is_contiguous(memory_format=torch.channels_last), name
+    weights = model.prepare_for_inference()
+    assert model.prepare_for_inference() is weights  # the new layout is what the copies describe
+    four_d = [copy for copy in weights._cast.values() if copy.dim() == 4]
+    assert (len(four_d) > 0) == (precision == "bf16")
+    assert all(copy.is_contiguous(memory_format=torch.channels_last) for copy in four_d)
+
+
 def test_training_is_unchanged_by_an_optimised_eval_pass():
     cfg = tiny_cfg()
     batch = images([(64, 48), (56, 48)])

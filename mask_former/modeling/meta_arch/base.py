@@ -137,9 +137,15 @@ class SegmentationMetaArch(nn.Module):
         512x512) for no time that ``tools/benchmark_inference.py --levers`` could tell from its
         noise. ``fold`` overrides that choice (for measuring what folding pays).
 
+        When it builds them, it first stores every convolution weight of the model channels-last,
+        in place, as training does (``training_optimization.channels_last_conv_weights``): the
+        optimised path's activations are channels-last, and a planar weight would be reordered at
+        every call (a 512 x 512 x 3 x 3 weight of a 4 x 4 input: 1.6 against 0.9 ms).
+
         Called by every optimised forward in eval mode (cheap when nothing changed); the modules,
-        parameters and ``state_dict()`` are left as they are, so training, checkpoints and the
-        reference path (``optimize_inference = False``) are unaffected. ``train()`` drops the copies.
+        parameters and the values of ``state_dict()`` are left as they are, so training,
+        checkpoints and the reference path (``optimize_inference = False``) are unaffected.
+        ``train()`` drops the copies.
         """
         dtype = self._weights_dtype()
         if fold is None:
@@ -147,6 +153,7 @@ class SegmentationMetaArch(nn.Module):
         weights = self._inference_weights
         if weights is None or weights.fold != fold or not weights.is_current(self, dtype):
             self._inference_weights = None  # free the stale copies before making new ones
+            channels_last_conv_weights(self)  # before the copies, which take the weights' layout
             weights = self._inference_weights = InferenceWeights(self, dtype, fold=fold)
         return weights
 
