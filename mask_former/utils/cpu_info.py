@@ -1,7 +1,7 @@
 """What the benchmark tools print beside every figure: the CPU's model name, family and model
 numbers (one name can stand for several CPUs), the flags that decide the bfloat16 speed (figures
 compare only on the same CPU), and whether PyTorch's allocator uses huge pages (which changes the
-cost of large fresh tensors, see the README's "Transparent huge pages")."""
+cost of large fresh tensors, see "Transparent huge pages" in docs/speed.md)."""
 import os
 import platform
 from typing import List

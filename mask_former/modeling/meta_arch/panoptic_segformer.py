@@ -162,7 +162,7 @@ class PanopticSegFormer(SegmentationMetaArch):
                 False runs the modules as built (under autocast in bf16 / fp16). fp32 inference
                 runs the modules themselves as built: there the cached weights and channels-last
                 convolutions measured 0.95x the time at 1.10x the peak memory (R50 at 512 x 512,
-                README).
+                docs/speed.md).
         """
         super().__init__()
         self.backbone = backbone
