@@ -54,7 +54,7 @@ class SegmentationMetaArch(nn.Module):
     # bf16 / fp16 with folded batch norms; see ``prepare_for_inference``); False runs the modules as built.
     optimize_inference: bool = True
     # Keep the memory of the optimised path's large outputs for the next call (``output_buffer``):
-    # True, False, or None for "with bf16" (MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY)
+    # True, False, or None for "with bf16 or fp16" (MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY)
     reuse_output_memory: Optional[bool] = None
     _inference_weights = None  # InferenceWeights, an inference-only cache (prepare_for_inference)
     _inference_buffers = None  # ReusableBuffers of the optimised path's large outputs
@@ -109,7 +109,7 @@ class SegmentationMetaArch(nn.Module):
     def output_buffer(self, key, shape: Sequence[int]) -> Optional[torch.Tensor]:
         """
         Where the optimised path writes a large float32 output of ``shape`` (``key`` names it, e.g.
-        the semantic scores of the i-th image): with ``reuse_output_memory`` (None: with bf16), the
+        the semantic scores of the i-th image): with ``reuse_output_memory`` (None: with bf16 or fp16), the
         memory of the previous call's output under ``key`` once the caller has let go of it
         (``ReusableBuffers``; ``train()`` frees it); otherwise None, for new memory.
         """

@@ -154,7 +154,7 @@ class MaskFormer(SegmentationMetaArch):
         if not (reuse_output_memory is None or isinstance(reuse_output_memory, bool)):
             raise ValueError(
                 f"MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY={reuse_output_memory!r}: expected None "
-                "(on with bf16), True or False"
+                "(on with bf16 and fp16), True or False"
             )
         self.reuse_output_memory = reuse_output_memory
         self.optimize_inference = optimize_inference
