@@ -69,6 +69,9 @@ def add_mask_former_config(cfg):
     cfg.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
     # assignment solver of the matcher: "scipy" (on the CPU) or "torch" (exact, batched, on the device)
     cfg.MODEL.MASK_FORMER.MATCHER_SOLVER = "scipy"
+    # the matcher sums its mask costs over this many pixels (points) at a time, so that the
+    # intermediates stay in the cache; 0 = all pixels at once. Equal costs to float rounding
+    cfg.MODEL.MASK_FORMER.MATCHER_CHUNK_POINTS = 2048
 
     cfg.MODEL.MASK_FORMER.NHEADS = 8
     cfg.MODEL.MASK_FORMER.DROPOUT = 0.1

@@ -117,3 +117,23 @@ def test_bad_shapes_raise():
         points.sample(torch.randn(1, 3, 4, 4))
     with pytest.raises(ValueError, match=r"got \(16,\)"):
         points.sample(torch.randn(16))
+
+
+def test_ranges_of_points_read_from_one_table_equal_all_points():
+    generator = torch.Generator().manual_seed(9)
+    # one decoder layer's slice of the logits of all layers, channels innermost: rows 3 x 4 apart
+    all_layers = torch.randn(2, 6, 7, 3 * 4, generator=generator).permute(0, 3, 1, 2)
+    maps = all_layers[:, 4:8]
+    points = BilinearPoints(torch.rand(2, 11, 2, generator=generator), 6, 7)
+    table = points.pixel_table(maps)
+    # a contiguous copy (F.embedding_bag would copy strided rows at every call), pixel-major
+    assert table.is_contiguous() and table.shape == (2 * 6 * 7, 4)
+    torch.testing.assert_close(table.view(2, 6, 7, 4), maps.permute(0, 2, 3, 1), rtol=0, atol=0)
+    whole = points.sample(maps)
+    parts = [points.sample_table(table, start, min(start + 4, 11)) for start in range(0, 11, 4)]
+    assert [part.shape for part in parts] == [(2, 4, 4), (2, 4, 4), (2, 4, 3)]
+    torch.testing.assert_close(torch.cat(parts, dim=-1), whole, rtol=0, atol=0)
+    assert points.sample_table(table, 5, 5).shape == (2, 4, 0)
+    # channels-last float32 maps are read in place
+    channels_last = torch.randn(2, 4, 6, 7).contiguous(memory_format=torch.channels_last)
+    assert points.pixel_table(channels_last).data_ptr() == channels_last.data_ptr()

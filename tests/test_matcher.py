@@ -136,9 +136,11 @@ def check_against_brute_force(matcher, outputs, targets, weights, kind):
     "weights",
     [(1.0, 20.0, 1.0), (1.0, 1.0, 1.0), (2.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)],
 )
-def test_matches_brute_force(kind, weights):
+# the mask costs over all 12 (or 4) pixels at once, in chunks of 5 (the last one shorter), and 1 by 1
+@pytest.mark.parametrize("chunk_points", [0, 5, 1])
+def test_matches_brute_force(kind, weights, chunk_points):
     generator = torch.Generator()
-    matcher = HungarianMatcher(*weights, mask_cost_type=kind)
+    matcher = HungarianMatcher(*weights, mask_cost_type=kind, chunk_points=chunk_points)
     for seed in range(3):
         generator.manual_seed(seed)
         num_queries = 3 + seed  # 3..5, plus the 6-query case below
@@ -412,6 +414,33 @@ def test_torch_solver_is_optimal_on_ties():
     outputs, targets = random_case(generator, [4, 3], 5, 2, 2, 2)
     matcher = HungarianMatcher(2.0, 0.0, 0.0, solver="torch")
     check_against_brute_force(matcher, outputs, targets, (2.0, 0.0, 0.0), "focal")
+
+
+def test_chunked_costs_equal_costs_over_all_pixels_at_once():
+    # a cost registered without batch support (mapped with torch.vmap) is chunked as well
+    generator = torch.Generator().manual_seed(14)
+    outputs, targets = random_case(generator, [3, 0, 5], 7, 4, 9, 11)
+    for kind in ("focal", "bce", "brier"):
+        whole = HungarianMatcher(1.0, 20.0, 1.0, mask_cost_type=kind).batched_cost(outputs, targets)
+        for chunk_points in (1, 10, 98, 99, 100):  # 99 = 9 x 11 pixels
+            chunked = HungarianMatcher(1.0, 20.0, 1.0, mask_cost_type=kind, chunk_points=chunk_points)
+            got = chunked.batched_cost(outputs, targets)
+            torch.testing.assert_close(got[0, :, :3], whole[0, :, :3], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[2], whole[2], rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_points_validation_and_config_key():
+    cfg = tiny_cfg()
+    assert cfg.MODEL.MASK_FORMER.MATCHER_CHUNK_POINTS == 2048
+    assert build_matcher(cfg).chunk_points == 2048
+    cfg.MODEL.MASK_FORMER.MATCHER_CHUNK_POINTS = 0
+    assert build_matcher(cfg).chunk_points == 0
+    for bad in (-1, 2.5, True):
+        cfg.MODEL.MASK_FORMER.MATCHER_CHUNK_POINTS = bad
+        with pytest.raises(ValueError, match=rf"MATCHER_CHUNK_POINTS={bad!r}: expected an int >= 0"):
+            build_matcher(cfg)
+        with pytest.raises(ValueError, match=rf"chunk_points must be an int >= 0, got {bad!r}"):
+            HungarianMatcher(chunk_points=bad)
 
 
 def test_matcher_solver_config_key():

@@ -196,11 +196,12 @@ def test_point_costs_equal_full_costs_on_constant_masks():
     torch.testing.assert_close(points[0], full[0], rtol=1e-5, atol=1e-6)
 
 
-def test_point_costs_are_the_cost_functions_at_shared_points():
+@pytest.mark.parametrize("chunk_points", [0, 7, 40])
+def test_point_costs_are_the_cost_functions_at_shared_points(chunk_points):
     generator = torch.Generator().manual_seed(5)
     outputs, targets = random_case(generator, ([0, 1, 1], [1]), num_queries=4, num_logits=3, mask_size=6,
                                    target_size=24)
-    matcher = HungarianMatcher(1.0, 20.0, 1.0, num_points=40)
+    matcher = HungarianMatcher(1.0, 20.0, 1.0, num_points=40, chunk_points=chunk_points)
     torch.manual_seed(7)
     cost = matcher.batched_cost(outputs, targets)
     torch.manual_seed(7)

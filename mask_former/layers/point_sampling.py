@@ -71,29 +71,53 @@ class BilinearPoints:
             B x C x P float32 samples: a view of B x P x C memory (the layout of the gather), which
             element-wise operations keep and matrix products read as it is.
         """
+        return self.sample_table(self.pixel_table(maps), 0, self.num_points)
+
+    def pixel_table(self, maps: Tensor) -> Tensor:
+        """The (B * H * W) x C float32 table of ``maps`` (B x C x H x W, of the constructor's size)
+        that :meth:`sample_table` reads: a view when the maps are float32 with the channels
+        innermost in memory, else one transposed copy. Make it once to read the points in
+        several ranges."""
         if maps.dim() != 4 or maps.shape[0] != self.num_images or tuple(maps.shape[2:]) != self.size:
             raise ValueError(
-                f"BilinearPoints.sample: expected maps of shape {self.num_images} x C x {self.size[0]} x "
+                f"BilinearPoints: expected maps of shape {self.num_images} x C x {self.size[0]} x "
                 f"{self.size[1]}, got {tuple(maps.shape)}"
             )
-        batch, channels = maps.shape[:2]
-        if channels == 0 or self.num_points == 0:
-            return maps.new_zeros((batch, self.num_points, channels), dtype=torch.float32).transpose(1, 2)
-        samples = F.embedding_bag(self.indices, _pixel_major(maps), per_sample_weights=self.weights, mode="sum")
-        return samples.view(batch, self.num_points, channels).transpose(1, 2)
+        return _pixel_major(maps)
+
+    def sample_table(self, table: Tensor, start: int, stop: int) -> Tensor:
+        """
+        Args:
+            table: a :meth:`pixel_table` of the maps.
+            start, stop: the range of points to read (the same for every image), 0 <= start <=
+                stop <= P.
+
+        Returns:
+            B x C x (stop - start) float32 samples of points ``start:stop``: a view of B x
+            (stop - start) x C memory.
+        """
+        batch, channels = self.num_images, table.shape[1]
+        count = stop - start
+        if channels == 0 or count == 0:
+            return table.new_zeros((batch, count, channels)).transpose(1, 2)
+        if count == self.num_points:
+            indices, weights = self.indices, self.weights
+        else:  # the rows of the range in every image: a copy of B x count x 4 indices and weights
+            indices = self.indices.view(batch, -1, 4)[:, start:stop].reshape(-1, 4)
+            weights = self.weights.view(batch, -1, 4)[:, start:stop].reshape(-1, 4)
+        samples = F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+        return samples.view(batch, count, channels).transpose(1, 2)
 
 
 def _pixel_major(maps: Tensor) -> Tensor:
-    """B x C x H x W maps as the (B * H * W) x C float32 table ``F.embedding_bag`` reads: a view
-    when the maps are float32 with the channels innermost in memory (as the training path's mask
-    logits of all decoder layers, one product, lay them out), else a transposed copy, converted
-    to float32 in the same copy."""
+    """B x C x H x W maps as the contiguous (B * H * W) x C float32 table ``F.embedding_bag``
+    reads: a view when the maps are float32 and channels-last contiguous, else a transposed copy,
+    converted to float32 in the same copy. (``F.embedding_bag`` copies a table whose rows are
+    further apart than C, e.g. one decoder layer's slice of the training path's mask logits of
+    all layers, at every call: copied here, the copy serves every range of points.)"""
     batch, channels, height, width = maps.shape
     pixels = maps.permute(0, 2, 3, 1)
-    if maps.dtype == torch.float32 and pixels.stride(-1) == 1:
-        try:
-            return pixels.view(-1, channels)
-        except RuntimeError:  # batch, rows and columns do not merge into one stride
-            pass
+    if maps.dtype == torch.float32 and pixels.is_contiguous():
+        return pixels.view(batch * height * width, channels)
     table = torch.empty(batch, height, width, channels, dtype=torch.float32, device=maps.device)
-    return table.copy_(pixels).view(-1, channels)
+    return table.copy_(pixels).view(batch * height * width, channels)

@@ -392,13 +392,17 @@ def _point_sampling_args(cfg) -> Dict[str, float]:
 def build_matcher(cfg) -> HungarianMatcher:
     """The Hungarian matcher, with the same terms and weights as the loss: the first pointwise mask
     loss in MASK_LOSSES gives the mask cost, "dice" the dice cost. With TRAIN_NUM_POINTS = K > 0
-    the mask costs use K uniformly random points per image; MATCHER_SOLVER picks the solver."""
+    the mask costs use K uniformly random points per image; MATCHER_SOLVER picks the solver and
+    MATCHER_CHUNK_POINTS how many pixels (points) the costs take at a time."""
     mf = cfg.MODEL.MASK_FORMER
     if mf.MATCHER_SOLVER not in SOLVERS:
         raise ValueError(
             f"MODEL.MASK_FORMER.MATCHER_SOLVER={mf.MATCHER_SOLVER!r}: expected one of "
             f"{', '.join(map(repr, SOLVERS))}"
         )
+    chunk = mf.MATCHER_CHUNK_POINTS
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"MODEL.MASK_FORMER.MATCHER_CHUNK_POINTS={chunk!r}: expected an int >= 0 (0: all at once)")
     pointwise = [n for n in mf.MASK_LOSSES if MASK_LOSSES[n].pointwise]
     mask_cost_type = pointwise[0] if pointwise else "focal"
     return HungarianMatcher(
@@ -409,6 +413,7 @@ def build_matcher(cfg) -> HungarianMatcher:
         check_inputs=False,  # SetCriterion checks them once for all decoder layers
         num_points=_point_sampling_args(cfg)["num_points"],
         solver=mf.MATCHER_SOLVER,
+        chunk_points=mf.MATCHER_CHUNK_POINTS,
     )
 
 

@@ -11,7 +11,9 @@ Two families of functions, one per kind of mask loss:
   matcher maps a cost over the images of a batch with ``torch.vmap``, so a cost must be a plain
   tensor function (no ``.item()``, no branching on values); a cost that also takes a batch
   (B x Q x P, B x T x P -> B x Q x T), as the built-in ones do, declares ``batched=True`` in its
-  :class:`MaskLossType` and is called on the whole batch at once instead.
+  :class:`MaskLossType` and is called on the whole batch at once instead. A pointwise cost must
+  be the mean over the P pixels of a per-pixel term: the matcher may compute it over chunks of
+  the pixels and average the chunks' costs, weighted by their sizes.
 
 ``inputs`` are mask logits (before the sigmoid) and ``targets`` are binary masks as float in
 {0, 1}. The costs are computed with matrix products; the focal cost relies on the targets being
@@ -39,6 +41,8 @@ __all__ = [
     "brier_cost",
     "dice_loss",
     "dice_cost",
+    "dice_cost_from_sums",
+    "target_products",
     "MaskLossType",
     "MASK_LOSSES",
     "register_mask_loss",
@@ -49,7 +53,7 @@ FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
 
 
-def _target_products(values: Tensor, targets: Tensor) -> Tensor:
+def target_products(values: Tensor, targets: Tensor) -> Tensor:
     """``values @ targets^T``: Q x T (or B x Q x T) sums over the P pixels of ``values`` (Q x P)
     times ``targets`` (T x P), computed as ``(targets @ values^T)^T``: the same sums. With the
     few targets as the rows of the product it was faster on a CPU for the matcher's point-sampled
@@ -126,7 +130,7 @@ def sigmoid_focal_cost(
         focal_pos = focal_pos * (softplus - inputs)
     # two products rather than (pos - neg) @ t^T + sum(neg): that form cancels large terms where
     # the logits are large, in float32 (the matcher's dtype)
-    pos_cost, neg_cost = _target_products(focal_pos, targets), _target_products(focal_neg, 1 - targets)
+    pos_cost, neg_cost = target_products(focal_pos, targets), target_products(focal_neg, 1 - targets)
     if alpha >= 0:
         pos_cost, neg_cost = pos_cost * alpha, neg_cost * (1 - alpha)
     return (pos_cost + neg_cost) / num_pixels
@@ -158,7 +162,7 @@ def bce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
         Q x T cost matrix (or B x Q x T).
     """
     num_pixels = inputs.shape[-1]
-    cost = _target_products(F.softplus(-inputs), targets) + _target_products(F.softplus(inputs), 1 - targets)
+    cost = target_products(F.softplus(-inputs), targets) + target_products(F.softplus(inputs), 1 - targets)
     return cost / num_pixels
 
 
@@ -190,7 +194,7 @@ def brier_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     num_pixels = inputs.shape[-1]
     prob = inputs.sigmoid()
     # sum (p - y)^2 = sum p^2 - 2 sum p*y + sum y^2
-    cost = (prob**2).sum(-1)[..., :, None] - 2 * _target_products(prob, targets) + (targets**2).sum(-1)[..., None, :]
+    cost = (prob**2).sum(-1)[..., :, None] - 2 * target_products(prob, targets) + (targets**2).sum(-1)[..., None, :]
     # the expansion can round to slightly below zero
     return cost.clamp(min=0) / num_pixels
 
@@ -224,9 +228,23 @@ def dice_cost(inputs: Tensor, targets: Tensor) -> Tensor:
         Q x T cost matrix (or B x Q x T).
     """
     prob = inputs.sigmoid()
-    numerator = 2 * _target_products(prob, targets)
-    denominator = prob.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :]
-    return 1 - (numerator + 1) / (denominator + 1)
+    return dice_cost_from_sums(target_products(prob, targets), prob.sum(-1), targets.sum(-1))
+
+
+def dice_cost_from_sums(products: Tensor, input_sums: Tensor, target_sums: Tensor) -> Tensor:
+    """:func:`dice_cost` from its sums over the pixels, which add up over any split of the pixels
+    (the matcher sums them over chunks of points).
+
+    Args:
+        products: Q x T sums of ``sigmoid(inputs)[q] * targets[t]`` (or B x Q x T).
+        input_sums: (Q,) sums of ``sigmoid(inputs)`` (or B x Q).
+        target_sums: (T,) sums of the targets (or B x T).
+
+    Returns:
+        Q x T cost matrix (or B x Q x T).
+    """
+    denominator = input_sums[..., :, None] + target_sums[..., None, :]
+    return 1 - (2 * products + 1) / (denominator + 1)
 
 
 @dataclass(frozen=True)

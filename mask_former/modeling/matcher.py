@@ -1,5 +1,5 @@
 """Hungarian matching between MaskFormer's predicted (class, mask) pairs and the targets."""
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..layers import BilinearPoints
 from .assignment import linear_sum_assignment_torch
-from .mask_losses import dice_cost, get_mask_loss
+from .mask_losses import dice_cost_from_sums, get_mask_loss, target_products
 
 __all__ = [
     "HungarianMatcher",
@@ -94,7 +94,10 @@ class HungarianMatcher(nn.Module):
     The mask costs are computed either on every pixel of the prediction, the target masks resized
     (nearest) to the prediction size (``num_points=0``), or on ``num_points`` points drawn uniformly
     at random per image and shared by its predictions and targets, both sampled bilinearly there
-    (``num_points > 0``, as Mask2Former does). The costs of all images of a batch are computed in
+    (``num_points > 0``, as Mask2Former does). They are sums over the pixels (points), taken
+    ``chunk_points`` at a time so that the intermediates of a chunk (B x Q x chunk_points values)
+    stay in the cache instead of making a dozen passes over B x Q x P values in memory; the
+    result is the same up to float rounding. The costs of all images of a batch are computed in
     one batched call, on the device of the predictions, with the targets padded to the largest
     count; then each image's assignment is solved on its own (query x valid target) block, by
     ``scipy.optimize.linear_sum_assignment`` on the CPU (``solver="scipy"``) or by
@@ -114,6 +117,7 @@ class HungarianMatcher(nn.Module):
         check_inputs: bool = True,
         num_points: int = 0,
         solver: str = "scipy",
+        chunk_points: int = 0,
     ):
         """
         Args:
@@ -127,6 +131,8 @@ class HungarianMatcher(nn.Module):
                 compute them on K uniformly random points per image (drawn from torch's global
                 generator, so deterministic under ``torch.manual_seed``).
             solver: "scipy" or "torch", the assignment solver.
+            chunk_points: the mask costs are summed over this many pixels (points) at a time;
+                0 takes all at once.
         """
         super().__init__()
         weights = {"cost_class": cost_class, "cost_mask": cost_mask, "cost_dice": cost_dice}
@@ -142,6 +148,8 @@ class HungarianMatcher(nn.Module):
             )
         if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 0:
             raise ValueError(f"HungarianMatcher: num_points must be an int >= 0, got {num_points!r}")
+        if isinstance(chunk_points, bool) or not isinstance(chunk_points, int) or chunk_points < 0:
+            raise ValueError(f"HungarianMatcher: chunk_points must be an int >= 0, got {chunk_points!r}")
         if solver not in SOLVERS:
             raise ValueError(
                 f"HungarianMatcher: solver must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}"
@@ -153,6 +161,7 @@ class HungarianMatcher(nn.Module):
         self.check_inputs = check_inputs
         self.num_points = num_points
         self.solver = solver
+        self.chunk_points = chunk_points
         mask_cost = get_mask_loss(mask_cost_type, pointwise_only=True, where="HungarianMatcher mask_cost_type")
         # the costs take one image (Q x P, T x P); vmap maps those that do not take a batch
         self._mask_cost = mask_cost.cost if mask_cost.batched else torch.vmap(mask_cost.cost)
@@ -161,7 +170,7 @@ class HungarianMatcher(nn.Module):
         return (
             f"cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
             f"cost_dice={self.cost_dice}, mask_cost_type={self.mask_cost_type!r}, "
-            f"num_points={self.num_points}, solver={self.solver!r}"
+            f"num_points={self.num_points}, solver={self.solver!r}, chunk_points={self.chunk_points}"
         )
 
     @torch.no_grad()
@@ -230,51 +239,89 @@ class HungarianMatcher(nn.Module):
                 class_prob = prob.gather(2, labels[:, None, :].expand(-1, num_queries, -1))
                 terms.append(("class", self.cost_class, -class_prob))
             if self.cost_mask > 0 or self.cost_dice > 0:
-                pred, tgt = self._mask_values(pred_masks, targets, max_targets)
+                mask_cost, dice = self._mask_costs(pred_masks, targets, max_targets)
                 if self.cost_mask > 0:
-                    terms.append(("mask", self.cost_mask, self._mask_cost(pred, tgt)))
+                    terms.append(("mask", self.cost_mask, mask_cost))
                 if self.cost_dice > 0:
-                    terms.append(("dice", self.cost_dice, dice_cost(pred, tgt)))
+                    terms.append(("dice", self.cost_dice, dice))
             for _, weight, term in terms:
                 cost += weight * term
         self._check_finite(cost, terms, num_targets)
         return cost
 
-    def _mask_values(
+    def _mask_costs(
         self, pred_masks: Tensor, targets: Sequence[Dict[str, Tensor]], max_targets: int
-    ) -> Tuple[Tensor, Tensor]:
-        """The predicted and target mask values the mask costs compare, in float32.
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The pointwise mask cost and the dice cost (None where its weight is 0), both B x Q x
+        T_max, summed over the pixels (points) ``chunk_points`` at a time.
 
         Args:
             pred_masks: B x Q x h x w mask logits.
-
-        Returns:
-            B x Q x P predicted logits and B x T_max x P target values (zero rows for the padding
-            targets): P = h * w pixels, the targets resized (nearest) to h x w, when
-            ``num_points`` is 0; otherwise P = ``num_points`` random points per image, where
-            both are sampled bilinearly (the predictions by :class:`BilinearPoints`, the targets
-            by ``point_sample``: the same values).
         """
-        device = pred_masks.device
         num_images, _, height, width = pred_masks.shape
         if self.num_points > 0:
             # (x, y) in [0, 1]^2, one set per image, shared by its queries and targets
-            coords = torch.rand(num_images, self.num_points, 2, device=device)
-            pred = BilinearPoints(coords, height, width).sample(pred_masks)
+            coords = torch.rand(num_images, self.num_points, 2, device=pred_masks.device)
+            points = BilinearPoints(coords, height, width)
+            table = points.pixel_table(pred_masks)
+
+            def read_predictions(start: int, stop: int) -> Tensor:
+                return points.sample_table(table, start, stop)
+
+            tgt = self._target_values(targets, max_targets, pred_masks, coords)
         else:
-            pred = pred_masks.float().flatten(2)
-        tgt = pred.new_zeros(num_images, max_targets, pred.shape[-1])
+            pixels = pred_masks.flatten(2)
+
+            def read_predictions(start: int, stop: int) -> Tensor:
+                return pixels[..., start:stop].float()
+
+            tgt = self._target_values(targets, max_targets, pred_masks, None)
+        num_pixels = tgt.shape[-1]
+        chunk = self.chunk_points or max(num_pixels, 1)
+        mask_cost = dice_products = prob_sums = None
+        for start in range(0, max(num_pixels, 1), chunk):
+            stop = min(start + chunk, num_pixels)
+            pred, tgt_chunk = read_predictions(start, stop), tgt[..., start:stop]
+            if self.cost_mask > 0:
+                # the chunks' pixel means, weighted by their share of the pixels
+                cost = self._mask_cost(pred, tgt_chunk)
+                if stop - start != num_pixels:
+                    cost = cost.mul_((stop - start) / num_pixels)
+                mask_cost = cost if mask_cost is None else mask_cost.add_(cost)
+            if self.cost_dice > 0:
+                prob = pred.sigmoid()
+                products, sums = target_products(prob, tgt_chunk), prob.sum(-1)
+                dice_products = products if dice_products is None else dice_products.add_(products)
+                prob_sums = sums if prob_sums is None else prob_sums.add_(sums)
+        dice = None
+        if self.cost_dice > 0:
+            dice = dice_cost_from_sums(dice_products, prob_sums, tgt.sum(-1))
+        return mask_cost, dice
+
+    def _target_values(
+        self,
+        targets: Sequence[Dict[str, Tensor]],
+        max_targets: int,
+        pred_masks: Tensor,
+        coords: Optional[Tensor],
+    ) -> Tensor:
+        """B x T_max x P float32 target values, zero rows for the padding targets: the targets
+        resized (nearest) to the h x w of ``pred_masks`` (P = h * w) when ``coords`` is None,
+        otherwise sampled bilinearly at the B x P x 2 points ``coords`` (by ``point_sample``: the
+        values :class:`BilinearPoints` gives)."""
+        device = pred_masks.device
+        num_pixels = coords.shape[1] if coords is not None else pred_masks.shape[-2] * pred_masks.shape[-1]
+        tgt = torch.zeros(len(targets), max_targets, num_pixels, dtype=torch.float32, device=device)
         for b, target in enumerate(targets):
             masks = target["masks"].to(device=device, dtype=torch.float32)
             if masks.shape[0] == 0:
                 continue
-            if self.num_points > 0:
+            if coords is not None:
                 values = point_sample(masks[None], coords[b : b + 1], **POINT_SAMPLE_KWARGS)[0]
             else:
-                size = pred_masks.shape[-2:]
-                values = F.interpolate(masks[:, None], size=size, mode="nearest").flatten(1)
+                values = F.interpolate(masks[:, None], size=pred_masks.shape[-2:], mode="nearest").flatten(1)
             tgt[b, : masks.shape[0]] = values
-        return pred, tgt
+        return tgt
 
     @staticmethod
     def _check_finite(cost: Tensor, terms: List[Tuple[str, float, Tensor]], num_targets: List[int]) -> None:
