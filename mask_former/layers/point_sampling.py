@@ -75,9 +75,9 @@ class BilinearPoints:
 
     def pixel_table(self, maps: Tensor) -> Tensor:
         """The (B * H * W) x C float32 table of ``maps`` (B x C x H x W, of the constructor's size)
-        that :meth:`sample_table` reads: a view when the maps are float32 with the channels
-        innermost in memory, else one transposed copy. Make it once to read the points in
-        several ranges."""
+        that :meth:`sample_table` reads: a view when the maps are float32 and channels-last
+        contiguous, else one transposed copy. Make it once to read the points in several
+        ranges."""
         if maps.dim() != 4 or maps.shape[0] != self.num_images or tuple(maps.shape[2:]) != self.size:
             raise ValueError(
                 f"BilinearPoints: expected maps of shape {self.num_images} x C x {self.size[0]} x "
