@@ -417,7 +417,7 @@ def test_torch_solver_is_optimal_on_ties():
 
 
 def test_chunked_costs_equal_costs_over_all_pixels_at_once():
-    # a cost registered without batch support (mapped with torch.vmap) is chunked as well
+    # the built-in pointwise costs (all take a batch), each with the dice cost
     generator = torch.Generator().manual_seed(14)
     outputs, targets = random_case(generator, [3, 0, 5], 7, 4, 9, 11)
     for kind in ("focal", "bce", "brier"):

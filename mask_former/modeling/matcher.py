@@ -1,4 +1,5 @@
 """Hungarian matching between MaskFormer's predicted (class, mask) pairs and the targets."""
+import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -263,43 +264,40 @@ class HungarianMatcher(nn.Module):
             # (x, y) in [0, 1]^2, one set per image, shared by its queries and targets
             coords = torch.rand(num_images, self.num_points, 2, device=pred_masks.device)
             points = BilinearPoints(coords, height, width)
-            table = points.pixel_table(pred_masks)
-
-            def read_predictions(start: int, stop: int) -> Tensor:
-                return points.sample_table(table, start, stop)
-
-            tgt = self._target_values(targets, max_targets, pred_masks, coords)
+            read_predictions = functools.partial(points.sample_table, points.pixel_table(pred_masks))
+            target_values = self._target_values(targets, max_targets, pred_masks, coords)
         else:
             pixels = pred_masks.flatten(2)
 
             def read_predictions(start: int, stop: int) -> Tensor:
                 return pixels[..., start:stop].float()
 
-            tgt = self._target_values(targets, max_targets, pred_masks, None)
-        num_pixels = tgt.shape[-1]
+            target_values = self._target_values(targets, max_targets, pred_masks, None)
+        num_pixels = target_values.shape[-1]
         chunk = self.chunk_points or max(num_pixels, 1)
         mask_cost = dice_products = prob_sums = None
+        # one empty chunk when there are no pixels: the costs of no pixels, as before chunking
         for start in range(0, max(num_pixels, 1), chunk):
             stop = min(start + chunk, num_pixels)
-            pred, tgt_chunk = read_predictions(start, stop), tgt[..., start:stop]
+            pred, target_chunk = read_predictions(start, stop), target_values[..., start:stop]
             if self.cost_mask > 0:
                 # the chunks' pixel means, weighted by their share of the pixels
-                cost = self._mask_cost(pred, tgt_chunk)
+                cost = self._mask_cost(pred, target_chunk)
                 if stop - start != num_pixels:
                     cost = cost.mul_((stop - start) / num_pixels)
                 mask_cost = cost if mask_cost is None else mask_cost.add_(cost)
             if self.cost_dice > 0:
                 prob = pred.sigmoid()
-                products, sums = target_products(prob, tgt_chunk), prob.sum(-1)
+                products, sums = target_products(prob, target_chunk), prob.sum(-1)
                 dice_products = products if dice_products is None else dice_products.add_(products)
                 prob_sums = sums if prob_sums is None else prob_sums.add_(sums)
         dice = None
         if self.cost_dice > 0:
-            dice = dice_cost_from_sums(dice_products, prob_sums, tgt.sum(-1))
+            dice = dice_cost_from_sums(dice_products, prob_sums, target_values.sum(-1))
         return mask_cost, dice
 
+    @staticmethod
     def _target_values(
-        self,
         targets: Sequence[Dict[str, Tensor]],
         max_targets: int,
         pred_masks: Tensor,
