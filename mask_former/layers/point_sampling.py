@@ -96,6 +96,17 @@ class BilinearPoints:
             B x C x (stop - start) float32 samples of points ``start:stop``: a view of B x
             (stop - start) x C memory.
         """
+        num_pixels = self.num_images * self.size[0] * self.size[1]
+        if table.dim() != 2 or table.shape[0] != num_pixels:
+            raise ValueError(
+                f"BilinearPoints.sample_table: expected a pixel_table of {num_pixels} x C, got shape "
+                f"{tuple(table.shape)}"
+            )
+        if not 0 <= start <= stop <= self.num_points:
+            raise ValueError(
+                f"BilinearPoints.sample_table: expected 0 <= start <= stop <= {self.num_points}, got "
+                f"start={start}, stop={stop}"
+            )
         batch, channels = self.num_images, table.shape[1]
         count = stop - start
         if channels == 0 or count == 0:
