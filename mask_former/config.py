@@ -67,6 +67,10 @@ def add_mask_former_config(cfg):
     cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
     # (TRAIN_NUM_POINTS > 0) fraction of the loss points taken as the most uncertain candidates
     cfg.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
+    # points per image for the matching costs (uniformly random, shared by the image's queries and
+    # targets): -1 = TRAIN_NUM_POINTS (as Mask2Former), 0 = every pixel, K > 0 = K points. Fewer
+    # points than the losses' make the matcher cheaper and its costs noisier
+    cfg.MODEL.MASK_FORMER.MATCHER_NUM_POINTS = -1
     # assignment solver of the matcher: "scipy" (on the CPU) or "torch" (exact, batched, on the device)
     cfg.MODEL.MASK_FORMER.MATCHER_SOLVER = "scipy"
     # the matcher sums its mask costs over this many pixels (points) at a time, so that the

@@ -137,3 +137,37 @@ def test_ranges_of_points_read_from_one_table_equal_all_points():
     # channels-last float32 maps are read in place
     channels_last = torch.randn(2, 4, 6, 7).contiguous(memory_format=torch.channels_last)
     assert points.pixel_table(channels_last).data_ptr() == channels_last.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_points_read_strided_maps_in_place(dtype):
+    # fewer than a quarter as many points as pixels (9 < 6 * 7 / 4): one layer's slice of the
+    # logits of all layers is read where it lies, its corners gathered row by row, in any dtype
+    generator = torch.Generator().manual_seed(4)
+    all_layers = torch.randn(2, 6, 7, 3 * 4, generator=generator).to(dtype).permute(0, 3, 1, 2)
+    maps = all_layers[:, 4:8]
+    coords = torch.cat([edge_coords(2, 6, 7, generator)[:, :5], torch.rand(2, 4, 2, generator=generator)], dim=1)
+    points = BilinearPoints(coords, 6, 7)
+    table = points.pixel_table(maps)
+    assert not table.is_contiguous() and table.dtype == dtype and table.stride() == (12, 1)
+    assert table.data_ptr() == maps.data_ptr()
+    samples = points.sample_table(table, 0, 9)
+    assert samples.dtype == torch.float32
+    torch.testing.assert_close(samples, grid_sample_points(maps.float().contiguous(), coords), rtol=1e-6, atol=1e-6)
+    parts = [points.sample_table(table, start, min(start + 4, 9)) for start in range(0, 9, 4)]
+    torch.testing.assert_close(torch.cat(parts, dim=-1), samples, rtol=0, atol=0)
+    # as many points as a quarter of the pixels, or maps with planar channels: copied as before
+    assert BilinearPoints(torch.rand(2, 11, 2), 6, 7).pixel_table(maps).is_contiguous()
+    assert points.pixel_table(maps.contiguous()).is_contiguous()
+
+
+def test_any_table_layout_reads_the_same():
+    # a table that is not contiguous (its transpose's transpose), read by gathering its rows,
+    # equals the contiguous table read by F.embedding_bag
+    generator = torch.Generator().manual_seed(6)
+    points = BilinearPoints(torch.rand(3, 13, 2, generator=generator), 4, 5)
+    contiguous = torch.randn(3 * 4 * 5, 6, generator=generator)
+    transposed = contiguous.t().contiguous().t()
+    assert not transposed.is_contiguous()
+    torch.testing.assert_close(points.sample_table(transposed, 2, 11), points.sample_table(contiguous, 2, 11),
+                               rtol=1e-6, atol=1e-6)

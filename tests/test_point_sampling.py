@@ -315,6 +315,63 @@ def test_config_keys_reach_criterion_and_matcher():
     assert criterion.matcher.num_points == 100
 
 
+def test_matcher_num_points_follows_train_num_points_unless_set():
+    cfg = tiny_cfg()
+    assert cfg.MODEL.MASK_FORMER.MATCHER_NUM_POINTS == -1
+    # (TRAIN_NUM_POINTS, MATCHER_NUM_POINTS) -> (the losses' points, the matcher's points)
+    for train, matcher, expected in [(0, -1, (0, 0)), (100, -1, (100, 100)), (100, 0, (100, 0)),
+                                      (0, 64, (0, 64)), (100, 25, (100, 25))]:
+        cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = train
+        cfg.MODEL.MASK_FORMER.MATCHER_NUM_POINTS = matcher
+        criterion = build_criterion(cfg, 3)
+        assert (criterion.num_points, criterion.matcher.num_points) == expected, (train, matcher)
+
+
+def test_sampled_matching_leaves_full_resolution_losses():
+    # MATCHER_NUM_POINTS > 0 with TRAIN_NUM_POINTS 0: the matcher reads 16 random points, the
+    # losses every pixel, for the pairs the matcher chose
+    cfg = tiny_cfg()
+    cfg.MODEL.MASK_FORMER.MATCHER_NUM_POINTS = 16
+    criterion = build_criterion(cfg, 3)
+    outputs, targets = random_case(torch.Generator().manual_seed(5), [[0, 2, 1], [2, 2]], 6, 4, 8, 16)
+    chosen = []
+    criterion.matcher.register_forward_hook(lambda module, args, result: chosen.append(result))
+    torch.manual_seed(3)
+    losses = criterion(outputs, targets)
+    generator_state = torch.get_rng_state()
+
+    # the points the matcher drew: its first draw after the seed, one set per image
+    torch.manual_seed(3)
+    coords = torch.rand(2, 16, 2)
+    assert torch.equal(generator_state, torch.get_rng_state())  # the losses drew nothing more
+    mf = cfg.MODEL.MASK_FORMER
+    assert list(mf.MASK_LOSSES) == ["focal", "dice"]
+    for b, (queries, target_ids) in enumerate(chosen[0]):
+        pred = F.grid_sample(outputs["pred_masks"][b : b + 1], coords[b : b + 1, :, None] * 2 - 1,
+                             align_corners=False, padding_mode="border")[0, :, :, 0]
+        tgt = F.grid_sample(targets[b]["masks"][None].float(), coords[b : b + 1, :, None] * 2 - 1,
+                            align_corners=False, padding_mode="border")[0, :, :, 0]
+        prob = outputs["pred_logits"][b].softmax(-1)[:, targets[b]["labels"]]
+        total = (-mf.CLASS_WEIGHT * prob + mf.MASK_WEIGHT * sigmoid_focal_cost(pred, tgt)
+                 + mf.DICE_WEIGHT * dice_cost(pred, tgt))
+        rows, cols = linear_sum_assignment(total.numpy())
+        assert queries.tolist() == rows.tolist() and target_ids.tolist() == cols.tolist(), b
+
+    pairs = [(q.tolist(), t.tolist()) for q, t in chosen[0]]
+    expected = SetCriterion(3, FixedMatcher(pairs), mf.NO_OBJECT_WEIGHT, mask_losses=list(mf.MASK_LOSSES),
+                            num_points=0)(outputs, targets)
+    for key in expected:
+        assert torch.equal(losses[key], expected[key]), key
+
+
+@pytest.mark.parametrize("value", [-2, 10.5, True, "64"])
+def test_bad_matcher_num_points_names_the_key(value):
+    cfg = tiny_cfg()
+    cfg.MODEL.MASK_FORMER.MATCHER_NUM_POINTS = value
+    with pytest.raises(ValueError, match=rf"MATCHER_NUM_POINTS={value!r}: expected -1 \(as TRAIN_NUM_POINTS\)"):
+        build_criterion(cfg, 3)
+
+
 @pytest.mark.parametrize(
     "key,value,message",
     [

@@ -37,7 +37,8 @@ Columns:
 
 Paths (``--paths``; default all but ``points_plain`` and ``bf16``): ``reference``
 (TRAIN_NUM_POINTS 0, the matcher called image by image as before batching: each image's costs
-computed over all its pixels at once (MATCHER_CHUNK_POINTS 0) and copied to the CPU on their own;
+computed over all its pixels at once (MATCHER_NUM_POINTS -1, MATCHER_CHUNK_POINTS 0, whatever the
+trailing options say) and copied to the CPU on their own;
 the modules as built, ``model.optimize_training = False``), ``full`` (TRAIN_NUM_POINTS 0,
 batched matcher), ``points`` (TRAIN_NUM_POINTS ``--num-points``), ``points_bf16`` (the same under
 ``torch.autocast`` with bfloat16, as SOLVER.AMP.PRECISION bfloat16 trains), ``bf16`` (full
@@ -219,6 +220,7 @@ class PathRunner:
         cfg.MODEL.WEIGHTS = ""
         cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = args.num_points if points else 0
         if image_by_image:
+            cfg.MODEL.MASK_FORMER.MATCHER_NUM_POINTS = -1
             cfg.MODEL.MASK_FORMER.MATCHER_CHUNK_POINTS = 0
         cfg.SOLVER.FUSED_OPTIMIZER = optimize_training
         cfg.freeze()

@@ -1,5 +1,5 @@
 """Bilinear samples of many maps at one set of points per image, by gathering."""
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -74,21 +74,33 @@ class BilinearPoints:
         return self.sample_table(self.pixel_table(maps), 0, self.num_points)
 
     def pixel_table(self, maps: Tensor) -> Tensor:
-        """The (B * H * W) x C float32 table of ``maps`` (B x C x H x W, of the constructor's size)
-        that :meth:`sample_table` reads: a view when the maps are float32 and channels-last
-        contiguous, else one transposed copy. Make it once to read the points in several
-        ranges."""
+        """The (B * H * W) x C table of ``maps`` (B x C x H x W, of the constructor's size) that
+        :meth:`sample_table` reads: a view when the maps are float32 and channels-last
+        contiguous, else one transposed float32 copy. Make it once to read the points in several
+        ranges.
+
+        When there are fewer than a quarter as many points as pixels, maps whose channels are
+        innermost (channels-last, or one decoder layer's slice of the training path's mask logits
+        of all layers, whose pixels lie further apart than C) are viewed in place, in their
+        dtype: the four corners of the points then read fewer rows than copying the table
+        would."""
         if maps.dim() != 4 or maps.shape[0] != self.num_images or tuple(maps.shape[2:]) != self.size:
             raise ValueError(
                 f"BilinearPoints: expected maps of shape {self.num_images} x C x {self.size[0]} x "
                 f"{self.size[1]}, got {tuple(maps.shape)}"
             )
+        if 4 * self.num_points < self.size[0] * self.size[1]:
+            strided_rows = _pixel_rows(maps)
+            if strided_rows is not None:
+                return strided_rows
         return _pixel_major(maps)
 
     def sample_table(self, table: Tensor, start: int, stop: int) -> Tensor:
         """
         Args:
-            table: a :meth:`pixel_table` of the maps.
+            table: a :meth:`pixel_table` of the maps. A contiguous table is read by
+                ``F.embedding_bag``; any other by gathering the four corner rows of each point
+                (``F.embedding_bag`` would copy the whole table).
             start, stop: the range of points to read (the same for every image), 0 <= start <=
                 stop <= P.
 
@@ -116,8 +128,27 @@ class BilinearPoints:
         else:  # the rows of the range in every image: a copy of B x count x 4 indices and weights
             indices = self.indices.view(batch, -1, 4)[:, start:stop].reshape(-1, 4)
             weights = self.weights.view(batch, -1, 4)[:, start:stop].reshape(-1, 4)
-        samples = F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+        if table.is_contiguous() and table.dtype == torch.float32:
+            samples = F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+        else:
+            corners = table.index_select(0, indices.reshape(-1)).view(-1, 4, channels).float()
+            samples = torch.bmm(weights[:, None, :], corners).view(-1, channels)
         return samples.view(batch, count, channels).transpose(1, 2)
+
+
+def _pixel_rows(maps: Tensor) -> Optional[Tensor]:
+    """B x C x H x W floating-point maps as a (B * H * W) x C view, its rows as far apart as the
+    pixels (not necessarily C), when the channels are innermost and the pixels evenly spaced; else
+    None."""
+    batch, channels, height, width = maps.shape
+    if not maps.is_floating_point() or (channels > 1 and maps.stride(1) != 1):
+        return None
+    pixel_step = maps.stride(3)
+    if (height > 1 and maps.stride(2) != width * pixel_step) or (
+        batch > 1 and maps.stride(0) != height * width * pixel_step
+    ):
+        return None
+    return maps.as_strided((batch * height * width, channels), (pixel_step, 1))
 
 
 def _pixel_major(maps: Tensor) -> Tensor:

@@ -389,11 +389,26 @@ def _point_sampling_args(cfg) -> Dict[str, float]:
     }
 
 
+def _matcher_num_points(cfg) -> int:
+    """MATCHER_NUM_POINTS, checked, with -1 resolved to TRAIN_NUM_POINTS."""
+    mf = cfg.MODEL.MASK_FORMER
+    num_points = mf.MATCHER_NUM_POINTS
+    if isinstance(num_points, int) and not isinstance(num_points, bool) and num_points == -1:
+        return _point_sampling_args(cfg)["num_points"]
+    if not _valid_num_points(num_points):
+        raise ValueError(
+            f"MODEL.MASK_FORMER.MATCHER_NUM_POINTS={num_points!r}: expected -1 (as "
+            "TRAIN_NUM_POINTS), 0 (every pixel) or an int K > 0 (K points per image)"
+        )
+    return num_points
+
+
 def build_matcher(cfg) -> HungarianMatcher:
     """The Hungarian matcher, with the same terms and weights as the loss: the first pointwise mask
-    loss in MASK_LOSSES gives the mask cost, "dice" the dice cost. With TRAIN_NUM_POINTS = K > 0
-    the mask costs use K uniformly random points per image; MATCHER_SOLVER picks the solver and
-    MATCHER_CHUNK_POINTS how many pixels (points) the costs take at a time."""
+    loss in MASK_LOSSES gives the mask cost, "dice" the dice cost. The mask costs use
+    MATCHER_NUM_POINTS = K > 0 uniformly random points per image (-1, the default: the
+    TRAIN_NUM_POINTS of the losses, as Mask2Former; 0: every pixel); MATCHER_SOLVER picks the
+    solver and MATCHER_CHUNK_POINTS how many pixels (points) the costs take at a time."""
     mf = cfg.MODEL.MASK_FORMER
     if mf.MATCHER_SOLVER not in SOLVERS:
         raise ValueError(
@@ -411,7 +426,7 @@ def build_matcher(cfg) -> HungarianMatcher:
         cost_dice=mf.DICE_WEIGHT if "dice" in mf.MASK_LOSSES else 0.0,
         mask_cost_type=mask_cost_type,
         check_inputs=False,  # SetCriterion checks them once for all decoder layers
-        num_points=_point_sampling_args(cfg)["num_points"],
+        num_points=_matcher_num_points(cfg),
         solver=mf.MATCHER_SOLVER,
         chunk_points=mf.MATCHER_CHUNK_POINTS,
     )
