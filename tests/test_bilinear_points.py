@@ -121,12 +121,10 @@ def test_bad_shapes_raise():
 
 def test_ranges_of_points_read_from_one_table_equal_all_points():
     generator = torch.Generator().manual_seed(9)
-    # one decoder layer's slice of the logits of all layers, channels innermost: rows 3 x 4 apart
-    all_layers = torch.randn(2, 6, 7, 3 * 4, generator=generator).permute(0, 3, 1, 2)
-    maps = all_layers[:, 4:8]
+    maps = torch.randn(2, 4, 6, 7, generator=generator)
     points = BilinearPoints(torch.rand(2, 11, 2, generator=generator), 6, 7)
+    # planar maps: a contiguous copy, pixel-major
     table = points.pixel_table(maps)
-    # a contiguous copy (F.embedding_bag would copy strided rows at every call), pixel-major
     assert table.is_contiguous() and table.shape == (2 * 6 * 7, 4)
     torch.testing.assert_close(table.view(2, 6, 7, 4), maps.permute(0, 2, 3, 1), rtol=0, atol=0)
     whole = points.sample(maps)
@@ -140,9 +138,9 @@ def test_ranges_of_points_read_from_one_table_equal_all_points():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_few_points_read_strided_maps_in_place(dtype):
-    # fewer than a quarter as many points as pixels (9 < 6 * 7 / 4): one layer's slice of the
-    # logits of all layers is read where it lies, its corners gathered row by row, in any dtype
+def test_strided_maps_are_read_in_place(dtype):
+    # one layer's slice of the logits of all layers is read where it lies, its corners gathered
+    # row by row (F.embedding_bag would copy the strided rows at every call), in any dtype
     generator = torch.Generator().manual_seed(4)
     all_layers = torch.randn(2, 6, 7, 3 * 4, generator=generator).to(dtype).permute(0, 3, 1, 2)
     maps = all_layers[:, 4:8]
@@ -156,8 +154,7 @@ def test_few_points_read_strided_maps_in_place(dtype):
     torch.testing.assert_close(samples, grid_sample_points(maps.float().contiguous(), coords), rtol=1e-6, atol=1e-6)
     parts = [points.sample_table(table, start, min(start + 4, 9)) for start in range(0, 9, 4)]
     torch.testing.assert_close(torch.cat(parts, dim=-1), samples, rtol=0, atol=0)
-    # as many points as a quarter of the pixels, or maps with planar channels: copied as before
-    assert BilinearPoints(torch.rand(2, 11, 2), 6, 7).pixel_table(maps).is_contiguous()
+    # maps with planar channels are copied
     assert points.pixel_table(maps.contiguous()).is_contiguous()
 
 
@@ -171,3 +168,22 @@ def test_any_table_layout_reads_the_same():
     assert not transposed.is_contiguous()
     torch.testing.assert_close(points.sample_table(transposed, 2, 11), points.sample_table(contiguous, 2, 11),
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("int64_indices", [False, True])
+def test_selected_images_equal_points_made_from_their_coords(int64_indices, monkeypatch):
+    if int64_indices:
+        monkeypatch.setattr(point_sampling, "_INT32_INDICES", 1)
+    generator = torch.Generator().manual_seed(8)
+    coords = torch.rand(6, 10, 2, generator=generator)
+    points = BilinearPoints(coords, 5, 4)
+    for start, stop in [(0, 2), (2, 4), (4, 6), (1, 6), (3, 3)]:
+        selected, made = points.select_images(start, stop), BilinearPoints(coords[start:stop], 5, 4)
+        assert selected.num_images == made.num_images == stop - start
+        assert torch.equal(selected.indices, made.indices) and selected.indices.dtype == points.indices.dtype
+        assert torch.equal(selected.weights, made.weights)
+        maps = torch.randn(stop - start, 3, 5, 4, generator=generator)
+        torch.testing.assert_close(selected.sample(maps), grid_sample_points(maps, coords[start:stop]),
+                                   rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"expected 0 <= start <= stop <= 6, got start=4, stop=7"):
+        points.select_images(4, 7)

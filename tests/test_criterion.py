@@ -252,6 +252,39 @@ def test_aux_outputs_get_suffixed_keys():
     assert_losses(losses, expected)
 
 
+def test_matcher_gets_all_layers_in_one_call():
+    # HungarianMatcher matches all decoder layers together (one call, one batched cost); each
+    # layer's losses use that layer's own assignment, the one a call for it alone gives
+    generator = torch.Generator().manual_seed(8)
+
+    def layer():
+        return {
+            "pred_logits": torch.randn(2, 4, 3, generator=generator) * 3,
+            "pred_masks": torch.randn(2, 4, 2, 2, generator=generator) * 3,
+        }
+
+    outputs = layer()
+    outputs["aux_outputs"] = [layer(), layer()]
+    targets = [random_targets(generator, [0, 1], 4, 4), random_targets(generator, [1], 4, 4)]
+    matcher = HungarianMatcher()
+    calls = []
+    matcher.register_forward_pre_hook(lambda module, args: calls.append(args[0]))
+    losses = SetCriterion(2, matcher, 0.1)(outputs, targets)
+    assert len(calls) == 1 and isinstance(calls[0], list) and len(calls[0]) == 3
+
+    expected = {}
+    layers = [("", outputs), ("_0", outputs["aux_outputs"][0]), ("_1", outputs["aux_outputs"][1])]
+    for suffix, layer_outputs in layers:
+        alone = HungarianMatcher()({k: layer_outputs[k] for k in ("pred_logits", "pred_masks")}, targets)
+        indices = [(src.tolist(), tgt.tolist()) for src, tgt in alone]
+        layer_losses = reference_losses(
+            layer_outputs["pred_logits"].tolist(), layer_outputs["pred_masks"].tolist(),
+            as_lists(targets), indices, 0.1, ["loss_mask", "loss_dice"], num_masks=3,
+        )
+        expected.update({key + suffix: value for key, value in layer_losses.items()})
+    assert_losses(losses, expected)
+
+
 def test_selected_mask_losses_only():
     generator = torch.Generator().manual_seed(2)
     outputs = {

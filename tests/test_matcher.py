@@ -454,3 +454,65 @@ def test_matcher_solver_config_key():
         build_matcher(cfg)
     with pytest.raises(ValueError, match="solver must be one of 'scipy', 'torch'"):
         HungarianMatcher(solver="lapjv")
+
+
+# ---------------------------------------------------------------- several decoder layers in one call
+def layer_cases(generator, num_layers, batch_sizes_t, num_queries, num_classes, h, w):
+    """num_layers outputs of the same shapes (decoder layers) and one set of targets."""
+    layers = []
+    for _ in range(num_layers):
+        outputs, targets = random_case(generator, batch_sizes_t, num_queries, num_classes, h, w)
+        layers.append(outputs)
+    return layers, targets  # the last draw's targets, shared by all layers
+
+
+@pytest.mark.parametrize("chunk_points", [0, 5])
+@pytest.mark.parametrize("kind", ["focal", "bce"])
+def test_layers_matched_together_against_brute_force(kind, chunk_points):
+    # every pixel: each layer's assignment is the optimum of its own costs, by plain formulas
+    generator = torch.Generator().manual_seed(21)
+    layers, targets = layer_cases(generator, 3, [2, 0, 3], 4, 3, 3, 3)
+    matcher = HungarianMatcher(1.0, 20.0, 1.0, mask_cost_type=kind, chunk_points=chunk_points)
+    together = matcher(layers, targets)
+    assert len(together) == 3
+    for layer, outputs in enumerate(layers):
+        check_against_brute_force(lambda o, t, layer=layer: together[layer], outputs, targets, (1.0, 20.0, 1.0), kind)
+
+
+@pytest.mark.parametrize("solver", ["scipy", "torch"])
+@pytest.mark.parametrize("num_points,chunk_points", [(0, 0), (0, 7), (30, 0), (30, 8), (30, 2048)])
+def test_layers_matched_together_equal_layer_by_layer(num_points, chunk_points, solver):
+    # the same assignments and costs as one call per layer; with points, the same points (on a
+    # CPU, one draw for all layers gives the numbers of one draw per layer, in order)
+    generator = torch.Generator().manual_seed(22)
+    layers, targets = layer_cases(generator, 4, [5, 0, 3], 9, 4, 6, 5)
+    matcher = HungarianMatcher(num_points=num_points, chunk_points=chunk_points, solver=solver)
+    torch.manual_seed(7)
+    one_by_one = [matcher(outputs, targets) for outputs in layers]
+    torch.manual_seed(7)
+    costs = torch.stack([matcher.batched_cost(outputs, targets) for outputs in layers])
+    torch.manual_seed(7)
+    together = matcher(layers, targets)
+    torch.manual_seed(7)
+    torch.testing.assert_close(matcher.batched_cost(layers, targets), costs, rtol=1e-5, atol=1e-5)
+    for layer, (expected, got) in enumerate(zip(one_by_one, together)):
+        for b, ((src, tgt), (src_g, tgt_g)) in enumerate(zip(expected, got)):
+            assert src_g.tolist() == src.tolist() and tgt_g.tolist() == tgt.tolist(), (layer, b)
+
+
+def test_layers_matched_together_name_the_layer_with_a_nan():
+    generator = torch.Generator().manual_seed(23)
+    layers, targets = layer_cases(generator, 3, [2, 2], 3, 3, 2, 2)
+    layers[2]["pred_masks"][1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"'mask' cost of image 1 in the batch of decoder layer 2 \(of 3"):
+        HungarianMatcher()(layers, targets)
+
+
+def test_layers_of_different_shapes_are_refused():
+    generator = torch.Generator().manual_seed(24)
+    layers, targets = layer_cases(generator, 2, [2], 3, 3, 4, 4)
+    layers[1]["pred_masks"] = layers[1]["pred_masks"][..., :3]
+    with pytest.raises(ValueError, match=r"HungarianMatcher \(layer 1\): the layers matched together must have"):
+        HungarianMatcher()(layers, targets)
+    with pytest.raises(ValueError, match="empty list"):
+        HungarianMatcher()([], targets)

@@ -62,6 +62,22 @@ class BilinearPoints:
         weights = torch.stack([gx * gy, fx * gy, gx * fy, fx * fy], dim=-1)
         return indices.to(index_dtype).view(-1, 4), weights.view(-1, 4)
 
+    def select_images(self, start: int, stop: int) -> "BilinearPoints":
+        """The points of images ``start:stop``, as constructed from ``coords[start:stop]`` (the
+        corners are taken from this object's, not computed again): for several batches of maps
+        whose points were drawn together, e.g. the decoder layers of one matcher call."""
+        if not 0 <= start <= stop <= self.num_images:
+            raise ValueError(
+                f"BilinearPoints.select_images: expected 0 <= start <= stop <= {self.num_images}, got "
+                f"start={start}, stop={stop}"
+            )
+        selected = BilinearPoints.__new__(BilinearPoints)
+        selected.num_images, selected.num_points, selected.size = stop - start, self.num_points, self.size
+        rows = slice(start * self.num_points, stop * self.num_points)
+        selected.indices = self.indices[rows] - start * self.size[0] * self.size[1]
+        selected.weights = self.weights[rows]
+        return selected
+
     def sample(self, maps: Tensor) -> Tensor:
         """
         Args:
@@ -75,25 +91,19 @@ class BilinearPoints:
 
     def pixel_table(self, maps: Tensor) -> Tensor:
         """The (B * H * W) x C table of ``maps`` (B x C x H x W, of the constructor's size) that
-        :meth:`sample_table` reads: a view when the maps are float32 and channels-last
-        contiguous, else one transposed float32 copy. Make it once to read the points in several
-        ranges.
+        :meth:`sample_table` reads. Make it once to read the points in several ranges.
 
-        When there are fewer than a quarter as many points as pixels, maps whose channels are
-        innermost (channels-last, or one decoder layer's slice of the training path's mask logits
-        of all layers, whose pixels lie further apart than C) are viewed in place, in their
-        dtype: the four corners of the points then read fewer rows than copying the table
-        would."""
+        Maps whose channels are innermost and whose pixels are evenly spaced are viewed in place,
+        in their dtype: channels-last maps, and one decoder layer's slice of the training path's
+        mask logits of all layers, whose pixels lie further apart than C. Other maps (planar
+        channels) are copied once, transposed, to a contiguous float32 table."""
         if maps.dim() != 4 or maps.shape[0] != self.num_images or tuple(maps.shape[2:]) != self.size:
             raise ValueError(
                 f"BilinearPoints: expected maps of shape {self.num_images} x C x {self.size[0]} x "
                 f"{self.size[1]}, got {tuple(maps.shape)}"
             )
-        if 4 * self.num_points < self.size[0] * self.size[1]:
-            strided_rows = _pixel_rows(maps)
-            if strided_rows is not None:
-                return strided_rows
-        return _pixel_major(maps)
+        in_place = _pixel_rows(maps)
+        return in_place if in_place is not None else _pixel_major(maps)
 
     def sample_table(self, table: Tensor, start: int, stop: int) -> Tensor:
         """

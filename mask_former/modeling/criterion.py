@@ -162,9 +162,12 @@ class SetCriterion(nn.Module):
         losses = {}
         # in float32 even under autocast, so that mixed precision training is safe
         with torch.autocast(device_type=pred_logits.device.type, enabled=False):
-            for suffix, layer_outputs in layers:
-                layer_outputs = {k: layer_outputs[k] for k in ("pred_logits", "pred_masks")}
-                indices = self.matcher(layer_outputs, targets)
+            layer_outputs_list = [{k: out[k] for k in ("pred_logits", "pred_masks")} for _, out in layers]
+            if getattr(self.matcher, "matches_layers_together", False) and len(layers) > 1:
+                layer_indices = self.matcher(layer_outputs_list, targets)
+            else:
+                layer_indices = [self.matcher(layer_outputs, targets) for layer_outputs in layer_outputs_list]
+            for (suffix, _), layer_outputs, indices in zip(layers, layer_outputs_list, layer_indices):
                 if len(indices) != len(targets):
                     raise ValueError(
                         f"SetCriterion: the matcher returned {len(indices)} index pairs for "

@@ -1,6 +1,6 @@
 """Hungarian matching between MaskFormer's predicted (class, mask) pairs and the targets."""
 import functools
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +100,9 @@ class HungarianMatcher(nn.Module):
     stay in the cache instead of making a dozen passes over B x Q x P values in memory; the
     result is the same up to float rounding. The costs of all images of a batch are computed in
     one batched call, on the device of the predictions, with the targets padded to the largest
-    count; then each image's assignment is solved on its own (query x valid target) block, by
+    count; given a list of decoder layers' outputs, those of all layers too (the criterion's deep
+    supervision: one call instead of one per layer, whose fixed costs dominate with few points).
+    Then each image's assignment is solved on its own (query x valid target) block, by
     ``scipy.optimize.linear_sum_assignment`` on the CPU (``solver="scipy"``) or by
     :func:`linear_sum_assignment_torch`, exact too, for the whole batch in one call on the
     costs' device (``solver="torch"``; no copy of the costs to the CPU, which serialises GPU
@@ -132,8 +134,9 @@ class HungarianMatcher(nn.Module):
                 compute them on K uniformly random points per image (drawn from torch's global
                 generator, so deterministic under ``torch.manual_seed``).
             solver: "scipy" or "torch", the assignment solver.
-            chunk_points: the mask costs are summed over this many pixels (points) at a time;
-                0 takes all at once.
+            chunk_points: the mask costs are summed over this many pixels (points) at a time
+                (of L layers matched together, over chunk_points / L pixels of each); 0 takes all
+                at once.
         """
         super().__init__()
         weights = {"cost_class": cost_class, "cost_mask": cost_mask, "cost_dice": cost_dice}
@@ -176,110 +179,163 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, outputs: Dict[str, Tensor], targets: Sequence[Dict[str, Tensor]]
-    ) -> List[Tuple[Tensor, Tensor]]:
+        self,
+        outputs: Union[Dict[str, Tensor], Sequence[Dict[str, Tensor]]],
+        targets: Sequence[Dict[str, Tensor]],
+    ) -> Union[List[Tuple[Tensor, Tensor]], List[List[Tuple[Tensor, Tensor]]]]:
         """
         Args:
             outputs: ``pred_logits`` B x Q x (K+1) (last = no object) and ``pred_masks``
-                B x Q x h x w (mask logits). Other keys are ignored.
+                B x Q x h x w (mask logits). Other keys are ignored. Or a list of such dicts,
+                one per decoder layer (the same B, Q and h x w), matched to the same targets in
+                one batched computation (:attr:`matches_layers_together`): each layer's
+                assignment is the one a call with its dict alone gives; with points, each layer
+                draws its own, the points that calls layer by layer draw on a CPU.
             targets: one dict per image: ``labels`` (T,) int64 in [0, K), ``masks`` T x H x W
                 (bool or float in {0, 1}).
 
         Returns:
             Per image, ``(query_indices, target_indices)``: two int64 tensors of length min(Q, T),
             on the CPU ("scipy") or the device of the predictions ("torch"); query_indices is
-            sorted.
+            sorted. For a list of layers, a list of those, one per layer.
 
         Raises:
             NonFiniteCostError: when a cost term has a NaN or inf (naming the image and the term).
             ValueError, KeyError: on malformed inputs.
         """
+        layers = [outputs] if isinstance(outputs, dict) else list(outputs)
+        num_targets = [int(target["labels"].shape[0]) for target in targets]
         if self.check_inputs:
-            check_outputs(outputs, "HungarianMatcher")
-            num_images, num_classes = outputs["pred_logits"].shape[0], outputs["pred_logits"].shape[-1] - 1
-            check_targets(targets, num_images, num_classes, "HungarianMatcher")
-        cost = self.batched_cost(outputs, targets)
-        return self._solve(cost, [int(target["labels"].shape[0]) for target in targets])
+            self._check_inputs(layers, targets)
+        cost = self._layers_cost(layers, targets)
+        indices = self._solve(cost.flatten(0, 1), num_targets * len(layers))
+        per_layer = [indices[i * len(targets) : (i + 1) * len(targets)] for i in range(len(layers))]
+        return per_layer[0] if isinstance(outputs, dict) else per_layer
+
+    # SetCriterion passes all decoder layers to one call (see forward)
+    matches_layers_together = True
+
+    @staticmethod
+    def _check_inputs(layers: List[Dict[str, Tensor]], targets: Sequence[Dict[str, Tensor]]) -> None:
+        if not layers:
+            raise ValueError("HungarianMatcher: got an empty list of decoder layers' outputs")
+        for i, layer in enumerate(layers):
+            where = "HungarianMatcher" + (f" (layer {i})" if len(layers) > 1 else "")
+            check_outputs(layer, where)
+            first, this = layers[0]["pred_masks"].shape, layer["pred_masks"].shape
+            if this != first or layer["pred_logits"].shape != layers[0]["pred_logits"].shape:
+                raise ValueError(
+                    f"{where}: the layers matched together must have the shapes of layer 0, got "
+                    f"pred_logits {tuple(layer['pred_logits'].shape)} and pred_masks {tuple(this)} "
+                    f"against {tuple(layers[0]['pred_logits'].shape)} and {tuple(first)}"
+                )
+        num_images, num_classes = layers[0]["pred_logits"].shape[0], layers[0]["pred_logits"].shape[-1] - 1
+        check_targets(targets, num_images, num_classes, "HungarianMatcher")
 
     @torch.no_grad()
     def batched_cost(
-        self, outputs: Dict[str, Tensor], targets: Sequence[Dict[str, Tensor]]
+        self,
+        outputs: Union[Dict[str, Tensor], Sequence[Dict[str, Tensor]]],
+        targets: Sequence[Dict[str, Tensor]],
     ) -> Tensor:
-        """The matching costs of all images in one batched computation, in float32 (also under
-        autocast), on the device of ``pred_logits``.
+        """The matching costs of all images (of all layers) in one batched computation, in float32
+        (also under autocast), on the device of ``pred_logits``.
 
         Args:
             outputs, targets: as in :meth:`forward` (not checked here).
 
         Returns:
-            B x Q x T_max float32 costs, T_max the largest number of targets of an image. Only
-            ``cost[b, :, :T_b]`` is meaningful; the columns of padding targets are not.
+            B x Q x T_max float32 costs, T_max the largest number of targets of an image (L x B x
+            Q x T_max for a list of L layers). Only ``cost[..., b, :, :T_b]`` is meaningful; the
+            columns of padding targets are not.
 
         Raises:
             NonFiniteCostError: naming the first image (and its first term) with a NaN or inf cost.
         """
-        pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
+        if isinstance(outputs, dict):
+            return self._layers_cost([outputs], targets)[0]
+        return self._layers_cost(list(outputs), targets)
+
+    def _layers_cost(self, layers: List[Dict[str, Tensor]], targets: Sequence[Dict[str, Tensor]]) -> Tensor:
+        """L x B x Q x T_max costs of the L layers' outputs (see :meth:`batched_cost`)."""
+        pred_logits = layers[0]["pred_logits"]
         device = pred_logits.device
-        num_images, num_queries = pred_logits.shape[:2]
+        num_layers, (num_images, num_queries) = len(layers), pred_logits.shape[:2]
         num_targets = [int(target["labels"].shape[0]) for target in targets]
         max_targets = max(num_targets, default=0)
-        cost = torch.zeros(num_images, num_queries, max_targets, dtype=torch.float32, device=device)
+        cost = torch.zeros(num_layers, num_images, num_queries, max_targets, dtype=torch.float32, device=device)
         if max_targets == 0 or num_queries == 0:
             return cost
 
-        terms = []  # (name, weight, B x Q x T_max cost), added in this order
+        terms = []  # (name, weight, L x B x Q x T_max cost), added in this order
         # in float32 even under autocast, so that half-precision training matches the same way
         with torch.autocast(device_type=device.type, enabled=False):
             if self.cost_class > 0:
                 labels = torch.zeros(num_images, max_targets, dtype=torch.int64, device=device)
                 for b, target in enumerate(targets):
                     labels[b, : num_targets[b]] = target["labels"].to(device)
-                prob = pred_logits.float().softmax(-1)
+                logits = torch.stack([layer["pred_logits"] for layer in layers])  # L x B x Q x (K+1)
+                prob = logits.float().softmax(-1)
                 # -p[target class] stands in for the negative log-likelihood (a constant is
                 # irrelevant)
-                class_prob = prob.gather(2, labels[:, None, :].expand(-1, num_queries, -1))
+                class_prob = prob.gather(3, labels[None, :, None, :].expand(num_layers, -1, num_queries, -1))
                 terms.append(("class", self.cost_class, -class_prob))
             if self.cost_mask > 0 or self.cost_dice > 0:
-                mask_cost, dice = self._mask_costs(pred_masks, targets, max_targets)
+                mask_cost, dice = self._mask_costs([layer["pred_masks"] for layer in layers], targets, max_targets)
                 if self.cost_mask > 0:
-                    terms.append(("mask", self.cost_mask, mask_cost))
+                    terms.append(("mask", self.cost_mask, mask_cost.view(cost.shape)))
                 if self.cost_dice > 0:
-                    terms.append(("dice", self.cost_dice, dice))
+                    terms.append(("dice", self.cost_dice, dice.view(cost.shape)))
             for _, weight, term in terms:
                 cost += weight * term
         self._check_finite(cost, terms, num_targets)
         return cost
 
     def _mask_costs(
-        self, pred_masks: Tensor, targets: Sequence[Dict[str, Tensor]], max_targets: int
+        self, pred_masks: List[Tensor], targets: Sequence[Dict[str, Tensor]], max_targets: int
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        """The pointwise mask cost and the dice cost (None where its weight is 0), both B x Q x
-        T_max, summed over the pixels (points) ``chunk_points`` at a time.
+        """The pointwise mask cost and the dice cost (None where its weight is 0), both
+        (L * B) x Q x T_max, summed over the pixels (points) in chunks: ``chunk_points / L``
+        pixels of all L layers at a time, as many values as ``chunk_points`` of one layer.
 
         Args:
-            pred_masks: B x Q x h x w mask logits.
+            pred_masks: one B x Q x h x w tensor of mask logits per layer, L in all.
         """
-        num_images, _, height, width = pred_masks.shape
+        num_layers = len(pred_masks)
+        num_images, _, height, width = pred_masks[0].shape
         if self.num_points > 0:
-            # (x, y) in [0, 1]^2, one set per image, shared by its queries and targets
-            coords = torch.rand(num_images, self.num_points, 2, device=pred_masks.device)
-            points = BilinearPoints(coords, height, width)
-            read_predictions = functools.partial(points.sample_table, points.pixel_table(pred_masks))
-            target_values = self._target_values(targets, max_targets, pred_masks, coords)
+            # (x, y) in [0, 1]^2, one set per layer and image, shared by its queries and targets
+            # (drawn at once: on a CPU the numbers that one draw per layer gives)
+            coords = torch.rand(num_layers * num_images, self.num_points, 2, device=pred_masks[0].device)
+            all_points, readers = BilinearPoints(coords, height, width), []
+            for layer, masks in enumerate(pred_masks):
+                points = all_points.select_images(layer * num_images, (layer + 1) * num_images)
+                readers.append(functools.partial(points.sample_table, points.pixel_table(masks)))
+            target_values = self._target_values(targets, max_targets, pred_masks[0], coords)
         else:
-            pixels = pred_masks.flatten(2)
+            layer_pixels = [masks.flatten(2) for masks in pred_masks]
+            readers = [
+                functools.partial(lambda pixels, start, stop: pixels[..., start:stop].float(), pixels)
+                for pixels in layer_pixels
+            ]
+            # the same for every layer
+            target_values = self._target_values(targets, max_targets, pred_masks[0], None)
 
-            def read_predictions(start: int, stop: int) -> Tensor:
-                return pixels[..., start:stop].float()
+        def read_predictions(start: int, stop: int) -> Tensor:
+            if num_layers == 1:
+                return readers[0](start, stop)
+            # concatenated in the layout of the reads (point samples: B x n x Q memory)
+            return torch.cat([read(start, stop).transpose(1, 2) for read in readers]).transpose(1, 2)
 
-            target_values = self._target_values(targets, max_targets, pred_masks, None)
         num_pixels = target_values.shape[-1]
-        chunk = self.chunk_points or max(num_pixels, 1)
+        chunk = max(self.chunk_points // num_layers, 1) if self.chunk_points else max(num_pixels, 1)
         mask_cost = dice_products = prob_sums = None
         # one empty chunk when there are no pixels: the costs of no pixels, as before chunking
         for start in range(0, max(num_pixels, 1), chunk):
             stop = min(start + chunk, num_pixels)
             pred, target_chunk = read_predictions(start, stop), target_values[..., start:stop]
+            if target_chunk.shape[0] != pred.shape[0]:  # every pixel: the targets of each layer
+                target_chunk = target_chunk.repeat(num_layers, 1, 1)
             if self.cost_mask > 0:
                 # the chunks' pixel means, weighted by their share of the pixels
                 cost = self._mask_cost(pred, target_chunk)
@@ -293,7 +349,10 @@ class HungarianMatcher(nn.Module):
                 prob_sums = sums if prob_sums is None else prob_sums.add_(sums)
         dice = None
         if self.cost_dice > 0:
-            dice = dice_cost_from_sums(dice_products, prob_sums, target_values.sum(-1))
+            target_sums = target_values.sum(-1)
+            if target_sums.shape[0] != prob_sums.shape[0]:
+                target_sums = target_sums.repeat(num_layers, 1)
+            dice = dice_cost_from_sums(dice_products, prob_sums, target_sums)
         return mask_cost, dice
 
     @staticmethod
@@ -303,46 +362,57 @@ class HungarianMatcher(nn.Module):
         pred_masks: Tensor,
         coords: Optional[Tensor],
     ) -> Tensor:
-        """B x T_max x P float32 target values, zero rows for the padding targets: the targets
-        resized (nearest) to the h x w of ``pred_masks`` (P = h * w) when ``coords`` is None,
-        otherwise sampled bilinearly at the B x P x 2 points ``coords`` (by ``point_sample``: the
-        values :class:`BilinearPoints` gives)."""
+        """Float32 target values, zero rows for the padding targets: B x T_max x (h * w), the
+        targets resized (nearest) to the h x w of ``pred_masks``, when ``coords`` is None;
+        otherwise (L * B) x T_max x P, the targets sampled bilinearly at the (L * B) x P x 2 points
+        ``coords`` of L layers (by ``point_sample``: the values :class:`BilinearPoints` gives;
+        entry ``l * B + b`` reads image b)."""
         device = pred_masks.device
-        num_pixels = coords.shape[1] if coords is not None else pred_masks.shape[-2] * pred_masks.shape[-1]
-        tgt = torch.zeros(len(targets), max_targets, num_pixels, dtype=torch.float32, device=device)
+        num_images = len(targets)
+        if coords is None:
+            num_rows, num_pixels = num_images, pred_masks.shape[-2] * pred_masks.shape[-1]
+        else:
+            num_rows, num_pixels = coords.shape[:2]
+        tgt = torch.zeros(num_rows, max_targets, num_pixels, dtype=torch.float32, device=device)
         for b, target in enumerate(targets):
             masks = target["masks"].to(device=device, dtype=torch.float32)
             if masks.shape[0] == 0:
                 continue
             if coords is not None:
-                values = point_sample(masks[None], coords[b : b + 1], **POINT_SAMPLE_KWARGS)[0]
+                # the points of image b in every layer, read in one call
+                image_coords = coords[b::num_images].reshape(1, -1, 2)
+                values = point_sample(masks[None], image_coords, **POINT_SAMPLE_KWARGS)[0]
+                tgt[b::num_images, : masks.shape[0]] = values.view(masks.shape[0], -1, num_pixels).transpose(0, 1)
             else:
                 values = F.interpolate(masks[:, None], size=pred_masks.shape[-2:], mode="nearest").flatten(1)
-            tgt[b, : masks.shape[0]] = values
+                tgt[b, : masks.shape[0]] = values
         return tgt
 
     @staticmethod
     def _check_finite(cost: Tensor, terms: List[Tuple[str, float, Tensor]], num_targets: List[int]) -> None:
-        """Raise :class:`NonFiniteCostError` when a valid entry of ``cost`` is NaN or inf, naming the
-        first such image and its first non-finite term (one device sync when all is well)."""
+        """Raise :class:`NonFiniteCostError` when a valid entry of ``cost`` (L x B x Q x T_max) is
+        NaN or inf, naming the first such image (and layer, when L > 1) and its first non-finite
+        term (one device sync when all is well)."""
         valid = torch.arange(cost.shape[-1], device=cost.device)[None, :] < torch.tensor(
             num_targets, device=cost.device
         )[:, None]
-        if torch.isfinite(cost).all(dim=1).logical_or(~valid).all():
+        if torch.isfinite(cost).all(dim=2).logical_or(~valid).all():
             return
-        for b, count in enumerate(num_targets):
-            if torch.isfinite(cost[b, :, :count]).all():
-                continue
-            for name, _, term in terms:
-                if not torch.isfinite(term[b, :, :count]).all():
-                    raise NonFiniteCostError(
-                        f"HungarianMatcher: the {name!r} cost of image {b} in the batch has NaN or "
-                        "inf values (non-finite predictions?); cannot solve the assignment"
-                    )
-            raise NonFiniteCostError(
-                f"HungarianMatcher: the weighted sum of the costs of image {b} in the batch "
-                "overflows to inf; cannot solve the assignment"
-            )
+        for layer in range(cost.shape[0]):
+            in_layer = f" of decoder layer {layer} (of {cost.shape[0]} matched together)" if cost.shape[0] > 1 else ""
+            for b, count in enumerate(num_targets):
+                if torch.isfinite(cost[layer, b, :, :count]).all():
+                    continue
+                for name, _, term in terms:
+                    if not torch.isfinite(term[layer, b, :, :count]).all():
+                        raise NonFiniteCostError(
+                            f"HungarianMatcher: the {name!r} cost of image {b} in the batch{in_layer} has "
+                            "NaN or inf values (non-finite predictions?); cannot solve the assignment"
+                        )
+                raise NonFiniteCostError(
+                    f"HungarianMatcher: the weighted sum of the costs of image {b} in the batch{in_layer} "
+                    "overflows to inf; cannot solve the assignment"
+                )
 
     def _solve(self, cost: Tensor, num_targets: List[int]) -> List[Tuple[Tensor, Tensor]]:
         """Per image, the optimal assignment on its Q x T_b block of ``cost`` (B x Q x T_max)."""
