@@ -66,18 +66,24 @@ def test_any_number_of_maps_dtypes_and_layouts():
                                    rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("int64_indices", [False, True])
-def test_nan_coordinates_give_nan_samples(int64_indices, monkeypatch):
-    # the other points are unaffected, and the NaN point reads valid pixels (no index error), with
-    # int32 and int64 indices (limit lowered)
-    if int64_indices:
+@pytest.fixture(params=["int32", "int64"])
+def index_dtype(request, monkeypatch):
+    """Runs a test with int32 indices and again with int64 ones (their limit lowered to 1)."""
+    if request.param == "int64":
         monkeypatch.setattr(point_sampling, "_INT32_INDICES", 1)
+    return request.param
+
+
+def test_nan_coordinates_give_nan_samples(index_dtype):
+    # the other points are unaffected, and the NaN point reads valid pixels (no index error), with
+    # int32 and int64 indices
     generator = torch.Generator().manual_seed(3)
     coords = torch.rand(2, 6, 2, generator=generator)
     coords[0, 2, 0] = float("nan")
     coords[1, 4, 1] = float("nan")
     maps = torch.randn(2, 3, 5, 7, generator=generator)
     points = BilinearPoints(coords, 5, 7)
+    assert str(points.indices.dtype) == f"torch.{index_dtype}"
     assert 0 <= int(points.indices.min()) and int(points.indices.max()) < 2 * 5 * 7
     samples = points.sample(maps)
     assert samples[0, :, 2].isnan().all() and samples[1, :, 4].isnan().all()
@@ -170,10 +176,7 @@ def test_any_table_layout_reads_the_same():
                                rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("int64_indices", [False, True])
-def test_selected_images_equal_points_made_from_their_coords(int64_indices, monkeypatch):
-    if int64_indices:
-        monkeypatch.setattr(point_sampling, "_INT32_INDICES", 1)
+def test_selected_images_equal_points_made_from_their_coords(index_dtype):
     generator = torch.Generator().manual_seed(8)
     coords = torch.rand(6, 10, 2, generator=generator)
     points = BilinearPoints(coords, 5, 4)
@@ -181,6 +184,7 @@ def test_selected_images_equal_points_made_from_their_coords(int64_indices, monk
         selected, made = points.select_images(start, stop), BilinearPoints(coords[start:stop], 5, 4)
         assert selected.num_images == made.num_images == stop - start
         assert torch.equal(selected.indices, made.indices) and selected.indices.dtype == points.indices.dtype
+        assert str(points.indices.dtype) == f"torch.{index_dtype}"
         assert torch.equal(selected.weights, made.weights)
         maps = torch.randn(stop - start, 3, 5, 4, generator=generator)
         torch.testing.assert_close(selected.sample(maps), grid_sample_points(maps, coords[start:stop]),

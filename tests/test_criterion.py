@@ -219,17 +219,25 @@ def test_upsampled_predictions_and_padded_targets():
     assert pred_masks.grad[1, 2].abs().sum() == 0
 
 
-def test_aux_outputs_get_suffixed_keys():
-    generator = torch.Generator().manual_seed(1)
+def outputs_with_aux(generator, num_images, num_queries, num_logits, height, width, num_aux,
+                     logit_scale=1.0, mask_scale=1.0):
+    """Random outputs of the last decoder layer plus ``num_aux`` earlier layers' in
+    ``aux_outputs`` (each layer's logits drawn before its masks, the last layer's first)."""
 
     def layer():
         return {
-            "pred_logits": torch.randn(1, 3, 3, generator=generator),
-            "pred_masks": torch.randn(1, 3, 2, 2, generator=generator),
+            "pred_logits": torch.randn(num_images, num_queries, num_logits, generator=generator) * logit_scale,
+            "pred_masks": torch.randn(num_images, num_queries, height, width, generator=generator) * mask_scale,
         }
 
     outputs = layer()
-    outputs["aux_outputs"] = [layer(), layer()]
+    outputs["aux_outputs"] = [layer() for _ in range(num_aux)]
+    return outputs
+
+
+def test_aux_outputs_get_suffixed_keys():
+    generator = torch.Generator().manual_seed(1)
+    outputs = outputs_with_aux(generator, 1, 3, 3, 2, 2, num_aux=2)
     targets = [random_targets(generator, [0, 1], 4, 4)]
     indices = [([1, 2], [0, 1])]
     matcher = FixedMatcher(indices)
@@ -256,15 +264,7 @@ def test_matcher_gets_all_layers_in_one_call():
     # HungarianMatcher matches all decoder layers together (one call, one batched cost); each
     # layer's losses use that layer's own assignment, the one a call for it alone gives
     generator = torch.Generator().manual_seed(8)
-
-    def layer():
-        return {
-            "pred_logits": torch.randn(2, 4, 3, generator=generator) * 3,
-            "pred_masks": torch.randn(2, 4, 2, 2, generator=generator) * 3,
-        }
-
-    outputs = layer()
-    outputs["aux_outputs"] = [layer(), layer()]
+    outputs = outputs_with_aux(generator, 2, 4, 3, 2, 2, num_aux=2, logit_scale=3.0, mask_scale=3.0)
     targets = [random_targets(generator, [0, 1], 4, 4), random_targets(generator, [1], 4, 4)]
     matcher = HungarianMatcher()
     calls = []

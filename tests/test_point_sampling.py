@@ -12,7 +12,7 @@ from mask_former.modeling.criterion import SetCriterion, build_criterion, point_
 from mask_former.modeling.mask_losses import MASK_LOSSES, dice_cost, sigmoid_focal_cost
 from mask_former.modeling.matcher import HungarianMatcher
 from model_utils import tiny_cfg, zoo_cfg
-from test_criterion import FixedMatcher
+from test_criterion import FixedMatcher, outputs_with_aux
 from test_model import make_batch
 
 ALL_MASK_LOSSES = ("focal", "bce", "brier", "dice")
@@ -268,15 +268,7 @@ def reference_full_resolution(outputs, targets, mask_losses, eos_coef=0.1):
 @pytest.mark.parametrize("mask_losses", [["focal", "dice"], ["bce", "brier", "dice"], ["dice"]])
 def test_zero_points_is_bit_identical_to_the_full_resolution_path(mask_losses):
     generator = torch.Generator().manual_seed(6)
-
-    def layer():
-        return {
-            "pred_logits": torch.randn(3, 12, 6, generator=generator) * 2,
-            "pred_masks": torch.randn(3, 12, 8, 6, generator=generator) * 3,
-        }
-
-    outputs = layer()
-    outputs["aux_outputs"] = [layer(), layer()]
+    outputs = outputs_with_aux(generator, 3, 12, 6, 8, 6, num_aux=2, logit_scale=2.0, mask_scale=3.0)
     targets = []
     for b, count in enumerate((4, 0, 7)):  # images of different sizes, one without targets
         masks = torch.rand(count, 32 - 8 * (b == 2), 24, generator=generator) > 0.6
