@@ -60,7 +60,7 @@ def test_any_number_of_maps_dtypes_and_layouts():
     # longer than the channels: the layout of the training path's mask logits)
     maps = torch.randn(2, 10, 8, 9, generator=generator)
     channels_last = maps.contiguous(memory_format=torch.channels_last)
-    assert point_sampling._pixel_major(channels_last).data_ptr() == channels_last.data_ptr()
+    assert points.pixel_table(channels_last).data_ptr() == channels_last.data_ptr()
     for strided in (maps[:, 3:7], channels_last, channels_last[:, 3:7]):
         torch.testing.assert_close(points.sample(strided), grid_sample_points(strided.contiguous(), coords),
                                    rtol=1e-6, atol=1e-6)

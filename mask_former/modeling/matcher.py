@@ -111,6 +111,9 @@ class HungarianMatcher(nn.Module):
     computed nor checked).
     """
 
+    # SetCriterion passes the outputs of all decoder layers to one call (see forward)
+    matches_layers_together = True
+
     def __init__(
         self,
         cost_class: float = 1.0,
@@ -204,16 +207,13 @@ class HungarianMatcher(nn.Module):
             ValueError, KeyError: on malformed inputs.
         """
         layers = [outputs] if isinstance(outputs, dict) else list(outputs)
-        num_targets = [int(target["labels"].shape[0]) for target in targets]
         if self.check_inputs:
             self._check_inputs(layers, targets)
+        num_targets = [int(target["labels"].shape[0]) for target in targets]
         cost = self._layers_cost(layers, targets)
         indices = self._solve(cost.flatten(0, 1), num_targets * len(layers))
         per_layer = [indices[i * len(targets) : (i + 1) * len(targets)] for i in range(len(layers))]
         return per_layer[0] if isinstance(outputs, dict) else per_layer
-
-    # SetCriterion passes all decoder layers to one call (see forward)
-    matches_layers_together = True
 
     @staticmethod
     def _check_inputs(layers: List[Dict[str, Tensor]], targets: Sequence[Dict[str, Tensor]]) -> None:
