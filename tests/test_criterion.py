@@ -262,7 +262,8 @@ def test_aux_outputs_get_suffixed_keys():
 
 def test_matcher_gets_all_layers_in_one_call():
     # HungarianMatcher matches all decoder layers together (one call, one batched cost); each
-    # layer's losses use that layer's own assignment, the one a call for it alone gives
+    # layer's losses use that layer's own assignment, the one a call for it alone gives (the three
+    # layers' assignments differ here, so layers mixed up would change the losses)
     generator = torch.Generator().manual_seed(8)
     outputs = outputs_with_aux(generator, 2, 4, 3, 2, 2, num_aux=2, logit_scale=3.0, mask_scale=3.0)
     targets = [random_targets(generator, [0, 1], 4, 4), random_targets(generator, [1], 4, 4)]

@@ -516,3 +516,5 @@ def test_layers_of_different_shapes_are_refused():
         HungarianMatcher()(layers, targets)
     with pytest.raises(ValueError, match="empty list"):
         HungarianMatcher()([], targets)
+    with pytest.raises(TypeError, match=r"HungarianMatcher \(layer 1\): expected a dict of outputs .*got Tensor"):
+        HungarianMatcher()([layers[0], layers[1]["pred_masks"]], targets)

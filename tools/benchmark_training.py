@@ -35,21 +35,20 @@ Columns:
 * ``loss_rel_diff``: the total weighted loss of the first step (same weights, same batch) relative
   to the reference's: what point sampling (random points) and bfloat16 change in the loss.
 
-Paths (``--paths``; default all but ``points_plain`` and ``bf16``): ``reference``
-(TRAIN_NUM_POINTS 0, the matcher called image by image as before batching: each image's costs
-computed over all its pixels at once (MATCHER_NUM_POINTS -1, MATCHER_CHUNK_POINTS 0, whatever the
-trailing options say) and copied to the CPU on their own;
-the modules as built, ``model.optimize_training = False``), ``full`` (TRAIN_NUM_POINTS 0,
-batched matcher), ``points`` (TRAIN_NUM_POINTS ``--num-points``), ``points_bf16`` (the same under
-``torch.autocast`` with bfloat16, as SOLVER.AMP.PRECISION bfloat16 trains), ``bf16`` (full
-resolution under bfloat16 autocast). All
-but the reference and ``points_plain`` (``points`` with the modules as built) train with
-channels-last convolutions (weights stored channels-last) and the frozen batch norms folded into
-them (``optimize_training``, the default) and with AdamW's fused kernel (SOLVER.FUSED_OPTIMIZER,
-the default); those two run PyTorch's loop over tensors, as before it. ``points_checkpointed`` is
-``points`` with activation checkpointing (MODEL.ACTIVATION_CHECKPOINTING) of the backbone's
-stages, the pixel decoder and the transformer predictor: less memory for more time;
-``points_bf16_checkpointed`` the same under bfloat16 autocast.
+Paths (``--paths``; default all but ``points_plain`` and ``bf16``): ``reference`` (TRAIN_NUM_POINTS
+0, the matcher called image by image as before batching: each image's costs computed over all its
+pixels at once (MATCHER_NUM_POINTS -1, MATCHER_CHUNK_POINTS 0, whatever the trailing options say)
+and copied to the CPU on their own; the modules as built, ``model.optimize_training = False``),
+``full`` (TRAIN_NUM_POINTS 0, batched matcher), ``points`` (TRAIN_NUM_POINTS ``--num-points``),
+``points_bf16`` (the same under ``torch.autocast`` with bfloat16, as SOLVER.AMP.PRECISION bfloat16
+trains), ``bf16`` (full resolution under bfloat16 autocast). All but the reference and
+``points_plain`` (``points`` with the modules as built) train with channels-last convolutions
+(weights stored channels-last) and the frozen batch norms folded into them (``optimize_training``,
+the default) and with AdamW's fused kernel (SOLVER.FUSED_OPTIMIZER, the default); those two run
+PyTorch's loop over tensors, as before it. ``points_checkpointed`` is ``points`` with activation
+checkpointing (MODEL.ACTIVATION_CHECKPOINTING) of the backbone's stages, the pixel decoder and the
+transformer predictor: less memory for more time; ``points_bf16_checkpointed`` the same under
+bfloat16 autocast.
 """
 import argparse
 import json

@@ -1,4 +1,5 @@
 """Bilinear samples of many maps at one set of points per image, by gathering."""
+import copy
 from typing import Optional, Tuple
 
 import torch
@@ -72,8 +73,8 @@ class BilinearPoints:
                 f"BilinearPoints.select_images: expected 0 <= start <= stop <= {self.num_images}, got "
                 f"start={start}, stop={stop}"
             )
-        selected = BilinearPoints.__new__(BilinearPoints)
-        selected.num_images, selected.num_points, selected.size = stop - start, self.num_points, self.size
+        selected = copy.copy(self)
+        selected.num_images = stop - start
         rows = slice(start * self.num_points, stop * self.num_points)
         selected.indices = self.indices[rows] - start * self.size[0] * self.size[1]
         selected.weights = self.weights[rows]

@@ -27,7 +27,8 @@ class SetCriterion(nn.Module):
     """Losses of MaskFormer's (class, mask) predictions against the targets.
 
     Per layer (the final output and each entry of ``outputs["aux_outputs"]``):
-    1. the matcher assigns queries to targets;
+    1. the matcher assigns queries to targets (a matcher whose ``matches_layers_together`` is
+       true, as :class:`HungarianMatcher`'s is, gets all layers in one call);
     2. ``loss_ce``: cross-entropy over K+1 classes, unmatched queries supervised with the
        "no object" class K, whose weight is ``eos_coef``;
     3. the mask losses of the matched pairs: "focal" -> ``loss_mask``, "bce" -> ``loss_bce``,
@@ -60,7 +61,9 @@ class SetCriterion(nn.Module):
         Args:
             num_classes: K, the number of classes without "no object".
             matcher: module mapping (outputs, targets) to per-image (query indices, target
-                indices), e.g. :class:`HungarianMatcher`.
+                indices), e.g. :class:`HungarianMatcher`. If its attribute
+                ``matches_layers_together`` is true, it is called once with the list of all
+                layers' outputs and returns a list of those per layer.
             eos_coef: cross-entropy weight of the "no object" class.
             mask_losses: names of the mask losses, one or more of ``MASK_LOSSES`` ("focal", "bce",
                 "brier", "dice", ...).

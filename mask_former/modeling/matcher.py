@@ -83,6 +83,11 @@ def check_targets(
                 )
 
 
+def _pixel_range(pixels: Tensor, start: int, stop: int) -> Tensor:
+    """Pixels ``start:stop`` of B x Q x P mask logits, as float32."""
+    return pixels[..., start:stop].float()
+
+
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of predictions to targets minimizing a weighted matching cost.
 
@@ -221,6 +226,8 @@ class HungarianMatcher(nn.Module):
             raise ValueError("HungarianMatcher: got an empty list of decoder layers' outputs")
         for i, layer in enumerate(layers):
             where = "HungarianMatcher" + (f" (layer {i})" if len(layers) > 1 else "")
+            if not isinstance(layer, dict):
+                raise TypeError(f"{where}: expected a dict of outputs (or a list of them), got {type(layer).__name__}")
             check_outputs(layer, where)
             first, this = layers[0]["pred_masks"].shape, layer["pred_masks"].shape
             if this != first or layer["pred_logits"].shape != layers[0]["pred_logits"].shape:
@@ -313,11 +320,7 @@ class HungarianMatcher(nn.Module):
                 readers.append(functools.partial(points.sample_table, points.pixel_table(masks)))
             target_values = self._target_values(targets, max_targets, pred_masks[0], coords)
         else:
-            layer_pixels = [masks.flatten(2) for masks in pred_masks]
-            readers = [
-                functools.partial(lambda pixels, start, stop: pixels[..., start:stop].float(), pixels)
-                for pixels in layer_pixels
-            ]
+            readers = [functools.partial(_pixel_range, masks.flatten(2)) for masks in pred_masks]
             # the same for every layer
             target_values = self._target_values(targets, max_targets, pred_masks[0], None)
 
