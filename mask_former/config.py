@@ -241,6 +241,10 @@ def add_mask_former_config(cfg):
     # dotted names ("backbone.res2": its forward) or a submodule's method
     # ("sem_seg_head.pixel_decoder.forward_features")
     cfg.MODEL.ACTIVATION_CHECKPOINTING = []
+    # train with the convolutions channels-last (their weights stored so): True, False, or None for
+    # "where it pays": on GPUs and on CPUs with AVX-512 kernels in PyTorch; on AVX2 CPUs oneDNN's
+    # channels-last backward of 3x3 convolutions is 2-2.5x slower than planar (docs/speed.md)
+    cfg.MODEL.TRAIN_CHANNELS_LAST = None
 
 
 def merge_config_file(cfg, path: str, allow_unsafe: bool = False) -> None:

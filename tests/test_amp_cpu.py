@@ -1,13 +1,16 @@
 """bfloat16 autocast training on the CPU (SOLVER.AMP.ENABLED True, SOLVER.AMP.PRECISION bfloat16):
 the inner trainer, the config checks, and a short run of tools/train_net.py."""
 import itertools
+import logging
 import math
 
 import pytest
 import torch
 from detectron2.modeling import build_model
 
-from mask_former.engine.trainer import AutocastTrainer, Trainer
+from mask_former.engine import trainer as trainer_module
+from mask_former.engine.trainer import AutocastTrainer, Trainer, warn_if_amp_is_slow_on_this_cpu
+from mask_former.utils.cpu_info import cpu_runs_bf16_fast
 from model_utils import tiny_cfg
 from test_model import make_batch
 from train_utils import read_metrics, run_train_net
@@ -52,6 +55,19 @@ def test_unknown_precision_is_refused():
         Trainer(cfg)
 
 
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_bfloat16_training_on_a_cpu_without_bf16_kernels_is_warned_about(caplog, monkeypatch, fast_bf16):
+    monkeypatch.setattr(trainer_module, "cpu_runs_bf16_fast", lambda: fast_bf16)
+    cfg = tiny_cfg()
+    cfg.SOLVER.AMP.ENABLED, cfg.SOLVER.AMP.PRECISION, cfg.MODEL.DEVICE = True, "bfloat16", "cpu"
+    with caplog.at_level(logging.WARNING):
+        assert warn_if_amp_is_slow_on_this_cpu(cfg) == (not fast_bf16)
+    assert ("slower than float32 training" in caplog.text) == (not fast_bf16)
+    assert ("SOLVER.AMP.PRECISION bfloat16" in caplog.text) == (not fast_bf16)
+    cfg.MODEL.DEVICE = "cuda"  # not about GPUs
+    assert not warn_if_amp_is_slow_on_this_cpu(cfg)
+
+
 def test_train_net_with_bfloat16_autocast_on_cpu(tiny_synthetic_root, tmp_path):
     # 40 iterations of 2 images: detectron2 writes the metrics (losses as medians of the last 20
     # iterations) at iterations 19 and 39
@@ -59,7 +75,10 @@ def test_train_net_with_bfloat16_autocast_on_cpu(tiny_synthetic_root, tmp_path):
         "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16", "MODEL.DEVICE", "cpu",
         "SOLVER.MAX_ITER", "40", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "1000",
         "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(tmp_path)])
-    assert "Mixed-precision training: bfloat16 autocast on cpu (AutocastTrainer)" in (tmp_path / "log.txt").read_text()
+    log = (tmp_path / "log.txt").read_text()
+    assert "Mixed-precision training: bfloat16 autocast on cpu (AutocastTrainer)" in log
+    # the warning where this CPU has no bfloat16 kernels, none where it has them
+    assert ("slower than float32 training" in log) == (not cpu_runs_bf16_fast())
     train_lines = [m for m in read_metrics(tmp_path) if "total_loss" in m]
     assert [m["iteration"] for m in train_lines] == [19, 39]
     losses = [m["total_loss"] for m in train_lines]

@@ -29,6 +29,7 @@ from mask_former.modeling.inference_optimization import (
     upsample_bilinear_rows,
     upsample_rows_scratch_size,
 )
+from mask_former.modeling.meta_arch import base as base_meta_arch
 from mask_former.modeling.postprocessing import semantic_inference
 from mask_former.modeling.transformer_decoder.standard_transformer_decoder import mask_logits
 from model_utils import tiny_cfg
@@ -186,6 +187,24 @@ def test_fp16_on_a_cpu_is_run_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING), torch.no_grad():
         model(images([(64, 48)]))
     assert "fp16 on a CPU" in caplog.text and "bf16 is the CPU fast path" in caplog.text
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_kernels_is_run_with_a_warning(caplog, monkeypatch, fast_bf16):
+    """Where PyTorch has no bfloat16 kernels for the CPU (AVX2), bf16 is slower than fp32: said once
+    per model; where it has them, nothing is said."""
+    monkeypatch.setattr(base_meta_arch, "cpu_runs_bf16_fast", lambda: fast_bf16)
+    cfg = tiny_cfg()
+    cfg.MODEL.MASK_FORMER.TEST.PRECISION = "bf16"
+    model = build(cfg)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        model(images([(64, 48)]))
+        model(images([(64, 48)]))
+    warnings = [r for r in caplog.records if "PRECISION bf16 on a CPU" in r.getMessage()]
+    assert len(warnings) == (0 if fast_bf16 else 1)
+    if warnings:
+        assert "slower than fp32" in warnings[0].getMessage()
+        assert torch.backends.cpu.get_cpu_capability() in warnings[0].getMessage()
 
 
 def test_a_folded_weight_beyond_float16_is_named():

@@ -8,6 +8,7 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch.nn import functional as F
 
+from mask_former.modeling.meta_arch import base as base_meta_arch
 from mask_former.modeling.training_optimization import (
     channels_last_conv_weights,
     checkpoint_activations,
@@ -75,8 +76,9 @@ def test_folded_convolution_equals_conv_then_norm(kernel_size, stride, bias, cha
         assert not value.requires_grad
 
 
-def training_losses_and_grads(model, batch, optimize_training: bool):
+def training_losses_and_grads(model, batch, optimize_training: bool, channels_last: bool = True):
     model.optimize_training = optimize_training
+    model.train_channels_last = channels_last
     model.zero_grad()
     torch.manual_seed(0)  # the same dropout in both runs
     losses = model(batch)
@@ -106,10 +108,13 @@ def test_only_frozen_batch_norms_are_folded():
 # A trainable BatchNorm2d is left out of the whole-step comparison: with batch statistics over the
 # few pixels of the tiny model's deepest levels, rounding differences of the two layouts grow to
 # about 1 % of some gradients, which says nothing about the folding (not applied to it anyway).
-@pytest.mark.parametrize("backbone", ["FrozenBN", "swin", "panoptic_segformer"])
+@pytest.mark.parametrize("backbone", ["FrozenBN", "swin", "panoptic_segformer", "FrozenBN planar"])
 def test_optimized_training_equals_modules_as_built(backbone):
     """A whole training step's losses and every parameter's gradient, both paths on the same model
-    (MaskFormer with three backbones; Panoptic SegFormer with a FrozenBN ResNet)."""
+    (MaskFormer with three backbones; Panoptic SegFormer with a FrozenBN ResNet), channels-last
+    (or, "planar", with only the norms folded: MODEL.TRAIN_CHANNELS_LAST False)."""
+    channels_last = not backbone.endswith(" planar")
+    backbone = backbone.replace(" planar", "")
     if backbone == "panoptic_segformer":
         cfg, batch = psf_cfg(), psf_batch()
         cfg.MODEL.RESNETS.NORM = "FrozenBN"
@@ -122,7 +127,7 @@ def test_optimized_training_equals_modules_as_built(backbone):
     randomize_norms(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    losses, grads = training_losses_and_grads(model, batch, optimize_training=True)
+    losses, grads = training_losses_and_grads(model, batch, optimize_training=True, channels_last=channels_last)
     ref_losses, ref_grads = training_losses_and_grads(model, batch, optimize_training=False)
     assert_same_loss_terms(losses, ref_losses, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
@@ -175,6 +180,7 @@ def test_training_step_stores_conv_weights_channels_last(optimize_training):
     channels-last (no reorder at every call); the modules as built keep their layout."""
     model = build_model(tiny_cfg()).train()
     model.optimize_training = optimize_training
+    model.train_channels_last = True
     sum(model(make_batch()).values()).backward()
     trained = {name: w for name, w in conv_weights(model).items() if w.grad is not None}
     assert len(trained) > 10  # FREEZE_AT 0: the backbone's and the pixel decoder's convolutions
@@ -193,6 +199,7 @@ def test_trainer_stores_conv_weights_channels_last_before_the_optimizer():
     from mask_former.engine.trainer import Trainer
 
     cfg = tiny_cfg()
+    cfg.MODEL.TRAIN_CHANNELS_LAST = True
     for optimize_training in (True, False):
         model = build_model(cfg)
         model.optimize_training = optimize_training
@@ -203,6 +210,55 @@ def test_trainer_stores_conv_weights_channels_last_before_the_optimizer():
         # (a 1x1 kernel is contiguous in both layouts)
         converted = [w.is_contiguous(memory_format=torch.channels_last) for w in weights.values() if w.shape[-1] > 1]
         assert converted and (all(converted) if optimize_training else not any(converted))
+
+
+@pytest.mark.parametrize("avx512", [True, False])
+def test_channels_last_training_by_default_only_where_it_pays(monkeypatch, avx512):
+    """MODEL.TRAIN_CHANNELS_LAST None: channels-last on CPUs with PyTorch's AVX-512 kernels, planar
+    on others (AVX2: oneDNN's channels-last backward is slower there); True / False force it. The
+    backbone's stem sees its input in that layout, and the weights follow it."""
+    monkeypatch.setattr(base_meta_arch, "cpu_has_avx512_kernels", lambda: avx512)
+    for setting, expected in ((None, avx512), (True, True), (False, False)):
+        cfg = tiny_cfg()
+        cfg.MODEL.TRAIN_CHANNELS_LAST = setting
+        model = build_model(cfg).train()
+        assert model.channels_last_training() is expected
+        seen = []
+        model.backbone.stem.conv1.register_forward_pre_hook(
+            lambda m, args, seen=seen: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        sum(model(make_batch()).values()).backward()
+        assert seen == [expected], setting
+        layouts = {w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(model).values()
+                   if w.shape[-1] > 1}  # (a 1x1 kernel is contiguous in both layouts)
+        assert layouts == {expected}, setting
+
+
+def test_planar_training_takes_its_weights_back_after_an_evaluation():
+    """Inference stores the convolution weights channels-last; planar training stores them planar
+    again at its next step (their values unchanged), so that its convolutions stay planar."""
+    cfg = tiny_cfg()
+    cfg.MODEL.TRAIN_CHANNELS_LAST = False
+    model = build_model(cfg).train()
+    sum(model(make_batch()).values()).backward()
+    model.eval()
+    with torch.no_grad():
+        model([{"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)}])
+    weights = {n: w for n, w in conv_weights(model).items() if w.shape[-1] > 1}
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights.values())
+    values = {n: w.detach().clone() for n, w in weights.items()}
+    model.train()
+    sum(model(make_batch()).values()).backward()
+    for name, w in weights.items():
+        assert w.is_contiguous() and w.grad.is_contiguous(), name
+        assert torch.equal(w, values[name]), name
+
+
+def test_train_channels_last_key_is_checked():
+    cfg = tiny_cfg()
+    cfg.MODEL.TRAIN_CHANNELS_LAST = "yes"
+    with pytest.raises(ValueError, match=r"MODEL.TRAIN_CHANNELS_LAST='yes': expected None .*True or False"):
+        build_model(cfg)
 
 
 def saved_tensor_bytes(model, batch):

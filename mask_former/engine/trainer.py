@@ -21,9 +21,9 @@ from ..checkpoint import MaskFormerCheckpointer
 from ..data import build_dataset_mapper
 from ..data.dataset_mappers import StopWhenNothingReadable, check_num_classes
 from ..evaluation import CheckedSemSegEvaluator, build_evaluator
-from ..modeling.training_optimization import channels_last_conv_weights
 from ..solver import build_lr_scheduler, build_optimizer
 from ..test_time_augmentation import SemanticSegmentorWithTTA
+from ..utils.cpu_info import cpu_runs_bf16_fast
 from .resume import RandomStates, RestoreRandomStatesHook, ResumableTrainingSampler
 
 RESULTS_FILE = "eval_results.json"
@@ -126,6 +126,20 @@ def _amp_trainer(cfg):
     return functools.partial(AutocastTrainer, precision=AMP_PRECISIONS[name])
 
 
+def warn_if_amp_is_slow_on_this_cpu(cfg) -> bool:
+    """Log a warning, and return True, when SOLVER.AMP trains on a CPU for which PyTorch has no
+    bfloat16 kernels (AVX2 CPUs): the training is valid, but slower than without autocast."""
+    if torch.device(cfg.MODEL.DEVICE).type != "cpu" or cpu_runs_bf16_fast():
+        return False
+    logging.getLogger(__name__).warning(
+        f"SOLVER.AMP.PRECISION {cfg.SOLVER.AMP.PRECISION} on a CPU for which PyTorch has no bfloat16 "
+        f"kernels (its vector instructions: {torch.backends.cpu.get_cpu_capability()}): bfloat16 is "
+        "converted to float32 around every product, slower than float32 training; "
+        "SOLVER.AMP.ENABLED False is the fast path on this CPU"
+    )
+    return True
+
+
 class Trainer(DefaultTrainer):
     """detectron2's DefaultTrainer with MaskFormer's data, optimizer, schedule and evaluators, plus:
     distributed training on CPUs (Gloo), atomic checkpoints that also hold the random states, and a
@@ -143,10 +157,12 @@ class Trainer(DefaultTrainer):
         ):
             super().__init__(cfg)
         if cfg.SOLVER.AMP.ENABLED:
-            logging.getLogger(__name__).info(
+            logger = logging.getLogger(__name__)
+            logger.info(
                 f"Mixed-precision training: {cfg.SOLVER.AMP.PRECISION} autocast on "
                 f"{cfg.MODEL.DEVICE} ({type(self._trainer).__name__})"
             )
+            warn_if_amp_is_slow_on_this_cpu(cfg)
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
@@ -173,9 +189,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         if getattr(model, "optimize_training", False):
-            # here, before DistributedDataParallel wraps the model (its gradient buckets take the
-            # weights' layout) and before the optimizer's moments exist (they take it too)
-            channels_last_conv_weights(model)
+            # the weights in the layout training runs them in: here, before DistributedDataParallel
+            # wraps the model (its gradient buckets take the weights' layout) and before the
+            # optimizer's moments exist (they take it too)
+            model.store_conv_weights(model.channels_last_training())
         return build_optimizer(cfg, model)
 
     @classmethod

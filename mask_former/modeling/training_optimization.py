@@ -74,15 +74,17 @@ def folded_frozen_norms(module: nn.Module) -> Iterator[None]:
             conv.__dict__.pop("forward", None)
 
 
-def channels_last_conv_weights(module: nn.Module) -> int:
-    """Store the weight of every ``nn.Conv2d`` of ``module`` channels-last, in place (the same
-    values and ``Parameter`` objects, so an optimizer built before keeps them). Returns how many
-    weights changed layout. Call it before the optimizer's first step: moments made before have
-    the old layout, which is correct but slower."""
+def channels_last_conv_weights(module: nn.Module, channels_last: bool = True) -> int:
+    """Store the weight of every ``nn.Conv2d`` of ``module`` channels-last (or, with
+    ``channels_last`` False, planar: contiguous), in place (the same values and ``Parameter``
+    objects, so an optimizer built before keeps them). Returns how many weights changed layout.
+    Call it before the optimizer's first step: moments made before have the old layout, which is
+    correct but slower."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     changed = 0
     for conv in module.modules():
-        if isinstance(conv, nn.Conv2d) and not conv.weight.is_contiguous(memory_format=torch.channels_last):
-            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+        if isinstance(conv, nn.Conv2d) and not conv.weight.is_contiguous(memory_format=layout):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
             changed += 1
     return changed
 

@@ -6,7 +6,10 @@ import os
 import platform
 from typing import List
 
-__all__ = ["BF16_CPU_FLAGS", "cpu_flags", "cpu_model", "cpu_family_model", "huge_pages"]
+import torch
+
+__all__ = ["BF16_CPU_FLAGS", "cpu_flags", "cpu_model", "cpu_family_model", "huge_pages", "cpu_runs_bf16_fast",
+           "cpu_has_avx512_kernels"]
 
 # AVX-512, AVX-512 bf16 instructions, AMX tiles with bf16
 BF16_CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -45,3 +48,21 @@ def huge_pages() -> str:
     """"on" when PyTorch's CPU allocator backs large tensors with transparent huge pages
     (``THP_MEM_ALLOC_ENABLE=1``, which ``import mask_former`` sets unless it is set), else "off"."""
     return "on" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "off"
+
+
+def cpu_runs_bf16_fast() -> bool:
+    """Whether PyTorch's oneDNN computes bfloat16 on this CPU in its own instructions (AVX-512, with
+    or without AVX-512 bf16 / AMX). Where it does not (AVX2 CPUs), bfloat16 convolutions and matrix
+    products are converted to and from float32 around float32 kernels: an R50 MaskFormer at 512 x 512
+    in bf16 took 4.4x the time of fp32 on an AVX2 AMD EPYC (family 25 model 1), see docs/speed.md."""
+    is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if is_supported is not None:
+        return bool(is_supported())
+    return "avx512f" in cpu_flags()
+
+
+def cpu_has_avx512_kernels() -> bool:
+    """Whether PyTorch runs its AVX-512 kernels on this CPU (``torch.backends.cpu.get_cpu_capability()``;
+    CPUs with AMX report AVX512 too). Channels-last training pays on such CPUs and not on AVX2 ones
+    (``MODEL.TRAIN_CHANNELS_LAST``)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"

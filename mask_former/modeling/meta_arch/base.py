@@ -16,6 +16,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ...tasks import enabled_tasks, get_task
+from ...utils.cpu_info import cpu_has_avx512_kernels, cpu_runs_bf16_fast
 from ..backbone.swin import zero_masked_attention
 from ..inference_optimization import InferenceWeights, inference_dtype
 from ..reusable_buffers import ReusableBuffers
@@ -45,9 +46,13 @@ class SegmentationMetaArch(nn.Module):
     pixel_std: torch.Tensor
     size_divisibility: int
     backbone: nn.Module
-    # Train with channels-last convolutions and the backbone's frozen batch norms folded into them
-    # (``backbone_features``); False trains the modules as built.
+    # Train with the backbone's frozen batch norms folded into their convolutions, channels-last
+    # where ``train_channels_last`` says so (``backbone_features``); False trains the modules as built.
     optimize_training: bool = True
+    # MODEL.TRAIN_CHANNELS_LAST: True, False, or None for "where it pays" (``channels_last_training``)
+    train_channels_last: Optional[bool] = None
+    # the layout the convolution weights were last stored in (True: channels-last), None: as built
+    _conv_weights_channels_last: Optional[bool] = None
     # MODEL.MASK_FORMER.TEST.PRECISION of the network in inference ("fp32", "bf16" or "fp16")
     precision: str = "fp32"
     # Run inference through the optimised path (channels-last convolutions, in ``precision``, in
@@ -58,7 +63,7 @@ class SegmentationMetaArch(nn.Module):
     reuse_output_memory: Optional[bool] = None
     _inference_weights = None  # InferenceWeights, an inference-only cache (prepare_for_inference)
     _inference_buffers = None  # ReusableBuffers of the optimised path's large outputs
-    _warned_fp16_on_cpu = False  # said once per model that fp16 is slow on CPUs
+    _warned_slow_precision = False  # said once per model that its precision is slow on this CPU
 
     @classmethod
     def output_tasks(cls, cfg) -> Tuple[str, ...]:
@@ -83,11 +88,24 @@ class SegmentationMetaArch(nn.Module):
         float16 (matrix products and convolutions) with ``precision`` "bf16" or "fp16"."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        if self.precision == "fp16" and self.device.type == "cpu" and not self._warned_fp16_on_cpu:
+        if self.device.type == "cpu" and not self._warned_slow_precision:
+            self._warn_if_slow_on_this_cpu()
+        return torch.autocast(self.device.type, dtype=inference_dtype(self.precision))
+
+    def _warn_if_slow_on_this_cpu(self) -> None:
+        """Say (once per model) when ``precision`` is slower than fp32 on this CPU: the results are
+        valid, but a user who chose a fast path should know that it is not one here."""
+        if self.precision == "fp16":
             logger.warning("MODEL.MASK_FORMER.TEST.PRECISION fp16 on a CPU: most CPUs have no float16 "
                            "arithmetic and run it no faster than fp32; bf16 is the CPU fast path")
-            self._warned_fp16_on_cpu = True
-        return torch.autocast(self.device.type, dtype=inference_dtype(self.precision))
+        elif self.precision == "bf16" and not cpu_runs_bf16_fast():
+            logger.warning(
+                "MODEL.MASK_FORMER.TEST.PRECISION bf16 on a CPU for which PyTorch has no bfloat16 "
+                "kernels (its vector instructions: %s): bfloat16 is converted to float32 around every "
+                "product, slower than fp32 (an R50 MaskFormer at 512 x 512 took 4.4x fp32's time on an "
+                "AVX2 CPU); fp32 is the fast path on this CPU", torch.backends.cpu.get_cpu_capability()
+            )
+        self._warned_slow_precision = True
 
     def check_low_precision_outputs(self, outputs: Sequence[torch.Tensor]) -> None:
         """In fp16, a FloatingPointError when the network's ``outputs`` are not all finite: float16
@@ -153,7 +171,7 @@ class SegmentationMetaArch(nn.Module):
         weights = self._inference_weights
         if weights is None or weights.fold != fold or not weights.is_current(self, dtype):
             self._inference_weights = None  # free the stale copies before making new ones
-            channels_last_conv_weights(self)  # before the copies, which take the weights' layout
+            self.store_conv_weights(channels_last=True)  # before the copies, which take its layout
             weights = self._inference_weights = InferenceWeights(self, dtype, fold=fold)
         return weights
 
@@ -167,12 +185,41 @@ class SegmentationMetaArch(nn.Module):
         through the heads without a reorder of the weights at every call. A Swin backbone's shifted
         windows are masked with -inf (``swin.zero_masked_attention``: no denormal numbers)."""
         if self.training and self.optimize_training:
-            if not getattr(self, "_conv_weights_channels_last", False):
-                channels_last_conv_weights(self)
-                self._conv_weights_channels_last = True
+            channels_last = self.channels_last_training()
+            self.store_conv_weights(channels_last)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             with folded_frozen_norms(self.backbone), zero_masked_attention():
-                return self.backbone(images.contiguous(memory_format=torch.channels_last))
+                return self.backbone(images)
         return self.backbone(images)
+
+    def set_train_channels_last(self, value: Optional[bool]) -> None:
+        """Keep MODEL.TRAIN_CHANNELS_LAST (None, True or False; a ValueError naming the key otherwise)."""
+        if not (value is None or isinstance(value, bool)):
+            raise ValueError(
+                f"MODEL.TRAIN_CHANNELS_LAST={value!r}: expected None (channels-last where it pays: "
+                "GPUs and CPUs with AVX-512), True or False"
+            )
+        self.train_channels_last = value
+
+    def channels_last_training(self) -> bool:
+        """Whether the optimised training path runs the convolutions channels-last:
+        ``train_channels_last`` (MODEL.TRAIN_CHANNELS_LAST) where set, else on GPUs and on CPUs
+        with PyTorch's AVX-512 kernels. On an AVX2 CPU (AMD EPYC, family 25 model 1) the R50 step
+        took 1.3x the time of planar convolutions: oneDNN's channels-last backward of a 3 x 3
+        convolution took 2-2.5x the planar time there, while on AVX-512 / AMX CPUs channels-last
+        made the step about 0.9x."""
+        if self.train_channels_last is not None:
+            return self.train_channels_last
+        return self.device.type != "cpu" or cpu_has_avx512_kernels()
+
+    def store_conv_weights(self, channels_last: bool) -> None:
+        """Store every convolution weight channels-last (or planar), in place, unless this model
+        already did (``training_optimization.channels_last_conv_weights``): weights in the
+        activations' layout are not reordered at every call, and neither are their gradients."""
+        if self._conv_weights_channels_last is not channels_last:
+            channels_last_conv_weights(self, channels_last)
+            self._conv_weights_channels_last = channels_last
 
     def preprocess_images(self, batched_inputs: List[Dict[str, object]]) -> ImageList:
         """Normalize the inputs' images and pad them into one batch (to ``size_divisibility``)."""

@@ -94,6 +94,7 @@ class MaskFormer(SegmentationMetaArch):
         reuse_output_memory: Optional[bool] = None,
         optimize_inference: bool = True,
         optimize_training: bool = True,
+        train_channels_last: Optional[bool] = None,
         activation_checkpointing: Sequence[str] = (),
     ):
         """
@@ -122,9 +123,12 @@ class MaskFormer(SegmentationMetaArch):
                 convolutions, fused attention, band-wise upsampling and semantic combination, in
                 bf16 and fp16 folded batch norms; see ``prepare_for_inference``). False runs the reference
                 path (plain modules, full-resolution intermediates), which is always float32.
-            optimize_training: train with channels-last convolutions and the backbone's frozen
-                batch norms folded into them (``backbone_features``; same losses and gradients to
-                float rounding). False trains the modules as built.
+            optimize_training: train with the backbone's frozen batch norms folded into their
+                convolutions, channels-last where ``train_channels_last`` says so
+                (``backbone_features``; same losses and gradients to float rounding). False
+                trains the modules as built.
+            train_channels_last: MODEL.TRAIN_CHANNELS_LAST: True, False, or None for where it
+                pays (``channels_last_training``).
             activation_checkpointing: dotted names of submodules whose activations are recomputed
                 in the backward instead of kept (``training_optimization.checkpoint_activations``).
         """
@@ -159,6 +163,7 @@ class MaskFormer(SegmentationMetaArch):
         self.reuse_output_memory = reuse_output_memory
         self.optimize_inference = optimize_inference
         self.optimize_training = optimize_training
+        self.set_train_channels_last(train_channels_last)
         self.set_task_switches(semantic_on, panoptic_on, instance_on)
         self.thing_ids = thing_ids_from_metadata(metadata)
         checkpoint_activations(self, activation_checkpointing)
@@ -200,6 +205,7 @@ class MaskFormer(SegmentationMetaArch):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "activation_checkpointing": cfg.MODEL.ACTIVATION_CHECKPOINTING,
+            "train_channels_last": cfg.MODEL.TRAIN_CHANNELS_LAST,
             **task_switches(tasks),
             "detections_per_image": detections_per_image(cfg),
             "precision": mf.TEST.PRECISION,

@@ -129,6 +129,7 @@ class PanopticSegFormer(SegmentationMetaArch):
         num_test_things: int = 100,
         merge_params: Dict[str, float] = None,
         activation_checkpointing: Sequence[str] = (),
+        train_channels_last: Optional[bool] = None,
         precision: str = "fp32",
         optimize_inference: bool = True,
     ):
@@ -149,6 +150,8 @@ class PanopticSegFormer(SegmentationMetaArch):
             merge_params: keyword arguments of ``mask_wise_merge`` (alpha, beta, thresholds).
             activation_checkpointing: dotted names of submodules whose activations are recomputed
                 in the backward instead of kept (``training_optimization.checkpoint_activations``).
+            train_channels_last: MODEL.TRAIN_CHANNELS_LAST: True, False, or None for where it
+                pays (``channels_last_training``).
             precision: "fp32", "bf16" or "fp16" (MODEL.MASK_FORMER.TEST.PRECISION): the network
                 runs under bfloat16 / float16 autocast in inference with "bf16" / "fp16"; the
                 merging stays float32. fp16 outputs that overflowed are a FloatingPointError.
@@ -194,6 +197,7 @@ class PanopticSegFormer(SegmentationMetaArch):
         inference_dtype(precision)  # validates
         self.precision = precision
         self.optimize_inference = optimize_inference
+        self.set_train_channels_last(train_channels_last)
         checkpoint_activations(self, activation_checkpointing)
 
     @classmethod
@@ -238,6 +242,7 @@ class PanopticSegFormer(SegmentationMetaArch):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "activation_checkpointing": cfg.MODEL.ACTIVATION_CHECKPOINTING,
+            "train_channels_last": cfg.MODEL.TRAIN_CHANNELS_LAST,
             **task_switches(tasks),
             "num_test_things": test.NUM_THINGS,
             "merge_params": mask_merge_params(cfg),
