@@ -42,9 +42,10 @@ and copied to the CPU on their own; the modules as built, ``model.optimize_train
 ``full`` (TRAIN_NUM_POINTS 0, batched matcher), ``points`` (TRAIN_NUM_POINTS ``--num-points``),
 ``points_bf16`` (the same under ``torch.autocast`` with bfloat16, as SOLVER.AMP.PRECISION bfloat16
 trains), ``bf16`` (full resolution under bfloat16 autocast). All but the reference and
-``points_plain`` (``points`` with the modules as built) train with channels-last convolutions
-(weights stored channels-last) and the frozen batch norms folded into them (``optimize_training``,
-the default) and with AdamW's fused kernel (SOLVER.FUSED_OPTIMIZER, the default); those two run
+``points_plain`` (``points`` with the modules as built) train with the frozen batch norms folded
+into their convolutions, channels-last where MODEL.TRAIN_CHANNELS_LAST says so (by default on GPUs
+and on CPUs with PyTorch's AVX-512 kernels, which the header line names; ``optimize_training``, the
+default) and with AdamW's fused kernel (SOLVER.FUSED_OPTIMIZER, the default); those two run
 PyTorch's loop over tensors, as before it. ``points_checkpointed`` is ``points`` with activation
 checkpointing (MODEL.ACTIVATION_CHECKPOINTING) of the backbone's stages, the pixel decoder and the
 transformer predictor: less memory for more time; ``points_bf16_checkpointed`` the same under
@@ -428,6 +429,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict]:
     machine = {
         "cpu": cpu_model(), "cpu_family_model": cpu_family_model(), "cpu_flags": cpu_flags(),
         "logical_cpus": os.cpu_count(), "huge_pages": huge_pages(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "num_threads": args.num_threads or torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
@@ -438,7 +440,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict]:
         "warmup": args.warmup, "device": args.device, "opts": args.opts,
     }
     print(f"CPU: {machine['cpu']}, {machine['cpu_family_model']} ({', '.join(machine['cpu_flags']) or 'no AVX-512'}), "
-          f"{machine['num_threads']} torch threads, torch {machine['torch']}, huge pages {machine['huge_pages']}")
+          f"PyTorch's {machine['cpu_capability']} kernels, {machine['num_threads']} torch threads, torch "
+          f"{machine['torch']}, huge pages {machine['huge_pages']}")
     print(f"{args.config_file} at {args.input_size[0]}x{args.input_size[1]}, batch {args.batch_size}, "
           f"{args.num_gt_masks} masks per image; median of {args.steps} interleaved steps per path, "
           "peak memory per path in a fresh subprocess")
