@@ -145,8 +145,7 @@ def test_ranges_of_points_read_from_one_table_equal_all_points():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_strided_maps_are_read_in_place(dtype):
-    # one layer's slice of the logits of all layers is read where it lies, its corners gathered
-    # row by row (F.embedding_bag would copy the strided rows at every call), in any dtype
+    # one layer's slice of the logits of all layers is read where it lies, in any dtype
     generator = torch.Generator().manual_seed(4)
     all_layers = torch.randn(2, 6, 7, 3 * 4, generator=generator).to(dtype).permute(0, 3, 1, 2)
     maps = all_layers[:, 4:8]
@@ -162,6 +161,35 @@ def test_strided_maps_are_read_in_place(dtype):
     torch.testing.assert_close(torch.cat(parts, dim=-1), samples, rtol=0, atol=0)
     # maps with planar channels are copied
     assert points.pixel_table(maps.contiguous()).is_contiguous()
+
+
+@pytest.mark.parametrize("channels, row_step", [(4, 12), (5, 12), (1, 3)])
+def test_strided_float32_tables_are_read_from_their_memory(monkeypatch, index_dtype, channels, row_step):
+    """A float32 table whose rows lie a multiple of C apart (4 of 12 channels: a layer's slice of
+    3 layers' logits) goes to F.embedding_bag as the rows of the maps' own memory, not a copy; one
+    whose rows lie otherwise (5 of 12) is gathered. Both equal grid_sample, with int32 and int64
+    indices."""
+    calls = []
+    embedding_bag = F.embedding_bag
+
+    def recording_embedding_bag(indices, weight, **kwargs):
+        calls.append((weight.data_ptr(), weight.is_contiguous(), indices.dtype))
+        return embedding_bag(indices, weight, **kwargs)
+
+    monkeypatch.setattr(point_sampling.F, "embedding_bag", recording_embedding_bag)
+    generator = torch.Generator().manual_seed(10)
+    all_layers = torch.randn(2, 6, 7, row_step, generator=generator).permute(0, 3, 1, 2)
+    maps = all_layers[:, row_step - channels:]  # the last layer: its rows end where the memory ends
+    coords = edge_coords(2, 6, 7, generator)
+    points = BilinearPoints(coords, 6, 7)
+    table = points.pixel_table(maps)
+    samples = points.sample_table(table, 3, coords.shape[1])
+    torch.testing.assert_close(samples, grid_sample_points(maps.contiguous(), coords)[..., 3:], rtol=1e-6, atol=1e-6)
+    if row_step % channels == 0:
+        expected_dtype = torch.int32 if index_dtype == "int32" else torch.int64
+        assert calls == [(maps.data_ptr(), True, expected_dtype)]
+    else:
+        assert calls == []
 
 
 def test_any_table_layout_reads_the_same():
