@@ -157,8 +157,7 @@ class Trainer(DefaultTrainer):
         ):
             super().__init__(cfg)
         if cfg.SOLVER.AMP.ENABLED:
-            logger = logging.getLogger(__name__)
-            logger.info(
+            logging.getLogger(__name__).info(
                 f"Mixed-precision training: {cfg.SOLVER.AMP.PRECISION} autocast on "
                 f"{cfg.MODEL.DEVICE} ({type(self._trainer).__name__})"
             )

@@ -177,13 +177,14 @@ class SegmentationMetaArch(nn.Module):
 
     def backbone_features(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The backbone's features of a B x 3 x H x W batch. In training with
-        ``optimize_training``, the images go in channels-last and the backbone's frozen batch norms
-        are folded into their convolutions (``training_optimization.folded_frozen_norms``): the
-        same losses and gradients to float rounding, faster on CPUs (oneDNN's own layout). The
-        first such call also stores every convolution weight of the model channels-last
-        (``training_optimization.channels_last_conv_weights``), so the features stay in that layout
-        through the heads without a reorder of the weights at every call. A Swin backbone's shifted
-        windows are masked with -inf (``swin.zero_masked_attention``: no denormal numbers)."""
+        ``optimize_training``, the backbone's frozen batch norms are folded into their
+        convolutions (``training_optimization.folded_frozen_norms``) and, where
+        :meth:`channels_last_training` says so, the images go in channels-last (oneDNN's own layout
+        on AVX-512 CPUs): the same losses and gradients to float rounding. Every convolution weight
+        of the model is stored in the training layout (:meth:`store_conv_weights`; again after an
+        inference stored them channels-last), so the features keep that layout through the heads
+        without a reorder of the weights at every call. A Swin backbone's shifted windows are
+        masked with -inf (``swin.zero_masked_attention``: no denormal numbers)."""
         if self.training and self.optimize_training:
             channels_last = self.channels_last_training()
             self.store_conv_weights(channels_last)
@@ -206,7 +207,7 @@ class SegmentationMetaArch(nn.Module):
         """Whether the optimised training path runs the convolutions channels-last:
         ``train_channels_last`` (MODEL.TRAIN_CHANNELS_LAST) where set, else on GPUs and on CPUs
         with PyTorch's AVX-512 kernels. On an AVX2 CPU (AMD EPYC, family 25 model 1) the R50 step
-        took 1.3x the time of planar convolutions: oneDNN's channels-last backward of a 3 x 3
+        took 1.2x-1.3x the time of planar convolutions: oneDNN's channels-last backward of a 3 x 3
         convolution took 2-2.5x the planar time there, while on AVX-512 / AMX CPUs channels-last
         made the step about 0.9x."""
         if self.train_channels_last is not None:
