@@ -23,7 +23,7 @@ from ..data.dataset_mappers import StopWhenNothingReadable, check_num_classes
 from ..evaluation import CheckedSemSegEvaluator, build_evaluator
 from ..solver import build_lr_scheduler, build_optimizer
 from ..test_time_augmentation import SemanticSegmentorWithTTA
-from ..utils.cpu_info import cpu_runs_bf16_fast
+from ..utils.cpu_info import cpu_runs_bf16_fast, no_bf16_kernels_note
 from .resume import RandomStates, RestoreRandomStatesHook, ResumableTrainingSampler
 
 RESULTS_FILE = "eval_results.json"
@@ -132,10 +132,8 @@ def warn_if_amp_is_slow_on_this_cpu(cfg) -> bool:
     if torch.device(cfg.MODEL.DEVICE).type != "cpu" or cpu_runs_bf16_fast():
         return False
     logging.getLogger(__name__).warning(
-        f"SOLVER.AMP.PRECISION {cfg.SOLVER.AMP.PRECISION} on a CPU for which PyTorch has no bfloat16 "
-        f"kernels (its vector instructions: {torch.backends.cpu.get_cpu_capability()}): bfloat16 is "
-        "converted to float32 around every product, slower than float32 training; "
-        "SOLVER.AMP.ENABLED False is the fast path on this CPU"
+        f"SOLVER.AMP.PRECISION {cfg.SOLVER.AMP.PRECISION} on {no_bf16_kernels_note()}, slower than "
+        "float32 training; SOLVER.AMP.ENABLED False is the fast path on this CPU"
     )
     return True
 

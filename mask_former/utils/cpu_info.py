@@ -9,7 +9,7 @@ from typing import List
 import torch
 
 __all__ = ["BF16_CPU_FLAGS", "cpu_flags", "cpu_model", "cpu_family_model", "huge_pages", "cpu_runs_bf16_fast",
-           "cpu_has_avx512_kernels"]
+           "no_bf16_kernels_note", "cpu_has_avx512_kernels"]
 
 # AVX-512, AVX-512 bf16 instructions, AMX tiles with bf16
 BF16_CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -59,6 +59,15 @@ def cpu_runs_bf16_fast() -> bool:
     if is_supported is not None:
         return bool(is_supported())
     return "avx512f" in cpu_flags()
+
+
+def no_bf16_kernels_note() -> str:
+    """What the warnings about bfloat16 on a CPU where :func:`cpu_runs_bf16_fast` is False say
+    about the CPU (after "... on "), naming its vector instructions."""
+    return (
+        "a CPU for which PyTorch has no bfloat16 kernels (its vector instructions: "
+        f"{torch.backends.cpu.get_cpu_capability()}): bfloat16 is converted to float32 around every product"
+    )
 
 
 def cpu_has_avx512_kernels() -> bool:

@@ -16,7 +16,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ...tasks import enabled_tasks, get_task
-from ...utils.cpu_info import cpu_has_avx512_kernels, cpu_runs_bf16_fast
+from ...utils.cpu_info import cpu_has_avx512_kernels, cpu_runs_bf16_fast, no_bf16_kernels_note
 from ..backbone.swin import zero_masked_attention
 from ..inference_optimization import InferenceWeights, inference_dtype
 from ..reusable_buffers import ReusableBuffers
@@ -100,10 +100,9 @@ class SegmentationMetaArch(nn.Module):
                            "arithmetic and run it no faster than fp32; bf16 is the CPU fast path")
         elif self.precision == "bf16" and not cpu_runs_bf16_fast():
             logger.warning(
-                "MODEL.MASK_FORMER.TEST.PRECISION bf16 on a CPU for which PyTorch has no bfloat16 "
-                "kernels (its vector instructions: %s): bfloat16 is converted to float32 around every "
-                "product, slower than fp32 (an R50 MaskFormer at 512 x 512 took 4.4x fp32's time on an "
-                "AVX2 CPU); fp32 is the fast path on this CPU", torch.backends.cpu.get_cpu_capability()
+                f"MODEL.MASK_FORMER.TEST.PRECISION bf16 on {no_bf16_kernels_note()}, slower than fp32 "
+                "(an R50 MaskFormer at 512 x 512 took 4.4x fp32's time on an AVX2 CPU); fp32 is the "
+                "fast path on this CPU"
             )
         self._warned_slow_precision = True
 
