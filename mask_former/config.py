@@ -245,6 +245,10 @@ def add_mask_former_config(cfg):
     # "where it pays": on GPUs and on CPUs with AVX-512 kernels in PyTorch; on AVX2 CPUs oneDNN's
     # channels-last backward of 3x3 convolutions is 2-2.5x slower than planar (docs/speed.md)
     cfg.MODEL.TRAIN_CHANNELS_LAST = None
+    # run large float32 3x3 convolutions on the CPU (>= 256 channels, maps >= 96 x 96: the pixel
+    # decoder's finest ones) by NNPACK's Winograd algorithm, equal to float rounding: True, False,
+    # or None for "where it pays": CPUs on which PyTorch runs its AVX2 kernels (docs/speed.md)
+    cfg.MODEL.WINOGRAD_CONV = None
 
 
 def merge_config_file(cfg, path: str, allow_unsafe: bool = False) -> None:

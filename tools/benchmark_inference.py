@@ -24,8 +24,9 @@ Paths, all on the same weights and the same input, in one process:
 * with ``--levers``, fp32 with the levers added one at a time, to see what each pays: the
   optimised post-processing only (network as built); + channels-last activations (1x1
   convolutions as matrix products); + folded batch norms (as the bf16 path runs them); channels-last
-  with fused attention. The ``fp32`` row is channels-last with fused attention and the layers'
-  inference kernels (``layers.inference_kernels``).
+  with fused attention; channels-last with Winograd 3x3 convolutions (``layers.winograd_conv``).
+  The ``fp32`` row is channels-last with fused attention, the layers' inference kernels
+  (``layers.inference_kernels``) and Winograd where ``MODEL.WINOGRAD_CONV`` says so.
 
 Timing: the runs alternate between the paths (round i of every path, then round i + 1, ...), so
 a change in the machine's load hits them alike; in each round a path first runs ``--settle``
@@ -97,12 +98,15 @@ DEFAULT_PATHS = ["reference", "fp32", "bf16"]
 # name -> keyword switches of MaskFormer.run_network_for_inference
 LEVERS = {
     "fp32 post-processing only": dict(fold_norms=False, channels_last=False, fuse_attention=False,
-                                      fast_kernels=False),
-    "fp32 + channels-last": dict(fold_norms=False, channels_last=True, fuse_attention=False, fast_kernels=False),
+                                      fast_kernels=False, winograd=False),
+    "fp32 + channels-last": dict(fold_norms=False, channels_last=True, fuse_attention=False, fast_kernels=False,
+                                 winograd=False),
     "fp32 + channels-last + folding": dict(fold_norms=True, channels_last=True, fuse_attention=False,
-                                           fast_kernels=False),
+                                           fast_kernels=False, winograd=False),
     "fp32 + channels-last + fused attention": dict(fold_norms=False, channels_last=True, fuse_attention=True,
-                                                   fast_kernels=False),
+                                                   fast_kernels=False, winograd=False),
+    "fp32 + channels-last + Winograd": dict(fold_norms=False, channels_last=True, fuse_attention=False,
+                                            fast_kernels=False, winograd=True),
 }
 MEMORY_TAG = "MEMORY_RESULT "
 

@@ -30,6 +30,8 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..layers.winograd_conv import is_winograd_conv, winograd_conv2d, winograd_pays
+
 __all__ = [
     "PRECISIONS",
     "inference_dtype",
@@ -115,13 +117,18 @@ def is_pointwise_conv(conv: nn.Conv2d) -> bool:
 
 
 def run_conv(conv: Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_folded: bool,
-             pointwise: bool) -> Tensor:
+             pointwise: bool, winograd: bool = False) -> Tensor:
     """What detectron2's ``Conv2d.forward`` computes, with ``weight`` and ``bias`` in place of the
-    layer's own, its norm skipped when ``norm_folded`` (folded into them), and a 1x1 convolution
+    layer's own, its norm skipped when ``norm_folded`` (folded into them), a 1x1 convolution
     (``pointwise``) of a channels-last input run as one matrix product over the pixels (PyTorch
-    would otherwise copy the input to the planar layout for its single-threaded 1x1 kernel)."""
+    would otherwise copy the input to the planar layout for its single-threaded 1x1 kernel), and,
+    with ``winograd``, a large float32 3x3 convolution (``winograd_conv.winograd_pays``) by
+    NNPACK's Winograd algorithm."""
     if pointwise and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         x = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    elif winograd and winograd_pays(x, weight):
+        # planar out: reordering back to channels-last cost as much as it saved the next layer
+        x = winograd_conv2d(x, weight, bias, conv.padding)
     else:
         x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if not norm_folded and conv.norm is not None:
@@ -133,19 +140,21 @@ def run_conv(conv: Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor], no
 
 class _InferenceConvForward:
     """``forward`` of one detectron2 ``Conv2d`` in inference (see :func:`run_conv`): the folded
-    weight and bias (and no norm) when its norm was folded, else its own weight, bias and norm."""
+    weight and bias (and no norm) when its norm was folded, else its own weight, bias and norm; by
+    Winograd where ``winograd`` and the layer is a large 3x3 one (``winograd_conv.is_winograd_conv``)."""
 
-    __slots__ = ("conv", "weight", "bias", "pointwise")
+    __slots__ = ("conv", "weight", "bias", "pointwise", "winograd")
 
-    def __init__(self, conv: Conv2d, weight: Optional[Tensor], bias: Optional[Tensor]):
+    def __init__(self, conv: Conv2d, weight: Optional[Tensor], bias: Optional[Tensor], winograd: bool):
         self.conv, self.weight, self.bias = conv, weight, bias
         self.pointwise = is_pointwise_conv(conv)
+        self.winograd = winograd and is_winograd_conv(conv)
 
     def __call__(self, x: Tensor) -> Tensor:
         conv = self.conv
         folded = self.weight is not None
         weight, bias = (self.weight, self.bias) if folded else (conv.weight, conv.bias)
-        return run_conv(conv, x, weight, bias, folded, self.pointwise)
+        return run_conv(conv, x, weight, bias, folded, self.pointwise, self.winograd)
 
 
 def _low_precision_sources(module: nn.Module, folded: set) -> List[Tuple[str, Tensor]]:
@@ -188,7 +197,8 @@ class InferenceWeights:
 
     * every detectron2 ``Conv2d`` with a frozen batch norm runs as one convolution with the norm
       folded into its weight and bias; 1x1 convolutions of channels-last inputs run as matrix
-      products;
+      products; with ``winograd``, large float32 3x3 convolutions run by NNPACK's Winograd
+      algorithm (``layers.winograd_conv``);
     * with a low-precision ``dtype`` (bfloat16, float16), copies in that dtype of the weights that
       autocast would otherwise cast again at every call (``Linear``, ``Conv2d`` and
       ``MultiheadAttention`` layers); the folded weights are stored in it too.
@@ -200,7 +210,8 @@ class InferenceWeights:
     ends at 65504) is a ValueError naming its layer.
     """
 
-    def __init__(self, module: nn.Module, dtype: Optional[torch.dtype] = None, fold: bool = True):
+    def __init__(self, module: nn.Module, dtype: Optional[torch.dtype] = None, fold: bool = True,
+                 winograd: bool = False):
         """
         Args:
             module: the root module (``call`` takes the names of its submodules).
@@ -208,9 +219,11 @@ class InferenceWeights:
                 (default: each weight's own dtype, no copies).
             fold: fold the frozen batch norms (False: every convolution runs as built; for
                 measuring what folding pays).
+            winograd: run the large float32 3x3 convolutions by Winograd (MODEL.WINOGRAD_CONV).
         """
         self.dtype = dtype
         self.fold = fold
+        self.winograd = winograd
         self._forwards = []
         self._sources = []  # state of the tensors folded from
         for name, conv in module.named_modules():
@@ -224,7 +237,7 @@ class InferenceWeights:
                 for t in sources:
                     if t is not None:
                         self._sources.append(_tensor_state(t))
-            self._forwards.append(_InferenceConvForward(conv, weight, bias))
+            self._forwards.append(_InferenceConvForward(conv, weight, bias, winograd))
         self._cast: dict = {}  # parameter name -> low-precision copy
         self._cast_sources: List[Tuple[str, Tuple[Tensor, int, int]]] = []
         if dtype is not None and dtype != torch.float32:

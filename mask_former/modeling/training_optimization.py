@@ -27,10 +27,12 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..layers.winograd_conv import is_winograd_conv
 from .backbone.swin import zero_masked_attention, zero_masked_attention_enabled
 from .inference_optimization import run_conv
 
-__all__ = ["frozen_norm_affine", "folded_frozen_norms", "channels_last_conv_weights", "checkpoint_activations"]
+__all__ = ["frozen_norm_affine", "folded_frozen_norms", "winograd_convolutions", "channels_last_conv_weights",
+           "checkpoint_activations"]
 
 
 def frozen_norm_affine(norm: FrozenBatchNorm2d) -> Tuple[Tensor, Tensor]:
@@ -74,6 +76,40 @@ def folded_frozen_norms(module: nn.Module) -> Iterator[None]:
             conv.__dict__.pop("forward", None)
 
 
+class _WinogradConvForward:
+    """``forward`` of one large 3x3 detectron2 ``Conv2d``: by Winograd where the input is large
+    enough (``winograd_conv.winograd_pays``), differentiably; its norm and activation as built."""
+
+    __slots__ = ("conv",)
+
+    def __init__(self, conv: Conv2d):
+        self.conv = conv
+
+    def __call__(self, x: Tensor) -> Tensor:
+        conv = self.conv
+        return run_conv(conv, x, conv.weight, conv.bias, norm_folded=False, pointwise=False, winograd=True)
+
+
+@contextlib.contextmanager
+def winograd_convolutions(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within this context (when ``enabled``), every detectron2 ``Conv2d`` of ``module`` that
+    ``winograd_conv.is_winograd_conv`` accepts (3x3, stride 1, >= 256 channels in and out) runs by
+    NNPACK's Winograd algorithm on float32 CPU maps of at least ``WINOGRAD_MIN_PIXELS``: the same
+    losses and gradients to float rounding. Layers whose ``forward`` an enclosing context replaced
+    are left to it; the autograd graph built inside stays valid after it."""
+    installed = []
+    try:
+        if enabled:
+            for conv in module.modules():
+                if isinstance(conv, Conv2d) and is_winograd_conv(conv) and "forward" not in conv.__dict__:
+                    conv.forward = _WinogradConvForward(conv)
+                    installed.append(conv)
+        yield
+    finally:
+        for conv in installed:
+            conv.__dict__.pop("forward", None)
+
+
 def channels_last_conv_weights(module: nn.Module, channels_last: bool = True) -> int:
     """Store the weight of every ``nn.Conv2d`` of ``module`` channels-last (or, with
     ``channels_last`` False, planar: contiguous), in place (the same values and ``Parameter``
@@ -89,8 +125,8 @@ def channels_last_conv_weights(module: nn.Module, channels_last: bool = True) ->
     return changed
 
 
-def _has_folded_norms(module: nn.Module) -> bool:
-    return any(isinstance(m.__dict__.get("forward"), _FoldedConvForward) for m in module.modules())
+def _has_forwards(module: nn.Module, kind: type) -> bool:
+    return any(isinstance(m.__dict__.get("forward"), kind) for m in module.modules())
 
 
 class _CheckpointedMethod:
@@ -98,8 +134,9 @@ class _CheckpointedMethod:
     backward: in training with gradients on, the method runs under ``torch.utils.checkpoint``
     (non-reentrant, random state preserved, so dropout draws the same masks). Convolutions folded
     by an enclosing :func:`folded_frozen_norms` when it ran are folded again for the
-    recomputation, which happens after that context has exited, and Swin's windows are masked as
-    they were (``zero_masked_attention``)."""
+    recomputation, which happens after that context has exited, so are the Winograd convolutions
+    of an enclosing :func:`winograd_convolutions`, and Swin's windows are masked as they were
+    (``zero_masked_attention``)."""
 
     __slots__ = ("module", "method")
 
@@ -112,12 +149,13 @@ class _CheckpointedMethod:
         method = getattr(type(module), self.method)
         if not (module.training and torch.is_grad_enabled()):
             return method(module, *args, **kwargs)
-        folded = _has_folded_norms(module)
+        folded = _has_forwards(module, _FoldedConvForward)
+        winograd = _has_forwards(module, _WinogradConvForward)
         zero_masked = zero_masked_attention_enabled()
 
         def run(*inputs):
             with folded_frozen_norms(module) if folded else contextlib.nullcontext(), \
-                    zero_masked_attention(zero_masked):
+                    winograd_convolutions(module, winograd), zero_masked_attention(zero_masked):
                 return method(module, *inputs, **kwargs)
 
         return checkpoint(run, *args, use_reentrant=False)

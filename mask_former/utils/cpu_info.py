@@ -9,7 +9,7 @@ from typing import List
 import torch
 
 __all__ = ["BF16_CPU_FLAGS", "cpu_flags", "cpu_model", "cpu_family_model", "huge_pages", "cpu_runs_bf16_fast",
-           "no_bf16_kernels_note", "cpu_has_avx512_kernels"]
+           "no_bf16_kernels_note", "cpu_has_avx512_kernels", "cpu_has_avx2_kernels"]
 
 # AVX-512, AVX-512 bf16 instructions, AMX tiles with bf16
 BF16_CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -75,3 +75,10 @@ def cpu_has_avx512_kernels() -> bool:
     CPUs with AMX report AVX512 too). Channels-last training pays on such CPUs and not on AVX2 ones
     (``MODEL.TRAIN_CHANNELS_LAST``)."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def cpu_has_avx2_kernels() -> bool:
+    """Whether PyTorch runs its AVX2 kernels on this CPU, not AVX-512 ones (``get_cpu_capability()``
+    is "AVX2"; not on Arm). NNPACK's Winograd 3x3 convolutions were measured to pay on such a CPU
+    (``MODEL.WINOGRAD_CONV``)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"

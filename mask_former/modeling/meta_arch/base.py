@@ -15,12 +15,18 @@ import torch
 from detectron2.structures import ImageList
 from torch import nn
 
+from ...layers.winograd_conv import nnpack_ready
 from ...tasks import enabled_tasks, get_task
-from ...utils.cpu_info import cpu_has_avx512_kernels, cpu_runs_bf16_fast, no_bf16_kernels_note
+from ...utils.cpu_info import (
+    cpu_has_avx2_kernels,
+    cpu_has_avx512_kernels,
+    cpu_runs_bf16_fast,
+    no_bf16_kernels_note,
+)
 from ..backbone.swin import zero_masked_attention
 from ..inference_optimization import InferenceWeights, inference_dtype
 from ..reusable_buffers import ReusableBuffers
-from ..training_optimization import channels_last_conv_weights, folded_frozen_norms
+from ..training_optimization import channels_last_conv_weights, folded_frozen_norms, winograd_convolutions
 
 __all__ = ["SegmentationMetaArch", "task_switches"]
 
@@ -51,6 +57,8 @@ class SegmentationMetaArch(nn.Module):
     optimize_training: bool = True
     # MODEL.TRAIN_CHANNELS_LAST: True, False, or None for "where it pays" (``channels_last_training``)
     train_channels_last: Optional[bool] = None
+    # MODEL.WINOGRAD_CONV: True, False, or None for "where it pays" (``winograd_conv_enabled``)
+    winograd_conv: Optional[bool] = None
     # the layout the convolution weights were last stored in (True: channels-last), None: as built
     _conv_weights_channels_last: Optional[bool] = None
     # MODEL.MASK_FORMER.TEST.PRECISION of the network in inference ("fp32", "bf16" or "fp16")
@@ -143,7 +151,8 @@ class SegmentationMetaArch(nn.Module):
     def _weights_dtype(self):
         return None if self.precision == "fp32" else inference_dtype(self.precision)
 
-    def prepare_for_inference(self, fold: Optional[bool] = None) -> InferenceWeights:
+    def prepare_for_inference(self, fold: Optional[bool] = None,
+                              winograd: Optional[bool] = None) -> InferenceWeights:
         """
         Build, or rebuild when the weights changed, what the optimised inference path keeps beside
         the model (``InferenceWeights``): in bf16 and fp16, the weights of every convolution with a
@@ -152,7 +161,9 @@ class SegmentationMetaArch(nn.Module):
         convolutions run as built (1x1 ones of channels-last inputs as matrix products): the folded
         weights would be copies (R50: 94 MB, a fifth of the reference path's inference memory at
         512x512) for no time that ``tools/benchmark_inference.py --levers`` could tell from its
-        noise. ``fold`` overrides that choice (for measuring what folding pays).
+        noise. ``fold`` overrides that choice (for measuring what folding pays). Large float32 3x3
+        convolutions run by Winograd where :meth:`winograd_conv_enabled` says so (``winograd``
+        overrides it).
 
         When it builds them, it first stores every convolution weight of the model channels-last,
         in place, as training does (``training_optimization.channels_last_conv_weights``): the
@@ -167,11 +178,14 @@ class SegmentationMetaArch(nn.Module):
         dtype = self._weights_dtype()
         if fold is None:
             fold = dtype is not None
+        if winograd is None:
+            winograd = self.winograd_conv_enabled()
         weights = self._inference_weights
-        if weights is None or weights.fold != fold or not weights.is_current(self, dtype):
+        if (weights is None or weights.fold != fold or weights.winograd != winograd
+                or not weights.is_current(self, dtype)):
             self._inference_weights = None  # free the stale copies before making new ones
             self.store_conv_weights(channels_last=True)  # before the copies, which take its layout
-            weights = self._inference_weights = InferenceWeights(self, dtype, fold=fold)
+            weights = self._inference_weights = InferenceWeights(self, dtype, fold=fold, winograd=winograd)
         return weights
 
     def backbone_features(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -212,6 +226,41 @@ class SegmentationMetaArch(nn.Module):
         if self.train_channels_last is not None:
             return self.train_channels_last
         return self.device.type != "cpu" or cpu_has_avx512_kernels()
+
+    def set_winograd_conv(self, value: Optional[bool]) -> None:
+        """Keep MODEL.WINOGRAD_CONV (None, True or False; a ValueError naming the key otherwise, and
+        for True where this PyTorch has no NNPACK)."""
+        if not (value is None or isinstance(value, bool)):
+            raise ValueError(
+                f"MODEL.WINOGRAD_CONV={value!r}: expected None (Winograd 3x3 convolutions where they "
+                "pay: CPUs with AVX2 and without AVX-512), True or False"
+            )
+        if value and not nnpack_ready():
+            raise ValueError(
+                "MODEL.WINOGRAD_CONV=True, but this PyTorch was built without NNPACK "
+                "(torch.backends.nnpack.is_available() is False); set it to None or False"
+            )
+        self.winograd_conv = value
+
+    def winograd_conv_enabled(self) -> bool:
+        """Whether large float32 3x3 convolutions on the CPU run by NNPACK's Winograd algorithm
+        (``layers.winograd_conv``): ``winograd_conv`` (MODEL.WINOGRAD_CONV) where set, else where
+        measured to pay: on CPUs on which PyTorch runs its AVX2 kernels. On an AVX2 AMD EPYC (family
+        25 model 1) R50 inference at 512 x 512 took 0.92x the time. AVX-512 CPUs (where oneDNN has
+        twice the vector width, and NNPACK does not) and Arm CPUs were not measured. GPUs never use
+        it."""
+        if self.winograd_conv is not None:
+            return self.winograd_conv
+        return self.device.type == "cpu" and cpu_has_avx2_kernels() and nnpack_ready()
+
+    def training_winograd(self, module: nn.Module):
+        """The context in which ``module`` runs in training: its large 3x3 convolutions by Winograd
+        (``training_optimization.winograd_convolutions``) with ``optimize_training`` where
+        :meth:`winograd_conv_enabled`, else as built. (The pixel decoders' finest 3x3 convolutions
+        are the ones large enough: a ResNet's 256-channel ones see at most 1/16 of the image.)"""
+        return winograd_convolutions(
+            module, self.training and self.optimize_training and self.winograd_conv_enabled()
+        )
 
     def store_conv_weights(self, channels_last: bool) -> None:
         """Store every convolution weight channels-last (or planar), in place, unless this model

@@ -95,6 +95,7 @@ class MaskFormer(SegmentationMetaArch):
         optimize_inference: bool = True,
         optimize_training: bool = True,
         train_channels_last: Optional[bool] = None,
+        winograd_conv: Optional[bool] = None,
         activation_checkpointing: Sequence[str] = (),
     ):
         """
@@ -129,6 +130,8 @@ class MaskFormer(SegmentationMetaArch):
                 trains the modules as built.
             train_channels_last: MODEL.TRAIN_CHANNELS_LAST: True, False, or None for where it
                 pays (``channels_last_training``).
+            winograd_conv: MODEL.WINOGRAD_CONV: large float32 3x3 convolutions on the CPU by
+                Winograd; True, False, or None for where it pays (``winograd_conv_enabled``).
             activation_checkpointing: dotted names of submodules whose activations are recomputed
                 in the backward instead of kept (``training_optimization.checkpoint_activations``).
         """
@@ -164,6 +167,7 @@ class MaskFormer(SegmentationMetaArch):
         self.optimize_inference = optimize_inference
         self.optimize_training = optimize_training
         self.set_train_channels_last(train_channels_last)
+        self.set_winograd_conv(winograd_conv)
         self.set_task_switches(semantic_on, panoptic_on, instance_on)
         self.thing_ids = thing_ids_from_metadata(metadata)
         checkpoint_activations(self, activation_checkpointing)
@@ -206,6 +210,7 @@ class MaskFormer(SegmentationMetaArch):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "activation_checkpointing": cfg.MODEL.ACTIVATION_CHECKPOINTING,
             "train_channels_last": cfg.MODEL.TRAIN_CHANNELS_LAST,
+            "winograd_conv": cfg.MODEL.WINOGRAD_CONV,
             **task_switches(tasks),
             "detections_per_image": detections_per_image(cfg),
             "precision": mf.TEST.PRECISION,
@@ -214,22 +219,24 @@ class MaskFormer(SegmentationMetaArch):
 
     def run_network_for_inference(self, images: Tensor, *, fold_norms: Optional[bool] = None,
                                   channels_last: bool = True, fuse_attention: bool = True,
-                                  fast_kernels: bool = True) -> Dict[str, Tensor]:
+                                  fast_kernels: bool = True, winograd: Optional[bool] = None
+                                  ) -> Dict[str, Tensor]:
         """
         Backbone and head as the optimised inference path runs them: channels-last activations,
         fused attention (a Swin backbone's masked window pairs weighted exactly 0,
         ``zero_masked_attention``), the layers' inference kernels (``layers.inference_kernels``:
         linear layers fused with their activation, gathered deformable attention), in
         ``self.precision``, and in bfloat16 the batch norms folded into their convolutions
-        (``prepare_for_inference``); the outputs are float32. Call under
+        (``prepare_for_inference``), large float32 3x3 convolutions by Winograd where
+        :meth:`winograd_conv_enabled`; the outputs are float32. Call under
         ``torch.no_grad()`` (the folded weights are copies). The keyword switches turn single
         levers on or off, for measuring them (``tools/benchmark_inference.py --levers``;
-        ``fold_norms`` None: as ``prepare_for_inference`` chooses).
+        ``fold_norms`` and ``winograd`` None: as ``prepare_for_inference`` chooses).
         """
-        if fold_norms is False and not channels_last:
+        if fold_norms is False and not channels_last and not winograd:
             weights = None
         else:  # 1x1 convolutions of channels-last inputs run as matrix products
-            weights = self.prepare_for_inference(fold=fold_norms)
+            weights = self.prepare_for_inference(fold=fold_norms, winograd=winograd)
         with contextlib.ExitStack() as stack:
             if weights is not None:
                 stack.enter_context(weights.active())
@@ -267,7 +274,8 @@ class MaskFormer(SegmentationMetaArch):
             outputs = self.run_network_for_inference(images.tensor)
             return self.optimized_inference(outputs, batched_inputs, images)
         features = self.backbone_features(images.tensor)
-        outputs = self.sem_seg_head(features)
+        with self.training_winograd(self.sem_seg_head):
+            outputs = self.sem_seg_head(features)
 
         if self.training:
             targets = self.prepare_targets(batched_inputs, images)

@@ -1,0 +1,185 @@
+"""3x3 convolutions by NNPACK's Winograd algorithm (``layers.winograd_conv``, MODEL.WINOGRAD_CONV):
+values and gradients against float64 ``F.conv2d``, which layers qualify, and the MaskFormer paths
+that use them (inference, a training step, recomputation under activation checkpointing) against
+the modules as built. The tiny test models have 32-channel pixel decoders, so the tests that run
+a model lower the size thresholds."""
+import pytest
+import torch
+from detectron2.layers import Conv2d
+from detectron2.modeling import build_model
+from torch import nn
+from torch.nn import functional as F
+
+from mask_former.layers import winograd_conv
+from mask_former.layers.winograd_conv import is_winograd_conv, winograd_conv2d, winograd_pays
+from mask_former.modeling.meta_arch import base as base_meta_arch
+from model_utils import tiny_cfg
+from test_inference_paths import EXACT, both_paths, build, images, randomize_norms, relative_difference
+from test_model import make_batch
+from test_training_optimization import assert_same_loss_terms, training_losses_and_grads
+
+pytestmark = pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="PyTorch built without NNPACK")
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.detach().double() - expected.detach()).abs().max() / expected.detach().abs().max())
+
+
+@pytest.mark.parametrize("padding", [0, 1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch,channels_last", [(1, False), (3, False), (2, True)])
+def test_values_and_gradients_equal_a_float64_convolution(padding, bias, batch, channels_last):
+    """The output and the gradients of the input, the kernel and the bias, against ``F.conv2d`` in
+    float64 (float rounding: NNPACK's transforms give about 1e-5 of the largest value)."""
+    g = torch.Generator().manual_seed(padding + 3 * batch)
+    x = torch.randn(batch, 6, 11, 9, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(5, 6, 3, 3, generator=g)
+    b = torch.randn(5, generator=g) if bias else None
+    leaves = [t.clone().requires_grad_(True) for t in ((x, weight) if b is None else (x, weight, b))]
+    out = winograd_conv2d(leaves[0], leaves[1], leaves[2] if bias else None, (padding, padding))
+    upstream = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * upstream).sum(), leaves)
+
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    expected = F.conv2d(ref_leaves[0], ref_leaves[1], ref_leaves[2] if bias else None, padding=padding)
+    ref_grads = torch.autograd.grad((expected * upstream.double()).sum(), ref_leaves)
+
+    assert out.shape == expected.shape == (batch, 5, 11 + 2 * padding - 2, 9 + 2 * padding - 2)
+    assert out.dtype == torch.float32
+    assert relative_error(out, expected) < 1e-4
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape
+        assert relative_error(got, want) < 1e-4
+
+
+def test_without_gradients_nothing_is_recorded():
+    x, weight = torch.randn(2, 4, 6, 6, requires_grad=True), torch.randn(4, 4, 3, 3)
+    with torch.no_grad():
+        out = winograd_conv2d(x, weight, None, (1, 1))
+    assert out.grad_fn is None
+    assert winograd_conv2d(x, weight, None, (1, 1)).grad_fn is not None
+
+
+def test_runs_through_nnpack_image_by_image(monkeypatch):
+    """NNPACK's batched entry point is slow: every call gets one image."""
+    calls = []
+    nnpack = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution",
+                        lambda x, *args: calls.append(x.shape[0]) or nnpack(x, *args))
+    x = torch.randn(3, 4, 6, 6, requires_grad=True)
+    out = winograd_conv2d(x, torch.randn(4, 4, 3, 3), None, (1, 1))
+    assert calls == [1, 1, 1]
+    out.sum().backward()  # the input's gradient is a Winograd convolution too
+    assert calls == [1] * 6
+
+
+def test_which_layers_qualify():
+    assert is_winograd_conv(nn.Conv2d(256, 256, 3, padding=1))
+    assert is_winograd_conv(Conv2d(512, 256, 3, padding=0, bias=False))
+    assert not is_winograd_conv(nn.Conv2d(128, 256, 3, padding=1))  # too few channels
+    assert not is_winograd_conv(nn.Conv2d(256, 128, 3, padding=1))
+    assert not is_winograd_conv(nn.Conv2d(256, 256, 3, stride=2, padding=1))
+    assert not is_winograd_conv(nn.Conv2d(256, 256, 1))
+    assert not is_winograd_conv(nn.Conv2d(256, 256, 5, padding=2))
+    assert not is_winograd_conv(nn.Conv2d(256, 256, 3, padding=2, dilation=2))
+    assert not is_winograd_conv(nn.Conv2d(256, 256, 3, padding=1, groups=2))
+    assert not is_winograd_conv(nn.Conv2d(256, 256, 3, padding=3))  # NNPACK: padding < kernel
+    assert not is_winograd_conv(nn.Conv2d(256, 256, 3, padding="same"))
+    assert not is_winograd_conv(nn.Conv2d(256, 256, 3, padding=1, padding_mode="reflect"))
+
+
+def test_which_inputs_pay():
+    weight = torch.randn(256, 256, 3, 3)
+    assert winograd_pays(torch.randn(1, 256, 96, 96), weight)
+    assert not winograd_pays(torch.randn(1, 256, 64, 64), weight)  # too small a map
+    assert not winograd_pays(torch.randn(1, 256, 96, 96, dtype=torch.bfloat16), weight)
+    assert not winograd_pays(torch.randn(1, 256, 96, 96), weight.bfloat16())
+    assert not winograd_pays(torch.randn(1, 256, 96, 96, dtype=torch.float64), weight)
+
+
+@pytest.fixture
+def small_thresholds(monkeypatch):
+    """Thresholds that the tiny models' 32- and 64-channel layers at their finest levels pass."""
+    monkeypatch.setattr(winograd_conv, "WINOGRAD_MIN_CHANNELS", 32)
+    monkeypatch.setattr(winograd_conv, "WINOGRAD_MIN_PIXELS", 100)
+
+
+@pytest.fixture
+def nnpack_calls(monkeypatch):
+    calls = []
+    nnpack = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *args: calls.append(1) or nnpack(*args))
+    return calls
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_inference_with_winograd_equals_the_reference(small_thresholds, nnpack_calls, setting):
+    cfg = tiny_cfg()
+    cfg.MODEL.WINOGRAD_CONV = setting
+    model = build(cfg)
+    batch = images([(64, 48), (40, 56)], [None, (100, 75)])
+    fast, reference = both_paths(model, batch)
+    assert bool(nnpack_calls) is setting
+    for a, b in zip(fast, reference):
+        assert a["sem_seg"].shape == b["sem_seg"].shape
+        assert relative_difference(a["sem_seg"], b["sem_seg"]) < EXACT
+
+
+def test_training_step_with_winograd_equals_the_modules_as_built(small_thresholds, nnpack_calls):
+    """Losses and every gradient of a step: the pixel decoder's finest 3x3 convolutions (forward,
+    and the gradient of their input) by Winograd, against the modules as built."""
+    cfg = tiny_cfg()
+    cfg.MODEL.WINOGRAD_CONV = True
+    cfg.MODEL.TRAIN_CHANNELS_LAST = False
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    randomize_norms(model)
+    batch = make_batch()
+    losses, grads = training_losses_and_grads(model, batch, optimize_training=True, channels_last=False)
+    # layer_1 (the finest output conv) and mask_features, 2 images each, forward and backward
+    assert len(nnpack_calls) == 8
+    ref_losses, ref_grads = training_losses_and_grads(model, batch, optimize_training=False)
+    assert len(nnpack_calls) == 8  # the modules as built do not use it
+    assert_same_loss_terms(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    largest = max(float(g.abs().max()) for g in ref_grads.values())
+    for name in grads:
+        tolerance = 1e-3 * float(ref_grads[name].abs().max()) + 1e-5 * largest
+        assert float((grads[name] - ref_grads[name]).abs().max()) <= tolerance, name
+    assert not any("forward" in m.__dict__ for m in model.sem_seg_head.modules())
+
+
+def test_recomputation_under_checkpointing_uses_winograd_again(small_thresholds, nnpack_calls):
+    cfg = tiny_cfg()
+    cfg.MODEL.WINOGRAD_CONV = True
+    cfg.MODEL.ACTIVATION_CHECKPOINTING = ["sem_seg_head.pixel_decoder.forward_features"]
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    losses = model(make_batch())
+    assert len(nnpack_calls) == 4
+    sum(losses.values()).backward()
+    assert len(nnpack_calls) == 4 + 4 + 4  # recomputed forward, then the inputs' gradients
+
+
+def test_winograd_by_default_only_on_avx2_cpus(monkeypatch):
+    for avx2 in (True, False):
+        monkeypatch.setattr(base_meta_arch, "cpu_has_avx2_kernels", lambda avx2=avx2: avx2)
+        for setting, expected in ((None, avx2), (True, True), (False, False)):
+            cfg = tiny_cfg()
+            cfg.MODEL.WINOGRAD_CONV = setting
+            assert build_model(cfg).winograd_conv_enabled() is expected, (avx2, setting)
+
+
+def test_winograd_key_is_checked(monkeypatch):
+    cfg = tiny_cfg()
+    cfg.MODEL.WINOGRAD_CONV = "yes"
+    with pytest.raises(ValueError, match=r"MODEL.WINOGRAD_CONV='yes': expected None .*True or False"):
+        build_model(cfg)
+    monkeypatch.setattr(base_meta_arch, "nnpack_ready", lambda: False)
+    cfg.MODEL.WINOGRAD_CONV = True
+    with pytest.raises(ValueError, match=r"MODEL.WINOGRAD_CONV=True, but this PyTorch was built without NNPACK"):
+        build_model(cfg)
+    cfg.MODEL.WINOGRAD_CONV = None  # where it pays: nowhere without NNPACK
+    assert not build_model(cfg).winograd_conv_enabled()
