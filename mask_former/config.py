@@ -120,6 +120,10 @@ def add_mask_former_config(cfg):
     # bf16 at 512x512) for one output's worth of memory held between calls. None: on with bf16 and
     # fp16, off with fp32 (where the held memory raised the peak and the time did not change).
     cfg.MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY = None
+    # MaskFormer's inference with the large float32 3x3 convolutions by NNPACK's Winograd algorithm
+    # (as MODEL.TRAIN_WINOGRAD_CONV): 0.92x the time of an R50 at 512 x 512 on an AVX2 CPU, but NNPACK
+    # keeps a workspace (about 50 MB per thread), +100 MB of inference memory there (docs/speed.md)
+    cfg.MODEL.MASK_FORMER.TEST.WINOGRAD_CONV = False
 
     # ---------------------------------------------------------------- pixel decoder
     cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
@@ -245,10 +249,11 @@ def add_mask_former_config(cfg):
     # "where it pays": on GPUs and on CPUs with AVX-512 kernels in PyTorch; on AVX2 CPUs oneDNN's
     # channels-last backward of 3x3 convolutions is 2-2.5x slower than planar (docs/speed.md)
     cfg.MODEL.TRAIN_CHANNELS_LAST = None
-    # run large float32 3x3 convolutions on the CPU (>= 256 channels, maps >= 96 x 96: the pixel
-    # decoder's finest ones) by NNPACK's Winograd algorithm, equal to float rounding: True, False,
-    # or None for "where it pays": CPUs on which PyTorch runs its AVX2 kernels (docs/speed.md)
-    cfg.MODEL.WINOGRAD_CONV = None
+    # train with the large float32 3x3 convolutions on the CPU (>= 256 channels, maps >= 96 x 96:
+    # MaskFormer's pixel decoder's finest ones) run by NNPACK's Winograd algorithm, the same losses
+    # and gradients to float rounding: True, False, or None for "where it pays": CPUs with
+    # PyTorch's AVX2 kernels (docs/speed.md)
+    cfg.MODEL.TRAIN_WINOGRAD_CONV = None
 
 
 def merge_config_file(cfg, path: str, allow_unsafe: bool = False) -> None:

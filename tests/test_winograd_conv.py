@@ -1,4 +1,5 @@
-"""3x3 convolutions by NNPACK's Winograd algorithm (``layers.winograd_conv``, MODEL.WINOGRAD_CONV):
+"""3x3 convolutions by NNPACK's Winograd algorithm (``layers.winograd_conv``; MODEL.TRAIN_WINOGRAD_CONV,
+MODEL.MASK_FORMER.TEST.WINOGRAD_CONV):
 values and gradients against float64 ``F.conv2d``, which layers qualify, and the MaskFormer paths
 that use them (inference, a training step, recomputation under activation checkpointing) against
 the modules as built. The tiny test models have 32-channel pixel decoders, so the tests that run
@@ -114,14 +115,18 @@ def nnpack_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("setting", [True, False])
+@pytest.mark.parametrize("setting", [True, False, "default"])
 def test_inference_with_winograd_equals_the_reference(small_thresholds, nnpack_calls, setting):
+    """With MODEL.MASK_FORMER.TEST.WINOGRAD_CONV True (not by default: NNPACK's workspace costs
+    inference memory) the finest convolutions run through NNPACK, and the outputs stay those of
+    the modules as built to the exact path's tolerance."""
     cfg = tiny_cfg()
-    cfg.MODEL.WINOGRAD_CONV = setting
+    if setting != "default":
+        cfg.MODEL.MASK_FORMER.TEST.WINOGRAD_CONV = setting
     model = build(cfg)
     batch = images([(64, 48), (40, 56)], [None, (100, 75)])
     fast, reference = both_paths(model, batch)
-    assert bool(nnpack_calls) is setting
+    assert bool(nnpack_calls) is (setting is True)
     for a, b in zip(fast, reference):
         assert a["sem_seg"].shape == b["sem_seg"].shape
         assert relative_difference(a["sem_seg"], b["sem_seg"]) < EXACT
@@ -131,7 +136,7 @@ def test_training_step_with_winograd_equals_the_modules_as_built(small_threshold
     """Losses and every gradient of a step: the pixel decoder's finest 3x3 convolutions (forward,
     and the gradient of their input) by Winograd, against the modules as built."""
     cfg = tiny_cfg()
-    cfg.MODEL.WINOGRAD_CONV = True
+    cfg.MODEL.TRAIN_WINOGRAD_CONV = True
     cfg.MODEL.TRAIN_CHANNELS_LAST = False
     torch.manual_seed(0)
     model = build_model(cfg).train()
@@ -153,7 +158,7 @@ def test_training_step_with_winograd_equals_the_modules_as_built(small_threshold
 
 def test_recomputation_under_checkpointing_uses_winograd_again(small_thresholds, nnpack_calls):
     cfg = tiny_cfg()
-    cfg.MODEL.WINOGRAD_CONV = True
+    cfg.MODEL.TRAIN_WINOGRAD_CONV = True
     cfg.MODEL.ACTIVATION_CHECKPOINTING = ["sem_seg_head.pixel_decoder.forward_features"]
     torch.manual_seed(0)
     model = build_model(cfg).train()
@@ -163,23 +168,34 @@ def test_recomputation_under_checkpointing_uses_winograd_again(small_thresholds,
     assert len(nnpack_calls) == 4 + 4 + 4  # recomputed forward, then the inputs' gradients
 
 
-def test_winograd_by_default_only_on_avx2_cpus(monkeypatch):
+def test_winograd_training_by_default_only_on_avx2_cpus(monkeypatch, small_thresholds, nnpack_calls):
     for avx2 in (True, False):
         monkeypatch.setattr(base_meta_arch, "cpu_has_avx2_kernels", lambda avx2=avx2: avx2)
         for setting, expected in ((None, avx2), (True, True), (False, False)):
             cfg = tiny_cfg()
-            cfg.MODEL.WINOGRAD_CONV = setting
-            assert build_model(cfg).winograd_conv_enabled() is expected, (avx2, setting)
+            cfg.MODEL.TRAIN_WINOGRAD_CONV = setting
+            model = build_model(cfg).train()
+            assert model.winograd_training() is expected, (avx2, setting)
+            nnpack_calls.clear()
+            model(make_batch())
+            assert bool(nnpack_calls) is expected, (avx2, setting)
 
 
-def test_winograd_key_is_checked(monkeypatch):
-    cfg = tiny_cfg()
-    cfg.MODEL.WINOGRAD_CONV = "yes"
-    with pytest.raises(ValueError, match=r"MODEL.WINOGRAD_CONV='yes': expected None .*True or False"):
-        build_model(cfg)
+@pytest.mark.parametrize("key", ["MODEL.TRAIN_WINOGRAD_CONV", "MODEL.MASK_FORMER.TEST.WINOGRAD_CONV"])
+def test_winograd_keys_are_checked(monkeypatch, key):
+    def build_with(value):
+        cfg = tiny_cfg()
+        node_name, _, name = key.rpartition(".")
+        node = cfg
+        for part in node_name.split("."):
+            node = getattr(node, part)
+        setattr(node, name, value)  # as a program would; a YAML file's wrong type is caught on merging
+        return build_model(cfg)
+
+    with pytest.raises(ValueError, match=rf"{key}='yes': expected .*True or False"):
+        build_with("yes")
     monkeypatch.setattr(base_meta_arch, "nnpack_ready", lambda: False)
-    cfg.MODEL.WINOGRAD_CONV = True
-    with pytest.raises(ValueError, match=r"MODEL.WINOGRAD_CONV=True, but this PyTorch was built without NNPACK"):
-        build_model(cfg)
-    cfg.MODEL.WINOGRAD_CONV = None  # where it pays: nowhere without NNPACK
-    assert not build_model(cfg).winograd_conv_enabled()
+    with pytest.raises(ValueError, match=rf"{key}=True, but this PyTorch was built without NNPACK"):
+        build_with(True)
+    assert not build_with(False).winograd_training()
+    assert not build_model(tiny_cfg()).winograd_training()  # where it pays: nowhere without NNPACK

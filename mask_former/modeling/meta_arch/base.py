@@ -57,8 +57,10 @@ class SegmentationMetaArch(nn.Module):
     optimize_training: bool = True
     # MODEL.TRAIN_CHANNELS_LAST: True, False, or None for "where it pays" (``channels_last_training``)
     train_channels_last: Optional[bool] = None
-    # MODEL.WINOGRAD_CONV: True, False, or None for "where it pays" (``winograd_conv_enabled``)
-    winograd_conv: Optional[bool] = None
+    # MODEL.TRAIN_WINOGRAD_CONV: True, False, or None for "where it pays" (``winograd_training``)
+    train_winograd_conv: Optional[bool] = None
+    # MODEL.MASK_FORMER.TEST.WINOGRAD_CONV: large 3x3 convolutions by Winograd in inference
+    test_winograd_conv: bool = False
     # the layout the convolution weights were last stored in (True: channels-last), None: as built
     _conv_weights_channels_last: Optional[bool] = None
     # MODEL.MASK_FORMER.TEST.PRECISION of the network in inference ("fp32", "bf16" or "fp16")
@@ -162,8 +164,7 @@ class SegmentationMetaArch(nn.Module):
         weights would be copies (R50: 94 MB, a fifth of the reference path's inference memory at
         512x512) for no time that ``tools/benchmark_inference.py --levers`` could tell from its
         noise. ``fold`` overrides that choice (for measuring what folding pays). Large float32 3x3
-        convolutions run by Winograd where :meth:`winograd_conv_enabled` says so (``winograd``
-        overrides it).
+        convolutions run by Winograd with ``test_winograd_conv`` (``winograd`` overrides it).
 
         When it builds them, it first stores every convolution weight of the model channels-last,
         in place, as training does (``training_optimization.channels_last_conv_weights``): the
@@ -179,7 +180,7 @@ class SegmentationMetaArch(nn.Module):
         if fold is None:
             fold = dtype is not None
         if winograd is None:
-            winograd = self.winograd_conv_enabled()
+            winograd = self.test_winograd_conv
         weights = self._inference_weights
         if (weights is None or weights.fold != fold or weights.winograd != winograd
                 or not weights.is_current(self, dtype)):
@@ -227,40 +228,42 @@ class SegmentationMetaArch(nn.Module):
             return self.train_channels_last
         return self.device.type != "cpu" or cpu_has_avx512_kernels()
 
-    def set_winograd_conv(self, value: Optional[bool]) -> None:
-        """Keep MODEL.WINOGRAD_CONV (None, True or False; a ValueError naming the key otherwise, and
-        for True where this PyTorch has no NNPACK)."""
-        if not (value is None or isinstance(value, bool)):
+    def set_winograd_conv(self, train: Optional[bool], test: bool) -> None:
+        """Keep MODEL.TRAIN_WINOGRAD_CONV (None, True or False) and MODEL.MASK_FORMER.TEST.WINOGRAD_CONV
+        (True or False): a ValueError naming the key for another value, or for True where this
+        PyTorch has no NNPACK."""
+        if not (train is None or isinstance(train, bool)):
             raise ValueError(
-                f"MODEL.WINOGRAD_CONV={value!r}: expected None (Winograd 3x3 convolutions where they "
-                "pay: CPUs with AVX2 and without AVX-512), True or False"
+                f"MODEL.TRAIN_WINOGRAD_CONV={train!r}: expected None (Winograd 3x3 convolutions where "
+                "they pay: CPUs with PyTorch's AVX2 kernels), True or False"
             )
-        if value and not nnpack_ready():
-            raise ValueError(
-                "MODEL.WINOGRAD_CONV=True, but this PyTorch was built without NNPACK "
-                "(torch.backends.nnpack.is_available() is False); set it to None or False"
-            )
-        self.winograd_conv = value
+        if not isinstance(test, bool):
+            raise ValueError(f"MODEL.MASK_FORMER.TEST.WINOGRAD_CONV={test!r}: expected True or False")
+        for key, value in (("MODEL.TRAIN_WINOGRAD_CONV", train), ("MODEL.MASK_FORMER.TEST.WINOGRAD_CONV", test)):
+            if value and not nnpack_ready():
+                raise ValueError(
+                    f"{key}=True, but this PyTorch was built without NNPACK "
+                    "(torch.backends.nnpack.is_available() is False); set it to False"
+                )
+        self.train_winograd_conv, self.test_winograd_conv = train, test
 
-    def winograd_conv_enabled(self) -> bool:
-        """Whether large float32 3x3 convolutions on the CPU run by NNPACK's Winograd algorithm
-        (``layers.winograd_conv``): ``winograd_conv`` (MODEL.WINOGRAD_CONV) where set, else where
-        measured to pay: on CPUs on which PyTorch runs its AVX2 kernels. On an AVX2 AMD EPYC (family
-        25 model 1) R50 inference at 512 x 512 took 0.92x the time. AVX-512 CPUs (where oneDNN has
-        twice the vector width, and NNPACK does not) and Arm CPUs were not measured. GPUs never use
-        it."""
-        if self.winograd_conv is not None:
-            return self.winograd_conv
+    def winograd_training(self) -> bool:
+        """Whether the optimised training path runs the large float32 3x3 convolutions on the CPU by
+        NNPACK's Winograd algorithm (``layers.winograd_conv``): ``train_winograd_conv``
+        (MODEL.TRAIN_WINOGRAD_CONV) where set, else where measured to pay: on CPUs on which PyTorch
+        runs its AVX2 kernels (an R50 step at 512 x 512 took 0.86x the time on an AVX2 AMD EPYC,
+        family 25 model 1). AVX-512 CPUs (where oneDNN has twice NNPACK's vector width) and Arm CPUs
+        were not measured; GPUs never use it."""
+        if self.train_winograd_conv is not None:
+            return self.train_winograd_conv
         return self.device.type == "cpu" and cpu_has_avx2_kernels() and nnpack_ready()
 
     def training_winograd(self, module: nn.Module):
         """The context in which ``module`` runs in training: its large 3x3 convolutions by Winograd
         (``training_optimization.winograd_convolutions``) with ``optimize_training`` where
-        :meth:`winograd_conv_enabled`, else as built. (The pixel decoders' finest 3x3 convolutions
-        are the ones large enough: a ResNet's 256-channel ones see at most 1/16 of the image.)"""
-        return winograd_convolutions(
-            module, self.training and self.optimize_training and self.winograd_conv_enabled()
-        )
+        :meth:`winograd_training`, else as built. (The pixel decoders' finest 3x3 convolutions are
+        the ones large enough: a ResNet's 256-channel ones see at most 1/16 of the image.)"""
+        return winograd_convolutions(module, self.training and self.optimize_training and self.winograd_training())
 
     def store_conv_weights(self, channels_last: bool) -> None:
         """Store every convolution weight channels-last (or planar), in place, unless this model

@@ -95,7 +95,8 @@ class MaskFormer(SegmentationMetaArch):
         optimize_inference: bool = True,
         optimize_training: bool = True,
         train_channels_last: Optional[bool] = None,
-        winograd_conv: Optional[bool] = None,
+        train_winograd_conv: Optional[bool] = None,
+        test_winograd_conv: bool = False,
         activation_checkpointing: Sequence[str] = (),
     ):
         """
@@ -130,8 +131,11 @@ class MaskFormer(SegmentationMetaArch):
                 trains the modules as built.
             train_channels_last: MODEL.TRAIN_CHANNELS_LAST: True, False, or None for where it
                 pays (``channels_last_training``).
-            winograd_conv: MODEL.WINOGRAD_CONV: large float32 3x3 convolutions on the CPU by
-                Winograd; True, False, or None for where it pays (``winograd_conv_enabled``).
+            train_winograd_conv: MODEL.TRAIN_WINOGRAD_CONV: the large float32 3x3 convolutions on
+                the CPU by Winograd in training; True, False, or None for where it pays
+                (``winograd_training``).
+            test_winograd_conv: MODEL.MASK_FORMER.TEST.WINOGRAD_CONV: the same in inference (faster
+                on AVX2 CPUs, but NNPACK keeps a workspace of about 50 MB per thread).
             activation_checkpointing: dotted names of submodules whose activations are recomputed
                 in the backward instead of kept (``training_optimization.checkpoint_activations``).
         """
@@ -167,7 +171,7 @@ class MaskFormer(SegmentationMetaArch):
         self.optimize_inference = optimize_inference
         self.optimize_training = optimize_training
         self.set_train_channels_last(train_channels_last)
-        self.set_winograd_conv(winograd_conv)
+        self.set_winograd_conv(train_winograd_conv, test_winograd_conv)
         self.set_task_switches(semantic_on, panoptic_on, instance_on)
         self.thing_ids = thing_ids_from_metadata(metadata)
         checkpoint_activations(self, activation_checkpointing)
@@ -210,7 +214,8 @@ class MaskFormer(SegmentationMetaArch):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "activation_checkpointing": cfg.MODEL.ACTIVATION_CHECKPOINTING,
             "train_channels_last": cfg.MODEL.TRAIN_CHANNELS_LAST,
-            "winograd_conv": cfg.MODEL.WINOGRAD_CONV,
+            "train_winograd_conv": cfg.MODEL.TRAIN_WINOGRAD_CONV,
+            "test_winograd_conv": mf.TEST.WINOGRAD_CONV,
             **task_switches(tasks),
             "detections_per_image": detections_per_image(cfg),
             "precision": mf.TEST.PRECISION,
@@ -227,8 +232,8 @@ class MaskFormer(SegmentationMetaArch):
         ``zero_masked_attention``), the layers' inference kernels (``layers.inference_kernels``:
         linear layers fused with their activation, gathered deformable attention), in
         ``self.precision``, and in bfloat16 the batch norms folded into their convolutions
-        (``prepare_for_inference``), large float32 3x3 convolutions by Winograd where
-        :meth:`winograd_conv_enabled`; the outputs are float32. Call under
+        (``prepare_for_inference``), large float32 3x3 convolutions by Winograd with
+        ``test_winograd_conv``; the outputs are float32. Call under
         ``torch.no_grad()`` (the folded weights are copies). The keyword switches turn single
         levers on or off, for measuring them (``tools/benchmark_inference.py --levers``;
         ``fold_norms`` and ``winograd`` None: as ``prepare_for_inference`` chooses).

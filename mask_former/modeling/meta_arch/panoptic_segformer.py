@@ -130,7 +130,6 @@ class PanopticSegFormer(SegmentationMetaArch):
         merge_params: Dict[str, float] = None,
         activation_checkpointing: Sequence[str] = (),
         train_channels_last: Optional[bool] = None,
-        winograd_conv: Optional[bool] = None,
         precision: str = "fp32",
         optimize_inference: bool = True,
     ):
@@ -153,8 +152,6 @@ class PanopticSegFormer(SegmentationMetaArch):
                 in the backward instead of kept (``training_optimization.checkpoint_activations``).
             train_channels_last: MODEL.TRAIN_CHANNELS_LAST: True, False, or None for where it
                 pays (``channels_last_training``).
-            winograd_conv: MODEL.WINOGRAD_CONV: large float32 3x3 convolutions on the CPU by
-                Winograd; True, False, or None for where it pays (``winograd_conv_enabled``).
             precision: "fp32", "bf16" or "fp16" (MODEL.MASK_FORMER.TEST.PRECISION): the network
                 runs under bfloat16 / float16 autocast in inference with "bf16" / "fp16"; the
                 merging stays float32. fp16 outputs that overflowed are a FloatingPointError.
@@ -201,7 +198,6 @@ class PanopticSegFormer(SegmentationMetaArch):
         self.precision = precision
         self.optimize_inference = optimize_inference
         self.set_train_channels_last(train_channels_last)
-        self.set_winograd_conv(winograd_conv)
         checkpoint_activations(self, activation_checkpointing)
 
     @classmethod
@@ -247,7 +243,6 @@ class PanopticSegFormer(SegmentationMetaArch):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "activation_checkpointing": cfg.MODEL.ACTIVATION_CHECKPOINTING,
             "train_channels_last": cfg.MODEL.TRAIN_CHANNELS_LAST,
-            "winograd_conv": cfg.MODEL.WINOGRAD_CONV,
             **task_switches(tasks),
             "num_test_things": test.NUM_THINGS,
             "merge_params": mask_merge_params(cfg),
