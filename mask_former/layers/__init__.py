@@ -13,6 +13,7 @@ from .fused_linear import LINEAR_ACTIVATIONS, linear
 from .inference_kernels import inference_kernels, inference_kernels_enabled
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn
 from .point_sampling import BilinearPoints
+from .winograd_conv import is_winograd_conv, winograd_conv2d
 
 __all__ = [
     "BilinearPoints",
@@ -26,8 +27,10 @@ __all__ = [
     "flatten_levels",
     "inference_kernels",
     "inference_kernels_enabled",
+    "is_winograd_conv",
     "linear",
     "ms_deform_attn",
     "split_levels",
     "valid_ratios_of_mask",
+    "winograd_conv2d",
 ]
