@@ -249,8 +249,9 @@ def add_mask_former_config(cfg):
     # "where it pays": on GPUs and on CPUs with AVX-512 kernels in PyTorch; on AVX2 CPUs oneDNN's
     # channels-last backward of 3x3 convolutions is 2-2.5x slower than planar (docs/speed.md)
     cfg.MODEL.TRAIN_CHANNELS_LAST = None
-    # train with the large float32 3x3 convolutions on the CPU (>= 256 channels, maps >= 96 x 96:
-    # MaskFormer's pixel decoder's finest ones) run by NNPACK's Winograd algorithm, the same losses
+    # train with the large float32 3x3 convolutions on the CPU (>= 256 channels, maps >= 48 x 48
+    # planar, 96 x 96 channels-last: MaskFormer's pixel decoder's finest ones) run by NNPACK's
+    # Winograd algorithm, the same losses
     # and gradients to float rounding: True, False, or None for "where it pays": CPUs with
     # PyTorch's AVX2 kernels (docs/speed.md)
     cfg.MODEL.TRAIN_WINOGRAD_CONV = None

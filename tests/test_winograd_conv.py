@@ -93,8 +93,12 @@ def test_which_layers_qualify():
 
 def test_which_inputs_pay():
     weight = torch.randn(256, 256, 3, 3)
-    assert winograd_pays(torch.randn(1, 256, 96, 96), weight)
-    assert not winograd_pays(torch.randn(1, 256, 64, 64), weight)  # too small a map
+    channels_last = torch.channels_last
+    assert winograd_pays(torch.randn(1, 256, 96, 96).contiguous(memory_format=channels_last), weight)
+    # a channels-last input is reordered first: it pays on larger maps only
+    assert not winograd_pays(torch.randn(1, 256, 64, 64).contiguous(memory_format=channels_last), weight)
+    assert winograd_pays(torch.randn(1, 256, 48, 48), weight)
+    assert not winograd_pays(torch.randn(1, 256, 47, 48), weight)
     assert not winograd_pays(torch.randn(1, 256, 96, 96, dtype=torch.bfloat16), weight)
     assert not winograd_pays(torch.randn(1, 256, 96, 96), weight.bfloat16())
     assert not winograd_pays(torch.randn(1, 256, 96, 96, dtype=torch.float64), weight)
@@ -105,6 +109,7 @@ def small_thresholds(monkeypatch):
     """Thresholds that the tiny models' 32- and 64-channel layers at their finest levels pass."""
     monkeypatch.setattr(winograd_conv, "WINOGRAD_MIN_CHANNELS", 32)
     monkeypatch.setattr(winograd_conv, "WINOGRAD_MIN_PIXELS", 100)
+    monkeypatch.setattr(winograd_conv, "WINOGRAD_MIN_PIXELS_PLANAR", 100)
 
 
 @pytest.fixture
