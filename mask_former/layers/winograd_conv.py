@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_PIXELS", "WINOGRAD_MIN_PIXELS_PLANAR", "nnpack_ready", "is_winograd_conv",
-           "winograd_pays", "winograd_conv2d"]
+__all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_PIXELS", "WINOGRAD_MIN_PIXELS_PLANAR", "nnpack_ready",
+           "is_winograd_conv", "winograd_pays", "winograd_conv2d"]
 
 # Where the Winograd algorithm paid on the AVX2 CPU above: at least this many input and output
 # channels, and output maps of at least this many pixels: 96 x 96 for a channels-last input, which
