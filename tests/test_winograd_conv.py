@@ -102,6 +102,8 @@ def test_which_inputs_pay():
     assert not winograd_pays(torch.randn(1, 256, 96, 96, dtype=torch.bfloat16), weight)
     assert not winograd_pays(torch.randn(1, 256, 96, 96), weight.bfloat16())
     assert not winograd_pays(torch.randn(1, 256, 96, 96, dtype=torch.float64), weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast runs convolutions in bfloat16
+        assert not winograd_pays(torch.randn(1, 256, 96, 96), weight)
 
 
 @pytest.fixture

@@ -59,10 +59,11 @@ def is_winograd_conv(conv: nn.Conv2d) -> bool:
 
 def winograd_pays(x: Tensor, weight: Tensor) -> bool:
     """Whether the convolution of ``x`` (B x C x H x W) by ``weight`` should run by Winograd: both
-    float32 on the CPU, and the map at least :data:`WINOGRAD_MIN_PIXELS_PLANAR` pixels if ``x`` is
-    planar, else :data:`WINOGRAD_MIN_PIXELS` (the output has the input's size with padding 1)."""
+    float32 on the CPU, outside CPU autocast (which would run the convolution in its lower precision),
+    and the map at least :data:`WINOGRAD_MIN_PIXELS_PLANAR` pixels if ``x`` is planar, else
+    :data:`WINOGRAD_MIN_PIXELS` (the output has the input's size with padding 1)."""
     if not (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32):
+            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
         return False
     min_pixels = WINOGRAD_MIN_PIXELS_PLANAR if x.is_contiguous() else WINOGRAD_MIN_PIXELS
     return x.shape[-2] * x.shape[-1] >= min_pixels and nnpack_ready()
