@@ -55,6 +55,27 @@ def test_values_and_gradients_equal_a_float64_convolution(padding, bias, batch, 
         assert relative_error(got, want) < 1e-4
 
 
+@pytest.mark.parametrize("padding", [(0, 0), (1, 1), (2, 1)])
+@pytest.mark.parametrize("tiles_per_chunk", [1, 3, 256])
+def test_kernel_gradient_by_winograd_equals_float64(monkeypatch, padding, tiles_per_chunk):
+    """``winograd_weight_grad`` (F(4x4, 3x3) written in PyTorch, a chunk of tile rows at a time)
+    against ``aten.convolution_backward`` in float64, on maps whose output is not a whole number of
+    4 x 4 tiles, with one tile, a few or all per chunk, from a channels-last input too."""
+    monkeypatch.setattr(winograd_conv, "WEIGHT_GRAD_TILES_PER_CHUNK", tiles_per_chunk)
+    g = torch.Generator().manual_seed(tiles_per_chunk)
+    for x in (torch.randn(2, 5, 13, 10, generator=g),
+              torch.randn(1, 5, 9, 15, generator=g).contiguous(memory_format=torch.channels_last)):
+        out_size = [x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2]
+        grad = torch.randn(x.shape[0], 7, *out_size, generator=g)
+        weight = torch.randn(7, 5, 3, 3, generator=g)
+        expected = torch.ops.aten.convolution_backward(
+            grad.double(), x.double(), weight.double(), None, [1, 1], list(padding), [1, 1], False, [0, 0], 1,
+            [False, True, False])[1]
+        got = winograd_conv.winograd_weight_grad(x, grad, padding)
+        assert got.shape == (7, 5, 3, 3) and got.dtype == torch.float32
+        assert relative_error(got, expected) < 1e-5
+
+
 def test_without_gradients_nothing_is_recorded():
     x, weight = torch.randn(2, 4, 6, 6, requires_grad=True), torch.randn(4, 4, 3, 3)
     with torch.no_grad():

@@ -12,8 +12,8 @@ output against 1.5e-6), deterministically and whatever the number of threads.
 
 NNPACK works on planar (NCHW) float32 tensors on CPUs: a channels-last input is reordered first,
 and the output is planar. Under autograd the input's gradient is a Winograd convolution too (of
-the output's gradient by the flipped, transposed kernel); the kernel's and bias's gradients are
-PyTorch's usual ones (``aten.convolution_backward``).
+the output's gradient by the flipped, transposed kernel), and so is the kernel's gradient
+(:func:`winograd_weight_grad`, written here in PyTorch: NNPACK's is not in PyTorch's build).
 """
 import functools
 from typing import List, Optional, Sequence
@@ -21,9 +21,10 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 
 __all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_PIXELS", "WINOGRAD_MIN_PIXELS_PLANAR", "nnpack_ready",
-           "is_winograd_conv", "winograd_pays", "winograd_conv2d"]
+           "is_winograd_conv", "winograd_pays", "winograd_conv2d", "winograd_weight_grad"]
 
 # Where the Winograd algorithm paid on the AVX2 CPU above: at least this many input and output
 # channels, and output maps of at least this many pixels: 96 x 96 for a channels-last input, which
@@ -32,6 +33,18 @@ __all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_PIXELS", "WINOGRAD_MIN_PIXELS_
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_MIN_PIXELS = 96 * 96
 WINOGRAD_MIN_PIXELS_PLANAR = 48 * 48
+
+
+# Winograd's F(4x4, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks",
+# 2016): for a 6x6 input tile d and a 3x3 kernel w, the 4x4 output tile is
+# A^T [(G w G^T) * (B^T d B)] A. The kernel's gradient is G^T [sum over tiles (A dY A^T) * (B^T d B)] G.
+_B_T = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
+_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+      (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+_A_T = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+# tiles transformed at a time by winograd_weight_grad (256 tiles of 256 channels: 9 MB per transform)
+WEIGHT_GRAD_TILES_PER_CHUNK = 256
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,6 +93,52 @@ def _nnpack_by_image(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding:
                       for image in x.split(1)])
 
 
+def winograd_weight_grad(x: Tensor, grad: Tensor, padding: Sequence[int]) -> Tensor:
+    """
+    The gradient of a 3x3, stride-1 convolution's kernel: ``aten.convolution_backward``'s, by
+    Winograd's F(4x4, 3x3), tiles transformed a chunk of rows at a time so that they stay in the
+    cache, and one batched product per chunk for the 36 transformed positions.
+
+    Args:
+        x: N x C x H x W float32 input of the convolution.
+        grad: N x O x H' x W' gradient of its output, H' = H + 2 p_h - 2.
+        padding: (p_h, p_w), each 0, 1 or 2.
+    Returns:
+        O x C x 3 x 3. On the AVX2 CPU above, two 256-channel 128 x 128 images took 168-178 ms
+        against oneDNN's 277-321 ms, at 5e-6 of the largest value from float64 (oneDNN: 9e-6).
+    """
+    n_images, channels, height, width = x.shape
+    out_channels, out_h, out_w = grad.shape[1:]
+    tiles_h, tiles_w = -(-out_h // 4), -(-out_w // 4)
+    pad_h, pad_w = padding
+    # zeros around the input (the padding, and beyond to whole tiles); the gradient's extra rows
+    # and columns are zeros, which add nothing
+    x = F.pad(x, (pad_w, 4 * tiles_w + 2 - width - pad_w, pad_h, 4 * tiles_h + 2 - height - pad_h))
+    grad = F.pad(grad, (0, 4 * tiles_w - out_w, 0, 4 * tiles_h - out_h))
+    b_t = torch.tensor(_B_T, dtype=x.dtype)
+    a = torch.tensor(_A_T, dtype=x.dtype).t()
+    g = torch.tensor(_G, dtype=x.dtype)
+    input_transform = torch.kron(b_t, b_t)  # 36 x 36: (a b) x (i j)
+    grad_transform = torch.kron(a, a)  # 36 x 16: (a b) x (k l)
+    kernel_grad = torch.zeros(36, out_channels, channels, dtype=x.dtype)
+    rows = max(1, WEIGHT_GRAD_TILES_PER_CHUNK // tiles_w)
+    for image in range(n_images):
+        for top in range(0, tiles_h, rows):
+            bottom = min(tiles_h, top + rows)
+            count = (bottom - top) * tiles_w
+            # C x rows x tiles_w x 6 x 6 overlapping input tiles -> (i j) x (tiles c)
+            tiles = x[image, :, 4 * top: 4 * bottom + 2].unfold(1, 6, 4).unfold(2, 6, 4)
+            tiles = tiles.permute(3, 4, 1, 2, 0).reshape(36, count * channels)
+            transformed_input = (input_transform @ tiles).view(36, count, channels)
+            # O x rows x 4 x tiles_w x 4 gradient tiles -> (k l) x (tiles o)
+            grad_tiles = grad[image, :, 4 * top: 4 * bottom].reshape(out_channels, bottom - top, 4, tiles_w, 4)
+            grad_tiles = grad_tiles.permute(2, 4, 1, 3, 0).reshape(16, count * out_channels)
+            transformed_grad = (grad_transform @ grad_tiles).view(36, count, out_channels)
+            kernel_grad.baddbmm_(transformed_grad.transpose(1, 2), transformed_input)
+    kernel_grad = kernel_grad.view(6, 6, out_channels, channels).permute(2, 3, 0, 1)
+    return torch.einsum("ai,ocab,bj->ocij", g, kernel_grad, g).contiguous()
+
+
 class _WinogradConv2d(torch.autograd.Function):
     """The convolution of :func:`winograd_conv2d` with its gradients (stride 1, 3x3 kernel)."""
 
@@ -101,11 +160,10 @@ class _WinogradConv2d(torch.autograd.Function):
             # the padding that gives back the input's size (2 - p for a 3x3 kernel)
             kernel = weight.flip(2, 3).transpose(0, 1)
             grad_input = _nnpack_by_image(grad, kernel, None, [2 - p for p in ctx.padding])
-        if weight_needed or bias_needed:
-            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], ctx.padding,
-                [1, 1], False, [0, 0], 1, [False, weight_needed, bias_needed and ctx.has_bias],
-            )
+        if weight_needed:
+            grad_weight = winograd_weight_grad(x, grad, ctx.padding)
+        if bias_needed and ctx.has_bias:
+            grad_bias = grad.sum((0, 2, 3))
         return grad_input, grad_weight, grad_bias, None
 
 
