@@ -250,10 +250,10 @@ def add_mask_former_config(cfg):
     # channels-last backward of 3x3 convolutions is 2-2.5x slower than planar (docs/speed.md)
     cfg.MODEL.TRAIN_CHANNELS_LAST = None
     # train with the large float32 3x3 convolutions on the CPU (>= 256 channels, maps >= 48 x 48
-    # planar, 96 x 96 channels-last: MaskFormer's pixel decoder's finest ones) run by NNPACK's
-    # Winograd algorithm, the same losses
-    # and gradients to float rounding: True, False, or None for "where it pays": CPUs with
-    # PyTorch's AVX2 kernels (docs/speed.md)
+    # planar, 96 x 96 channels-last: MaskFormer's pixel decoder's finest ones) run by Winograd's
+    # algorithm (NNPACK's forward; the gradients in PyTorch), the same losses and gradients to
+    # float rounding: True, False, or None for "where it pays": CPUs with PyTorch's AVX2 kernels,
+    # unless MODEL.ACTIVATION_CHECKPOINTING is set (NNPACK keeps a workspace; docs/speed.md)
     cfg.MODEL.TRAIN_WINOGRAD_CONV = None
 
 

@@ -207,6 +207,13 @@ def test_winograd_training_by_default_only_on_avx2_cpus(monkeypatch, small_thres
             nnpack_calls.clear()
             model(make_batch())
             assert bool(nnpack_calls) is expected, (avx2, setting)
+    # activation checkpointing says memory comes first: not by default (NNPACK keeps a workspace)
+    monkeypatch.setattr(base_meta_arch, "cpu_has_avx2_kernels", lambda: True)
+    cfg = tiny_cfg()
+    cfg.MODEL.ACTIVATION_CHECKPOINTING = ["sem_seg_head.predictor"]
+    assert not build_model(cfg).train().winograd_training()
+    cfg.MODEL.TRAIN_WINOGRAD_CONV = True
+    assert build_model(cfg).train().winograd_training()
 
 
 @pytest.mark.parametrize("key", ["MODEL.TRAIN_WINOGRAD_CONV", "MODEL.MASK_FORMER.TEST.WINOGRAD_CONV"])

@@ -32,7 +32,7 @@ from .backbone.swin import zero_masked_attention, zero_masked_attention_enabled
 from .inference_optimization import run_conv
 
 __all__ = ["frozen_norm_affine", "folded_frozen_norms", "winograd_convolutions", "channels_last_conv_weights",
-           "checkpoint_activations"]
+           "checkpoint_activations", "has_checkpointed_activations"]
 
 
 def frozen_norm_affine(norm: FrozenBatchNorm2d) -> Tuple[Tensor, Tensor]:
@@ -177,6 +177,11 @@ def checkpoint_activations(model: nn.Module, names: Sequence[str]) -> None:
         if method in module.__dict__:
             raise ValueError(f"MODEL.ACTIVATION_CHECKPOINTING: {name!r} is listed twice or its {method} is replaced")
         setattr(module, method, _CheckpointedMethod(module, method))
+
+
+def has_checkpointed_activations(model: nn.Module) -> bool:
+    """Whether :func:`checkpoint_activations` recomputes any part of ``model``."""
+    return any(isinstance(attr, _CheckpointedMethod) for m in model.modules() for attr in m.__dict__.values())
 
 
 def _resolve(model: nn.Module, name: str) -> Tuple[nn.Module, str]:

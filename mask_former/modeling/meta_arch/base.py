@@ -26,7 +26,12 @@ from ...utils.cpu_info import (
 from ..backbone.swin import zero_masked_attention
 from ..inference_optimization import InferenceWeights, inference_dtype
 from ..reusable_buffers import ReusableBuffers
-from ..training_optimization import channels_last_conv_weights, folded_frozen_norms, winograd_convolutions
+from ..training_optimization import (
+    channels_last_conv_weights,
+    folded_frozen_norms,
+    has_checkpointed_activations,
+    winograd_convolutions,
+)
 
 __all__ = ["SegmentationMetaArch", "task_switches"]
 
@@ -235,7 +240,7 @@ class SegmentationMetaArch(nn.Module):
         if not (train is None or isinstance(train, bool)):
             raise ValueError(
                 f"MODEL.TRAIN_WINOGRAD_CONV={train!r}: expected None (Winograd 3x3 convolutions where "
-                "they pay: CPUs with PyTorch's AVX2 kernels), True or False"
+                "they pay: CPUs with PyTorch's AVX2 kernels, without activation checkpointing), True or False"
             )
         if not isinstance(test, bool):
             raise ValueError(f"MODEL.MASK_FORMER.TEST.WINOGRAD_CONV={test!r}: expected True or False")
@@ -251,12 +256,16 @@ class SegmentationMetaArch(nn.Module):
         """Whether the optimised training path runs the large float32 3x3 convolutions on the CPU by
         NNPACK's Winograd algorithm (``layers.winograd_conv``): ``train_winograd_conv``
         (MODEL.TRAIN_WINOGRAD_CONV) where set, else where measured to pay: on CPUs on which PyTorch
-        runs its AVX2 kernels (an R50 step at 512 x 512 took 0.86x the time on an AVX2 AMD EPYC,
-        family 25 model 1). AVX-512 CPUs (where oneDNN has twice NNPACK's vector width) and Arm CPUs
-        were not measured; GPUs never use it."""
+        runs its AVX2 kernels (an R50 step at 512 x 512 took 0.84x-0.85x the time on an AVX2 AMD
+        EPYC, family 25 model 1), unless activations are checkpointed
+        (MODEL.ACTIVATION_CHECKPOINTING), which says that memory comes first: NNPACK keeps a
+        workspace of about 50 MB per thread, and the checkpointed step's peak grew by 4 %. AVX-512
+        CPUs (where oneDNN has twice NNPACK's vector width) and Arm CPUs were not measured; GPUs
+        never use it."""
         if self.train_winograd_conv is not None:
             return self.train_winograd_conv
-        return self.device.type == "cpu" and cpu_has_avx2_kernels() and nnpack_ready()
+        return (self.device.type == "cpu" and cpu_has_avx2_kernels() and nnpack_ready()
+                and not has_checkpointed_activations(self))
 
     def training_winograd(self, module: nn.Module):
         """The context in which ``module`` runs in training: its large 3x3 convolutions by Winograd
