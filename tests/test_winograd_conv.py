@@ -57,11 +57,12 @@ def test_values_and_gradients_equal_a_float64_convolution(padding, bias, batch, 
 
 @pytest.mark.parametrize("padding", [(0, 0), (1, 1), (2, 1)])
 @pytest.mark.parametrize("tiles_per_chunk", [1, 3, 256])
-def test_kernel_gradient_by_winograd_equals_float64(monkeypatch, padding, tiles_per_chunk):
-    """``winograd_weight_grad`` (F(4x4, 3x3) written in PyTorch, a chunk of tile rows at a time)
-    against ``aten.convolution_backward`` in float64, on maps whose output is not a whole number of
-    4 x 4 tiles, with one tile, a few or all per chunk, from a channels-last input too."""
-    monkeypatch.setattr(winograd_conv, "WEIGHT_GRAD_TILES_PER_CHUNK", tiles_per_chunk)
+def test_f4x4_kernel_gradient_and_forward_equal_float64(monkeypatch, padding, tiles_per_chunk):
+    """``winograd_weight_grad`` and the channels-last forward (F(4x4, 3x3) written in PyTorch, a
+    chunk of tile rows at a time) against ``aten.convolution_backward`` and ``F.conv2d`` in float64,
+    on maps whose output is not a whole number of 4 x 4 tiles, with one tile, a few or all per
+    chunk, from planar and channels-last inputs."""
+    monkeypatch.setattr(winograd_conv, "TILES_PER_CHUNK", tiles_per_chunk)
     g = torch.Generator().manual_seed(tiles_per_chunk)
     for x in (torch.randn(2, 5, 13, 10, generator=g),
               torch.randn(1, 5, 9, 15, generator=g).contiguous(memory_format=torch.channels_last)):
@@ -74,6 +75,11 @@ def test_kernel_gradient_by_winograd_equals_float64(monkeypatch, padding, tiles_
         got = winograd_conv.winograd_weight_grad(x, grad, padding)
         assert got.shape == (7, 5, 3, 3) and got.dtype == torch.float32
         assert relative_error(got, expected) < 1e-5
+        # the channels-last forward, chunked alike
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        out = winograd_conv._winograd_channels_last(x_cl, weight, None, padding)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert relative_error(out, F.conv2d(x.double(), weight.double(), padding=padding)) < 1e-5
 
 
 def test_without_gradients_nothing_is_recorded():
@@ -82,6 +88,18 @@ def test_without_gradients_nothing_is_recorded():
         out = winograd_conv2d(x, weight, None, (1, 1))
     assert out.grad_fn is None
     assert winograd_conv2d(x, weight, None, (1, 1)).grad_fn is not None
+
+
+def test_layouts_go_to_their_algorithm(nnpack_calls, channels_last_calls):
+    """Planar inputs go to NNPACK and give planar outputs; channels-last ones to F(4x4, 3x3) in
+    PyTorch and give channels-last outputs."""
+    weight = torch.randn(4, 4, 3, 3)
+    planar = winograd_conv2d(torch.randn(2, 4, 8, 8), weight, None, (1, 1))
+    assert planar.is_contiguous() and (len(nnpack_calls), len(channels_last_calls)) == (2, 0)
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    out = winograd_conv2d(x, weight, None, (1, 1))
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert (len(nnpack_calls), len(channels_last_calls)) == (2, 1)
 
 
 def test_runs_through_nnpack_image_by_image(monkeypatch):
@@ -143,18 +161,26 @@ def nnpack_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def channels_last_calls(monkeypatch):
+    calls = []
+    forward = winograd_conv._winograd_channels_last
+    monkeypatch.setattr(winograd_conv, "_winograd_channels_last", lambda *args: calls.append(1) or forward(*args))
+    return calls
+
+
 @pytest.mark.parametrize("setting", [True, False, "default"])
-def test_inference_with_winograd_equals_the_reference(small_thresholds, nnpack_calls, setting):
-    """With MODEL.MASK_FORMER.TEST.WINOGRAD_CONV True (not by default: NNPACK's workspace costs
-    inference memory) the finest convolutions run through NNPACK, and the outputs stay those of
-    the modules as built to the exact path's tolerance."""
+def test_inference_with_winograd_equals_the_reference(small_thresholds, channels_last_calls, setting):
+    """With MODEL.MASK_FORMER.TEST.WINOGRAD_CONV True the finest convolutions of the optimised path
+    (channels-last) run by F(4x4, 3x3), and the outputs stay those of the modules as built to the
+    exact path's tolerance."""
     cfg = tiny_cfg()
     if setting != "default":
         cfg.MODEL.MASK_FORMER.TEST.WINOGRAD_CONV = setting
     model = build(cfg)
     batch = images([(64, 48), (40, 56)], [None, (100, 75)])
     fast, reference = both_paths(model, batch)
-    assert bool(nnpack_calls) is (setting is True)
+    assert bool(channels_last_calls) is (setting is True)
     for a, b in zip(fast, reference):
         assert a["sem_seg"].shape == b["sem_seg"].shape
         assert relative_difference(a["sem_seg"], b["sem_seg"]) < EXACT

@@ -10,10 +10,12 @@ the direct algorithm. On an AVX2 CPU (AMD EPYC, family 25 model 1, 2 threads) th
 The result differs from the direct algorithm's by float rounding only (about 1e-5 of the largest
 output against 1.5e-6), deterministically and whatever the number of threads.
 
-NNPACK works on planar (NCHW) float32 tensors on CPUs: a channels-last input is reordered first,
-and the output is planar. Under autograd the input's gradient is a Winograd convolution too (of
-the output's gradient by the flipped, transposed kernel), and so is the kernel's gradient
-(:func:`winograd_weight_grad`, written here in PyTorch: NNPACK's is not in PyTorch's build).
+NNPACK works on planar (NCHW) float32 tensors on CPUs and keeps a workspace per thread (about 50
+MB for the largest of these convolutions). Channels-last inputs (the optimised inference path's)
+instead go through Winograd's F(4x4, 3x3) written here in PyTorch, which keeps the channels
+innermost and nothing between calls. Under autograd the input's gradient is a Winograd convolution
+too (of the output's gradient by the flipped, transposed kernel), and so is the kernel's gradient
+(:func:`winograd_weight_grad`, F(4x4, 3x3) in PyTorch: NNPACK's is not in PyTorch's build).
 """
 import functools
 from typing import List, Optional, Sequence
@@ -27,9 +29,10 @@ __all__ = ["WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_PIXELS", "WINOGRAD_MIN_PIXELS_
            "is_winograd_conv", "winograd_pays", "winograd_conv2d", "winograd_weight_grad"]
 
 # Where the Winograd algorithm paid on the AVX2 CPU above: at least this many input and output
-# channels, and output maps of at least this many pixels: 96 x 96 for a channels-last input, which
-# is reordered first (at 64 x 64 that cost what the algorithm saved), 48 x 48 for a planar one
-# (two 256-channel 48 x 48 images: 30 against 37 ms; 32 x 32: 31 against 27 ms).
+# channels, and output maps of at least this many pixels: 96 x 96 for a channels-last input (F(4x4,
+# 3x3) in PyTorch, one 256-channel map against oneDNN: 128 x 128 69.5-79.7 against 103-108 ms,
+# 96 x 96 45-49 against 56-61 ms, 64 x 64 and 48 x 48 within the spread either way), 48 x 48 for a
+# planar one (NNPACK; two 256-channel 48 x 48 images: 30 against 37 ms; 32 x 32: 31 against 27 ms).
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_MIN_PIXELS = 96 * 96
 WINOGRAD_MIN_PIXELS_PLANAR = 48 * 48
@@ -43,8 +46,14 @@ _B_T = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
 _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
       (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 _A_T = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
-# tiles transformed at a time by winograd_weight_grad (256 tiles of 256 channels: 9 MB per transform)
-WEIGHT_GRAD_TILES_PER_CHUNK = 256
+# tiles transformed at a time by the F(4x4, 3x3) code (256 tiles of 256 channels: 9 MB per transform)
+TILES_PER_CHUNK = 256
+
+
+def _kron(matrix, dtype: torch.dtype) -> Tensor:
+    """kron(M, M) of one of the transform matrices above: the transform of a tile as a vector."""
+    m = torch.tensor(matrix, dtype=dtype)
+    return torch.kron(m, m)
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,13 +124,10 @@ def winograd_weight_grad(x: Tensor, grad: Tensor, padding: Sequence[int]) -> Ten
     # and columns are zeros, which add nothing
     x = F.pad(x, (pad_w, 4 * tiles_w + 2 - width - pad_w, pad_h, 4 * tiles_h + 2 - height - pad_h))
     grad = F.pad(grad, (0, 4 * tiles_w - out_w, 0, 4 * tiles_h - out_h))
-    b_t = torch.tensor(_B_T, dtype=x.dtype)
-    a = torch.tensor(_A_T, dtype=x.dtype).t()
-    g = torch.tensor(_G, dtype=x.dtype)
-    input_transform = torch.kron(b_t, b_t)  # 36 x 36: (a b) x (i j)
-    grad_transform = torch.kron(a, a)  # 36 x 16: (a b) x (k l)
+    input_transform = _kron(_B_T, x.dtype)  # 36 x 36: (a b) x (i j)
+    grad_transform = _kron(_A_T, x.dtype).t()  # 36 x 16: (a b) x (k l)
     kernel_grad = torch.zeros(36, out_channels, channels, dtype=x.dtype)
-    rows = max(1, WEIGHT_GRAD_TILES_PER_CHUNK // tiles_w)
+    rows = max(1, TILES_PER_CHUNK // tiles_w)
     for image in range(n_images):
         for top in range(0, tiles_h, rows):
             bottom = min(tiles_h, top + rows)
@@ -135,8 +141,47 @@ def winograd_weight_grad(x: Tensor, grad: Tensor, padding: Sequence[int]) -> Ten
             grad_tiles = grad_tiles.permute(2, 4, 1, 3, 0).reshape(16, count * out_channels)
             transformed_grad = (grad_transform @ grad_tiles).view(36, count, out_channels)
             kernel_grad.baddbmm_(transformed_grad.transpose(1, 2), transformed_input)
-    kernel_grad = kernel_grad.view(6, 6, out_channels, channels).permute(2, 3, 0, 1)
-    return torch.einsum("ai,ocab,bj->ocij", g, kernel_grad, g).contiguous()
+    # G^T dU G for every (o, c): (i j) x (a b) times (a b) x (o c)
+    kernel_grad = _kron(_G, x.dtype).t() @ kernel_grad.view(36, -1)
+    return kernel_grad.view(3, 3, out_channels, channels).permute(2, 3, 0, 1).contiguous()
+
+
+def _winograd_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: Sequence[int]) -> Tensor:
+    """
+    ``F.conv2d`` of a channels-last ``x`` (N x C x H x W) by a 3x3 ``weight``, stride 1, by
+    F(4x4, 3x3) written in PyTorch: per chunk of tiles, the 36 x 36 input transform as one matrix
+    product, one batched product of the 36 transformed positions by the transformed kernel, and the
+    16 x 36 output transform. The channels stay innermost throughout, so the output is
+    channels-last without a reorder and nothing is kept between calls (NNPACK needs a planar input
+    and keeps its workspace). Not differentiable by itself (see :class:`_WinogradConv2d`).
+    """
+    n_images, channels, height, width = x.shape
+    out_channels = weight.shape[0]
+    pad_h, pad_w = padding
+    out_h, out_w = height + 2 * pad_h - 2, width + 2 * pad_w - 2
+    tiles_h, tiles_w = -(-out_h // 4), -(-out_w // 4)
+    # U = G w G^T of every (o, c): 36 x O x C
+    kernel = (_kron(_G, x.dtype) @ weight.reshape(-1, 9).t()).view(36, out_channels, channels)
+    input_transform = _kron(_B_T, x.dtype)
+    output_transform = _kron(_A_T, x.dtype)  # 16 x 36: (k l) x (a b)
+    out = torch.empty(n_images, 4 * tiles_h, 4 * tiles_w, out_channels, dtype=x.dtype)
+    rows = max(1, TILES_PER_CHUNK // tiles_w)
+    for image in range(n_images):
+        pixels = F.pad(x[image].permute(1, 2, 0),  # H x W x C, channels innermost
+                       (0, 0, pad_w, 4 * tiles_w + 2 - width - pad_w, pad_h, 4 * tiles_h + 2 - height - pad_h))
+        for top in range(0, tiles_h, rows):
+            bottom = min(tiles_h, top + rows)
+            count = (bottom - top) * tiles_w
+            tiles = pixels[4 * top: 4 * bottom + 2].unfold(0, 6, 4).unfold(1, 6, 4)  # rows x tiles_w x C x 6 x 6
+            tiles = tiles.permute(3, 4, 0, 1, 2).reshape(36, count * channels)
+            transformed = (input_transform @ tiles).view(36, count, channels)
+            products = torch.bmm(transformed, kernel.transpose(1, 2))  # 36 x tiles x O
+            outputs = (output_transform @ products.view(36, -1)).view(4, 4, bottom - top, tiles_w, out_channels)
+            if bias is not None:
+                outputs += bias  # here, while the chunk is in the cache
+            out[image, 4 * top: 4 * bottom].view(bottom - top, 4, tiles_w, 4, out_channels).copy_(
+                outputs.permute(2, 0, 3, 1, 4))
+    return out[:, :out_h, :out_w].contiguous().permute(0, 3, 1, 2)
 
 
 class _WinogradConv2d(torch.autograd.Function):
@@ -147,7 +192,7 @@ class _WinogradConv2d(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.padding = padding
         ctx.has_bias = bias is not None
-        return _nnpack_by_image(x, weight, bias, padding)
+        return _forward(x, weight, bias, padding)
 
     @staticmethod
     @once_differentiable
@@ -167,12 +212,21 @@ class _WinogradConv2d(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None
 
 
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: List[int]) -> Tensor:
+    """NNPACK for a planar ``x``; F(4x4, 3x3) in PyTorch for a channels-last one, which NNPACK
+    would reorder (two copies) and which then stays channels-last (on the AVX2 CPU above, a
+    256-channel 128 x 128 map: 64 ms, NNPACK with the reorders 70 ms, oneDNN 112-134 ms)."""
+    if x.is_contiguous():
+        return _nnpack_by_image(x, weight, bias, padding)
+    return _winograd_channels_last(x, weight, bias, padding)
+
+
 def winograd_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: Sequence[int]) -> Tensor:
     """``F.conv2d(x, weight, bias, stride=1, padding=padding)`` for a 3x3 ``weight`` (O x C x 3 x 3)
-    and float32 CPU tensors, by NNPACK's Winograd transforms, image by image, differentiable (see
-    the module docstring). Returns B x O x H' x W', planar."""
+    and float32 CPU tensors, by Winograd's algorithm, differentiable (see the module docstring).
+    Returns B x O x H' x W' in the layout of ``x`` (planar unless ``x`` is channels-last)."""
     padding = [int(p) for p in padding]
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _WinogradConv2d.apply(x, weight, bias, padding)
-    return _nnpack_by_image(x, weight, bias, padding)
+    return _forward(x, weight, bias, padding)
