@@ -120,10 +120,10 @@ def add_mask_former_config(cfg):
     # bf16 at 512x512) for one output's worth of memory held between calls. None: on with bf16 and
     # fp16, off with fp32 (where the held memory raised the peak and the time did not change).
     cfg.MODEL.MASK_FORMER.TEST.REUSE_OUTPUT_MEMORY = None
-    # MaskFormer's inference with the large float32 3x3 convolutions by NNPACK's Winograd algorithm
-    # (as MODEL.TRAIN_WINOGRAD_CONV): 0.92x the time of an R50 at 512 x 512 on an AVX2 CPU, but NNPACK
-    # keeps a workspace (about 50 MB per thread), +100 MB of inference memory there (docs/speed.md)
-    cfg.MODEL.MASK_FORMER.TEST.WINOGRAD_CONV = False
+    # MaskFormer's inference with the large float32 3x3 convolutions by Winograd's algorithm (as
+    # MODEL.TRAIN_WINOGRAD_CONV; channels-last: F(4x4, 3x3) in PyTorch, nothing kept between calls):
+    # True, False, or None for "where it pays": CPUs with PyTorch's AVX2 kernels (docs/speed.md)
+    cfg.MODEL.MASK_FORMER.TEST.WINOGRAD_CONV = None
 
     # ---------------------------------------------------------------- pixel decoder
     cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256

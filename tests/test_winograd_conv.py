@@ -169,18 +169,22 @@ def channels_last_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("setting", [True, False, "default"])
-def test_inference_with_winograd_equals_the_reference(small_thresholds, channels_last_calls, setting):
-    """With MODEL.MASK_FORMER.TEST.WINOGRAD_CONV True the finest convolutions of the optimised path
-    (channels-last) run by F(4x4, 3x3), and the outputs stay those of the modules as built to the
-    exact path's tolerance."""
+@pytest.mark.parametrize("setting", [True, False, None])
+@pytest.mark.parametrize("avx2", [True, False])
+def test_inference_with_winograd_equals_the_reference(monkeypatch, small_thresholds, channels_last_calls, setting,
+                                                      avx2):
+    """MODEL.MASK_FORMER.TEST.WINOGRAD_CONV True (or None, the default, on a CPU with PyTorch's AVX2
+    kernels): the finest convolutions of the optimised path (channels-last) run by F(4x4, 3x3), and
+    the outputs stay those of the modules as built to the exact path's tolerance."""
+    monkeypatch.setattr(base_meta_arch, "cpu_has_avx2_kernels", lambda: avx2)
     cfg = tiny_cfg()
-    if setting != "default":
-        cfg.MODEL.MASK_FORMER.TEST.WINOGRAD_CONV = setting
+    cfg.MODEL.MASK_FORMER.TEST.WINOGRAD_CONV = setting
     model = build(cfg)
+    expected = avx2 if setting is None else setting
+    assert model.winograd_inference() is expected
     batch = images([(64, 48), (40, 56)], [None, (100, 75)])
     fast, reference = both_paths(model, batch)
-    assert bool(channels_last_calls) is (setting is True)
+    assert bool(channels_last_calls) is expected
     for a, b in zip(fast, reference):
         assert a["sem_seg"].shape == b["sem_seg"].shape
         assert relative_difference(a["sem_seg"], b["sem_seg"]) < EXACT
@@ -253,10 +257,11 @@ def test_winograd_keys_are_checked(monkeypatch, key):
         setattr(node, name, value)  # as a program would; a YAML file's wrong type is caught on merging
         return build_model(cfg)
 
-    with pytest.raises(ValueError, match=rf"{key}='yes': expected .*True or False"):
+    with pytest.raises(ValueError, match=rf"{key}='yes': expected None .*True or False"):
         build_with("yes")
     monkeypatch.setattr(base_meta_arch, "nnpack_ready", lambda: False)
     with pytest.raises(ValueError, match=rf"{key}=True, but this PyTorch was built without NNPACK"):
         build_with(True)
     assert not build_with(False).winograd_training()
-    assert not build_model(tiny_cfg()).winograd_training()  # where it pays: nowhere without NNPACK
+    model = build_model(tiny_cfg())  # where it pays: nowhere without NNPACK
+    assert not model.winograd_training() and not model.winograd_inference()

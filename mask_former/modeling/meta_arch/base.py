@@ -64,8 +64,8 @@ class SegmentationMetaArch(nn.Module):
     train_channels_last: Optional[bool] = None
     # MODEL.TRAIN_WINOGRAD_CONV: True, False, or None for "where it pays" (``winograd_training``)
     train_winograd_conv: Optional[bool] = None
-    # MODEL.MASK_FORMER.TEST.WINOGRAD_CONV: large 3x3 convolutions by Winograd in inference
-    test_winograd_conv: bool = False
+    # MODEL.MASK_FORMER.TEST.WINOGRAD_CONV: the same in inference (``winograd_inference``)
+    test_winograd_conv: Optional[bool] = None
     # the layout the convolution weights were last stored in (True: channels-last), None: as built
     _conv_weights_channels_last: Optional[bool] = None
     # MODEL.MASK_FORMER.TEST.PRECISION of the network in inference ("fp32", "bf16" or "fp16")
@@ -169,7 +169,7 @@ class SegmentationMetaArch(nn.Module):
         weights would be copies (R50: 94 MB, a fifth of the reference path's inference memory at
         512x512) for no time that ``tools/benchmark_inference.py --levers`` could tell from its
         noise. ``fold`` overrides that choice (for measuring what folding pays). Large float32 3x3
-        convolutions run by Winograd with ``test_winograd_conv`` (``winograd`` overrides it).
+        convolutions run by Winograd where :meth:`winograd_inference` (``winograd`` overrides it).
 
         When it builds them, it first stores every convolution weight of the model channels-last,
         in place, as training does (``training_optimization.channels_last_conv_weights``): the
@@ -185,7 +185,7 @@ class SegmentationMetaArch(nn.Module):
         if fold is None:
             fold = dtype is not None
         if winograd is None:
-            winograd = self.test_winograd_conv
+            winograd = self.winograd_inference()
         weights = self._inference_weights
         if (weights is None or weights.fold != fold or weights.winograd != winograd
                 or not weights.is_current(self, dtype)):
@@ -233,18 +233,16 @@ class SegmentationMetaArch(nn.Module):
             return self.train_channels_last
         return self.device.type != "cpu" or cpu_has_avx512_kernels()
 
-    def set_winograd_conv(self, train: Optional[bool], test: bool) -> None:
-        """Keep MODEL.TRAIN_WINOGRAD_CONV (None, True or False) and MODEL.MASK_FORMER.TEST.WINOGRAD_CONV
-        (True or False): a ValueError naming the key for another value, or for True where this
-        PyTorch has no NNPACK."""
-        if not (train is None or isinstance(train, bool)):
-            raise ValueError(
-                f"MODEL.TRAIN_WINOGRAD_CONV={train!r}: expected None (Winograd 3x3 convolutions where "
-                "they pay: CPUs with PyTorch's AVX2 kernels, without activation checkpointing), True or False"
-            )
-        if not isinstance(test, bool):
-            raise ValueError(f"MODEL.MASK_FORMER.TEST.WINOGRAD_CONV={test!r}: expected True or False")
+    def set_winograd_conv(self, train: Optional[bool], test: Optional[bool]) -> None:
+        """Keep MODEL.TRAIN_WINOGRAD_CONV and MODEL.MASK_FORMER.TEST.WINOGRAD_CONV (None, True or
+        False): a ValueError naming the key for another value, or for True where this PyTorch has
+        no NNPACK."""
         for key, value in (("MODEL.TRAIN_WINOGRAD_CONV", train), ("MODEL.MASK_FORMER.TEST.WINOGRAD_CONV", test)):
+            if not (value is None or isinstance(value, bool)):
+                raise ValueError(
+                    f"{key}={value!r}: expected None (Winograd 3x3 convolutions where they pay: CPUs "
+                    "with PyTorch's AVX2 kernels), True or False"
+                )
             if value and not nnpack_ready():
                 raise ValueError(
                     f"{key}=True, but this PyTorch was built without NNPACK "
@@ -252,20 +250,31 @@ class SegmentationMetaArch(nn.Module):
                 )
         self.train_winograd_conv, self.test_winograd_conv = train, test
 
+    def _winograd_pays_here(self) -> bool:
+        """Where Winograd convolutions were measured to pay: CPUs on which PyTorch runs its AVX2
+        kernels (an AMD EPYC, family 25 model 1). AVX-512 CPUs (where oneDNN has twice NNPACK's
+        vector width) and Arm CPUs were not measured; GPUs never use them."""
+        return self.device.type == "cpu" and cpu_has_avx2_kernels() and nnpack_ready()
+
+    def winograd_inference(self) -> bool:
+        """Whether the optimised inference path runs the large float32 3x3 convolutions by
+        Winograd (channels-last: F(4x4, 3x3) in PyTorch, ``layers.winograd_conv``):
+        ``test_winograd_conv`` (MODEL.MASK_FORMER.TEST.WINOGRAD_CONV) where set, else where it pays
+        (on the AVX2 CPU, R50 and Swin-T at 512 x 512 took 0.87x-0.96x the time, alternating)."""
+        if self.test_winograd_conv is not None:
+            return self.test_winograd_conv
+        return self._winograd_pays_here()
+
     def winograd_training(self) -> bool:
         """Whether the optimised training path runs the large float32 3x3 convolutions on the CPU by
         NNPACK's Winograd algorithm (``layers.winograd_conv``): ``train_winograd_conv``
-        (MODEL.TRAIN_WINOGRAD_CONV) where set, else where measured to pay: on CPUs on which PyTorch
-        runs its AVX2 kernels (an R50 step at 512 x 512 took 0.84x-0.85x the time on an AVX2 AMD
-        EPYC, family 25 model 1), unless activations are checkpointed
+        (MODEL.TRAIN_WINOGRAD_CONV) where set, else where it pays (an R50 step at 512 x 512 took
+        0.84x-0.85x the time on the AVX2 CPU), unless activations are checkpointed
         (MODEL.ACTIVATION_CHECKPOINTING), which says that memory comes first: NNPACK keeps a
-        workspace of about 50 MB per thread, and the checkpointed step's peak grew by 4 %. AVX-512
-        CPUs (where oneDNN has twice NNPACK's vector width) and Arm CPUs were not measured; GPUs
-        never use it."""
+        workspace of about 50 MB per thread, and the checkpointed step's peak grew by 4 %."""
         if self.train_winograd_conv is not None:
             return self.train_winograd_conv
-        return (self.device.type == "cpu" and cpu_has_avx2_kernels() and nnpack_ready()
-                and not has_checkpointed_activations(self))
+        return self._winograd_pays_here() and not has_checkpointed_activations(self)
 
     def training_winograd(self, module: nn.Module):
         """The context in which ``module`` runs in training: its large 3x3 convolutions by Winograd

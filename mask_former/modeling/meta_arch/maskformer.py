@@ -96,7 +96,7 @@ class MaskFormer(SegmentationMetaArch):
         optimize_training: bool = True,
         train_channels_last: Optional[bool] = None,
         train_winograd_conv: Optional[bool] = None,
-        test_winograd_conv: bool = False,
+        test_winograd_conv: Optional[bool] = None,
         activation_checkpointing: Sequence[str] = (),
     ):
         """
@@ -134,8 +134,8 @@ class MaskFormer(SegmentationMetaArch):
             train_winograd_conv: MODEL.TRAIN_WINOGRAD_CONV: the large float32 3x3 convolutions on
                 the CPU by Winograd in training; True, False, or None for where it pays
                 (``winograd_training``).
-            test_winograd_conv: MODEL.MASK_FORMER.TEST.WINOGRAD_CONV: the same in inference (faster
-                on AVX2 CPUs, but NNPACK keeps a workspace of about 50 MB per thread).
+            test_winograd_conv: MODEL.MASK_FORMER.TEST.WINOGRAD_CONV: the same in inference; True,
+                False, or None for where it pays (``winograd_inference``).
             activation_checkpointing: dotted names of submodules whose activations are recomputed
                 in the backward instead of kept (``training_optimization.checkpoint_activations``).
         """
@@ -232,8 +232,8 @@ class MaskFormer(SegmentationMetaArch):
         ``zero_masked_attention``), the layers' inference kernels (``layers.inference_kernels``:
         linear layers fused with their activation, gathered deformable attention), in
         ``self.precision``, and in bfloat16 the batch norms folded into their convolutions
-        (``prepare_for_inference``), large float32 3x3 convolutions by Winograd with
-        ``test_winograd_conv``; the outputs are float32. Call under
+        (``prepare_for_inference``), large float32 3x3 convolutions by Winograd where
+        :meth:`winograd_inference`; the outputs are float32. Call under
         ``torch.no_grad()`` (the folded weights are copies). The keyword switches turn single
         levers on or off, for measuring them (``tools/benchmark_inference.py --levers``;
         ``fold_norms`` and ``winograd`` None: as ``prepare_for_inference`` chooses).
