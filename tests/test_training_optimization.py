@@ -93,6 +93,16 @@ def assert_same_loss_terms(losses, reference, rtol, atol):
         torch.testing.assert_close(losses[key], reference[key], rtol=rtol, atol=atol)
 
 
+def assert_same_gradients(grads, reference):
+    """Every parameter's gradient within 1e-3 of the tensor's largest; gradients that are zero but
+    for rounding (e.g. a bias followed by a normalization) within 1e-5 of the model's largest."""
+    assert grads.keys() == reference.keys()
+    largest = max(float(g.abs().max()) for g in reference.values())
+    for name in grads:
+        tolerance = 1e-3 * float(reference[name].abs().max()) + 1e-5 * largest
+        assert float((grads[name] - reference[name]).abs().max()) <= tolerance, name
+
+
 def test_only_frozen_batch_norms_are_folded():
     """Convolutions with a trainable BatchNorm2d (batch statistics in training) or a GroupNorm run
     as built; those with a FrozenBatchNorm2d get the folded forward, removed on exit."""
@@ -130,13 +140,7 @@ def test_optimized_training_equals_modules_as_built(backbone):
     losses, grads = training_losses_and_grads(model, batch, optimize_training=True, channels_last=channels_last)
     ref_losses, ref_grads = training_losses_and_grads(model, batch, optimize_training=False)
     assert_same_loss_terms(losses, ref_losses, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == ref_grads.keys()
-    largest = max(float(g.abs().max()) for g in ref_grads.values())
-    for name in grads:
-        # relative to the tensor's largest gradient; gradients that are zero but for rounding
-        # (e.g. a bias followed by a normalization) relative to the model's largest
-        tolerance = 1e-3 * float(ref_grads[name].abs().max()) + 1e-5 * largest
-        assert float((grads[name] - ref_grads[name]).abs().max()) <= tolerance, name
+    assert_same_gradients(grads, ref_grads)
     if backbone in ("FrozenBN", "panoptic_segformer"):
         frozen = [m for m in model.modules() if isinstance(m, Conv2d) and isinstance(m.norm, FrozenBatchNorm2d)]
         assert frozen and all(m.weight.grad is not None for m in frozen)  # FREEZE_AT 0: all trained

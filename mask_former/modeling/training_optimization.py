@@ -20,7 +20,7 @@ named submodules keep only their inputs for the backward and run their forward a
 (``torch.utils.checkpoint``, non-reentrant), with the same losses and gradients.
 """
 import contextlib
-from typing import Iterator, Sequence, Tuple
+from typing import Callable, ContextManager, Iterator, Sequence, Tuple
 
 import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
@@ -59,21 +59,29 @@ class _FoldedConvForward:
 
 
 @contextlib.contextmanager
-def folded_frozen_norms(module: nn.Module) -> Iterator[None]:
-    """Within this context, every detectron2 ``Conv2d`` of ``module`` with a ``FrozenBatchNorm2d``
-    runs with the norm folded in (its ``forward`` is set on the instance and removed on exit; the
-    autograd graph built inside stays valid after it). Other layers run as built. Nested use is
-    allowed: a convolution already folded by an enclosing context is left to it."""
+def _replaced_forwards(module: nn.Module, wanted: Callable[[Conv2d], bool],
+                       make_forward: Callable[[Conv2d], Callable]) -> Iterator[None]:
+    """Within this context, every detectron2 ``Conv2d`` of ``module`` that is ``wanted`` and whose
+    ``forward`` no enclosing context replaced runs ``make_forward(conv)`` instead (set on the
+    instance, removed on exit)."""
     installed = []
     try:
         for conv in module.modules():
-            if isinstance(conv, Conv2d) and isinstance(conv.norm, FrozenBatchNorm2d) and "forward" not in conv.__dict__:
-                conv.forward = _FoldedConvForward(conv)
+            if isinstance(conv, Conv2d) and "forward" not in conv.__dict__ and wanted(conv):
+                conv.forward = make_forward(conv)
                 installed.append(conv)
         yield
     finally:
         for conv in installed:
             conv.__dict__.pop("forward", None)
+
+
+def folded_frozen_norms(module: nn.Module) -> ContextManager[None]:
+    """Within this context, every detectron2 ``Conv2d`` of ``module`` with a ``FrozenBatchNorm2d``
+    runs with the norm folded in (its ``forward`` is set on the instance and removed on exit; the
+    autograd graph built inside stays valid after it). Other layers run as built. Nested use is
+    allowed: a convolution already folded by an enclosing context is left to it."""
+    return _replaced_forwards(module, lambda conv: isinstance(conv.norm, FrozenBatchNorm2d), _FoldedConvForward)
 
 
 class _WinogradConvForward:
@@ -90,24 +98,13 @@ class _WinogradConvForward:
         return run_conv(conv, x, conv.weight, conv.bias, norm_folded=False, pointwise=False, winograd=True)
 
 
-@contextlib.contextmanager
-def winograd_convolutions(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+def winograd_convolutions(module: nn.Module, enabled: bool = True) -> ContextManager[None]:
     """Within this context (when ``enabled``), every detectron2 ``Conv2d`` of ``module`` that
     ``winograd_conv.is_winograd_conv`` accepts (3x3, stride 1, >= 256 channels in and out) runs by
-    NNPACK's Winograd algorithm on float32 CPU maps of at least ``WINOGRAD_MIN_PIXELS``: the same
-    losses and gradients to float rounding. Layers whose ``forward`` an enclosing context replaced
-    are left to it; the autograd graph built inside stays valid after it."""
-    installed = []
-    try:
-        if enabled:
-            for conv in module.modules():
-                if isinstance(conv, Conv2d) and is_winograd_conv(conv) and "forward" not in conv.__dict__:
-                    conv.forward = _WinogradConvForward(conv)
-                    installed.append(conv)
-        yield
-    finally:
-        for conv in installed:
-            conv.__dict__.pop("forward", None)
+    Winograd's algorithm on float32 CPU maps large enough (``winograd_conv.winograd_pays``): the
+    same losses and gradients to float rounding. Layers whose ``forward`` an enclosing context
+    replaced are left to it; the autograd graph built inside stays valid after it."""
+    return _replaced_forwards(module, is_winograd_conv if enabled else (lambda conv: False), _WinogradConvForward)
 
 
 def channels_last_conv_weights(module: nn.Module, channels_last: bool = True) -> int:
