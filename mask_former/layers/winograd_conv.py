@@ -1,5 +1,6 @@
 """
-3x3 convolutions by the Winograd algorithm of NNPACK, which PyTorch's CPU builds include.
+3x3 convolutions by Winograd's algorithm: NNPACK's (which PyTorch's CPU builds include) for planar
+maps, F(4x4, 3x3) written here in PyTorch for channels-last maps and for the kernel's gradient.
 
 A 3x3 convolution with stride 1 computed by Winograd's minimal filtering (NNPACK's F(6x6, 3x3)
 transforms, ``torch._nnpack_spatial_convolution``) needs about a fifth of the multiplications of
