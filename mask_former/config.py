@@ -254,6 +254,7 @@ def add_mask_former_config(cfg):
     # algorithm (NNPACK's forward; the gradients in PyTorch), the same losses and gradients to
     # float rounding: True, False, or None for "where it pays": CPUs with PyTorch's AVX2 kernels,
     # unless MODEL.ACTIVATION_CHECKPOINTING is set (NNPACK keeps a workspace; docs/speed.md)
+    # (MaskFormer only: Panoptic SegFormer has no such convolutions and ignores both Winograd keys)
     cfg.MODEL.TRAIN_WINOGRAD_CONV = None
 
 

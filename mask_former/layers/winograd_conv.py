@@ -194,7 +194,7 @@ class _WinogradConv2d(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.padding = padding
         ctx.has_bias = bias is not None
-        return _forward(x, weight, bias, padding)
+        return _winograd_forward(x, weight, bias, padding)
 
     @staticmethod
     @once_differentiable
@@ -214,7 +214,7 @@ class _WinogradConv2d(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: List[int]) -> Tensor:
+def _winograd_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: List[int]) -> Tensor:
     """NNPACK for a planar ``x``; F(4x4, 3x3) in PyTorch for a channels-last one, which NNPACK
     would reorder (two copies) and which then stays channels-last (on the AVX2 CPU above, a
     256-channel 128 x 128 map: 64 ms, NNPACK with the reorders 70 ms, oneDNN 112-134 ms)."""
@@ -231,4 +231,4 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: 
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _WinogradConv2d.apply(x, weight, bias, padding)
-    return _forward(x, weight, bias, padding)
+    return _winograd_forward(x, weight, bias, padding)

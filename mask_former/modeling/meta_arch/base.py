@@ -250,7 +250,7 @@ class SegmentationMetaArch(nn.Module):
                 )
         self.train_winograd_conv, self.test_winograd_conv = train, test
 
-    def _winograd_pays_here(self) -> bool:
+    def _winograd_pays_on_this_device(self) -> bool:
         """Where Winograd convolutions were measured to pay: CPUs on which PyTorch runs its AVX2
         kernels (an AMD EPYC, family 25 model 1). AVX-512 CPUs (where oneDNN has twice NNPACK's
         vector width) and Arm CPUs were not measured; GPUs never use them."""
@@ -263,7 +263,7 @@ class SegmentationMetaArch(nn.Module):
         (on the AVX2 CPU, R50 and Swin-T at 512 x 512 took 0.87x-0.96x the time, alternating)."""
         if self.test_winograd_conv is not None:
             return self.test_winograd_conv
-        return self._winograd_pays_here()
+        return self._winograd_pays_on_this_device()
 
     def winograd_training(self) -> bool:
         """Whether the optimised training path runs the large float32 3x3 convolutions on the CPU by
@@ -274,9 +274,9 @@ class SegmentationMetaArch(nn.Module):
         workspace of about 50 MB per thread, and the checkpointed step's peak grew by 4 %."""
         if self.train_winograd_conv is not None:
             return self.train_winograd_conv
-        return self._winograd_pays_here() and not has_checkpointed_activations(self)
+        return self._winograd_pays_on_this_device() and not has_checkpointed_activations(self)
 
-    def training_winograd(self, module: nn.Module):
+    def winograd_training_context(self, module: nn.Module):
         """The context in which ``module`` runs in training: its large 3x3 convolutions by Winograd
         (``training_optimization.winograd_convolutions``) with ``optimize_training`` where
         :meth:`winograd_training`, else as built. (The pixel decoders' finest 3x3 convolutions are

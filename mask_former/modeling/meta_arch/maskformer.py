@@ -279,7 +279,7 @@ class MaskFormer(SegmentationMetaArch):
             outputs = self.run_network_for_inference(images.tensor)
             return self.optimized_inference(outputs, batched_inputs, images)
         features = self.backbone_features(images.tensor)
-        with self.training_winograd(self.sem_seg_head):
+        with self.winograd_training_context(self.sem_seg_head):
             outputs = self.sem_seg_head(features)
 
         if self.training:
