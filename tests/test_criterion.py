@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from mask_former.modeling.criterion import SetCriterion
+from mask_former.modeling.criterion import SetCriterion, matched_mask_logits, without_mask_factors
 from mask_former.modeling.matcher import HungarianMatcher
+from mask_former.modeling.transformer_decoder.standard_transformer_decoder import StandardTransformerDecoder
 
 
 # ---------------------------------------------------------------- plain formulas
@@ -419,3 +420,151 @@ def test_losses_are_float32_under_autocast():
         indices, 0.1, ["loss_mask", "loss_dice"], num_masks=2,
     )
     assert_losses(losses, expected)
+
+
+# ---------------------------------------------------------------- the factors of the mask logits
+def factored_outputs(generator, num_images, num_queries, num_logits, channels, height, width, num_layers,
+                     channels_last=False, shared_features=True, dtype=torch.float64):
+    """Outputs of ``num_layers`` decoder layers (the last one's at the top, the others in
+    ``aux_outputs``) whose masks are ``einsum("bqc,bchw->bqhw")`` of per-layer embeddings and
+    features (shared by the layers, as MaskFormer's decoder gives them), all leaves with gradients."""
+    embeds = [torch.randn(num_images, num_queries, channels, generator=generator, dtype=dtype).requires_grad_()
+              for _ in range(num_layers)]
+    features = [torch.randn(num_images, channels, height, width, generator=generator, dtype=dtype)
+                for _ in range(1 if shared_features else num_layers)]
+    if channels_last:
+        features = [f.contiguous(memory_format=torch.channels_last) for f in features]
+    features = [f.requires_grad_() for f in features]
+    layers = []
+    for i, embed in enumerate(embeds):
+        layer_features = features[0 if shared_features else i]
+        layers.append({
+            "pred_logits": torch.randn(num_images, num_queries, num_logits, generator=generator, dtype=dtype),
+            "pred_masks": torch.einsum("bqc,bchw->bqhw", embed, layer_features),
+            "mask_embed": embed,
+            "mask_features": layer_features,
+        })
+    outputs = dict(layers[-1], aux_outputs=layers[:-1])
+    return outputs, embeds + features
+
+
+def losses_and_grads(criterion, outputs, targets, leaves, seed=0):
+    torch.manual_seed(seed)  # the same sampled points for both ways
+    losses = criterion(outputs, targets)
+    return losses, torch.autograd.grad(sum(losses.values()), leaves, retain_graph=True)
+
+
+@pytest.mark.parametrize("num_points", [0, 20])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mask_factors_give_the_losses_and_gradients_of_their_product(num_points, channels_last):
+    # with mask_embed / mask_features the matched logits are recomputed from them; the losses
+    # and every gradient equal those of the masks' own graph (the factors dropped), the second
+    # image without targets
+    generator = torch.Generator().manual_seed(11)
+    outputs, leaves = factored_outputs(generator, 3, 5, 4, 6, 6, 7, num_layers=3, channels_last=channels_last)
+    targets = [random_targets(generator, [0, 2, 1], 12, 14), random_targets(generator, [], 12, 14),
+               random_targets(generator, [2], 10, 14)]
+    criterion = SetCriterion(3, HungarianMatcher(), 0.1, mask_losses=ALL_MASK_LOSSES, num_points=num_points)
+    losses, grads = losses_and_grads(criterion, outputs, targets, leaves)
+    ref_losses, ref_grads = losses_and_grads(criterion, without_mask_factors(outputs), targets, leaves)
+    assert set(losses) == set(ref_losses) and len(losses) == 3 * 5
+    for key in ref_losses:
+        torch.testing.assert_close(losses[key], ref_losses[key], rtol=1e-6, atol=1e-6, msg=key)
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert ref_grad.abs().max() > 0
+        torch.testing.assert_close(grad, ref_grad.to(grad.dtype), rtol=1e-6, atol=1e-9)
+    if num_points == 0:  # and the loop reference, by hand
+        matched = HungarianMatcher()({k: outputs[k] for k in ("pred_logits", "pred_masks")}, targets)
+        indices = [(src.tolist(), tgt.tolist()) for src, tgt in matched]
+        expected = reference_losses(
+            outputs["pred_logits"].tolist(), outputs["pred_masks"].tolist(), as_lists(targets), indices, 0.1,
+            ["loss_mask", "loss_bce", "loss_brier", "loss_dice"], num_masks=4,
+        )
+        for key, value in expected.items():
+            assert losses[key].item() == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_mask_factors_keep_the_backward_off_the_full_logits():
+    # the losses' gradient reaches the factors without passing through pred_masks (all Q queries
+    # at every pixel); without the factors it does
+    generator = torch.Generator().manual_seed(12)
+    outputs, leaves = factored_outputs(generator, 2, 6, 3, 4, 5, 5, num_layers=2)
+    targets = [random_targets(generator, [0, 1], 5, 5), random_targets(generator, [1], 5, 5)]
+    layers = [outputs] + outputs["aux_outputs"]
+    reached = []
+    for layer in layers:
+        layer["pred_masks"].register_hook(lambda grad: reached.append(grad))
+    criterion = SetCriterion(2, HungarianMatcher(), 0.1, num_points=10)
+    losses_and_grads(criterion, outputs, targets, leaves)
+    assert reached == []
+    losses_and_grads(criterion, without_mask_factors(outputs), targets, leaves)
+    assert len(reached) == 2
+
+
+def test_mask_factors_of_separate_features_fall_back_to_the_masks():
+    # layers with features of their own (not the one product per image): pred_masks indexed
+    generator = torch.Generator().manual_seed(13)
+    outputs, leaves = factored_outputs(generator, 2, 4, 3, 5, 4, 6, num_layers=2, shared_features=False)
+    targets = [random_targets(generator, [0, 1], 8, 12), random_targets(generator, [1], 8, 12)]
+    criterion = SetCriterion(2, HungarianMatcher(), 0.1)
+    losses, grads = losses_and_grads(criterion, outputs, targets, leaves)
+    ref_losses, ref_grads = losses_and_grads(criterion, without_mask_factors(outputs), targets, leaves)
+    for key in ref_losses:
+        torch.testing.assert_close(losses[key], ref_losses[key], rtol=0, atol=0, msg=key)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matched_mask_logits_in_the_dtype_of_the_masks(dtype):
+    # the matched rows of each layer, image by image, as pred_masks indexed (whose product was in
+    # ``dtype``, as under autocast); float32 results
+    generator = torch.Generator().manual_seed(14)
+    outputs, _ = factored_outputs(generator, 2, 7, 3, 16, 8, 9, num_layers=3, dtype=dtype)
+    layers = [outputs] + outputs["aux_outputs"]
+    layer_indices = [
+        [(torch.tensor([3, 0, 6]), torch.tensor([0, 1, 2])), (torch.tensor([5]), torch.tensor([0]))],
+        [(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64)),
+         (torch.tensor([1, 2]), torch.tensor([1, 0]))],
+        [(torch.tensor([4]), torch.tensor([0])), (torch.tensor([], dtype=torch.int64),) * 2],
+    ]
+    got = matched_mask_logits(layers, layer_indices)
+    for layer, indices, logits in zip(layers, layer_indices, got):
+        expected = torch.cat([layer["pred_masks"][image, queries] for image, (queries, _) in enumerate(indices)])
+        assert logits.dtype == torch.float32 and logits.shape == expected.shape
+        tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 5e-2}
+        torch.testing.assert_close(logits, expected.float(), **tolerance)
+
+
+def test_mask_factors_are_checked():
+    criterion = SetCriterion(2, HungarianMatcher(), 0.1)
+    targets = [{"labels": torch.tensor([1]), "masks": torch.ones(1, 4, 4, dtype=torch.bool)}]
+    good = {"pred_logits": torch.zeros(1, 2, 3), "pred_masks": torch.zeros(1, 2, 4, 4),
+            "mask_embed": torch.zeros(1, 2, 5), "mask_features": torch.zeros(1, 5, 4, 4)}
+    criterion(good, targets)
+    with pytest.raises(KeyError, match=r"'mask_embed' but not its other factor"):
+        criterion({k: v for k, v in good.items() if k != "mask_features"}, targets)
+    with pytest.raises(ValueError, match=r"aux_outputs\[0\].*mask_features \(1, 5, 2, 2\)"):
+        criterion(dict(good, aux_outputs=[dict(good, mask_features=torch.zeros(1, 5, 2, 2))]), targets)
+    with pytest.raises(ValueError, match=r"mask_embed \(1, 2, 6\)"):
+        criterion(dict(good, mask_embed=torch.zeros(1, 2, 6)), targets)
+
+
+def test_transformer_decoder_gives_the_factors_of_its_masks_in_training():
+    decoder = StandardTransformerDecoder(
+        in_channels=8, mask_classification=True, num_classes=3, hidden_dim=16, num_queries=5, nheads=2,
+        dropout=0.0, dim_feedforward=32, enc_layers=0, dec_layers=3, pre_norm=False, deep_supervision=True,
+        mask_dim=6, enforce_input_project=False,
+    )
+    torch.manual_seed(0)
+    x, mask_features = torch.randn(2, 8, 3, 3), torch.randn(2, 6, 7, 5)
+    outputs = decoder.train()(x, mask_features)
+    layers = [outputs] + outputs["aux_outputs"]
+    assert len(layers) == 3
+    for layer in layers:
+        assert layer["mask_features"] is mask_features and layer["mask_embed"].shape == (2, 5, 6)
+        torch.testing.assert_close(
+            layer["pred_masks"], torch.einsum("bqc,bchw->bqhw", layer["mask_embed"], mask_features)
+        )
+    with torch.no_grad():
+        assert not set(decoder.eval()(x, mask_features)) & {"mask_embed", "mask_features"}

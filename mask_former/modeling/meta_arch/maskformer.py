@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from ...layers.inference_kernels import inference_kernels
 from ..backbone.swin import zero_masked_attention
-from ..criterion import build_criterion
+from ..criterion import build_criterion, without_mask_factors
 from ..inference_optimization import (
     inference_dtype,
     semantic_scores_from_logits,
@@ -127,8 +127,9 @@ class MaskFormer(SegmentationMetaArch):
                 path (plain modules, full-resolution intermediates), which is always float32.
             optimize_training: train with the backbone's frozen batch norms folded into their
                 convolutions, channels-last where ``train_channels_last`` says so
-                (``backbone_features``; same losses and gradients to float rounding). False
-                trains the modules as built.
+                (``backbone_features``; same losses and gradients to float rounding), and the
+                mask losses' backward through the matched queries only (the criterion reads the
+                predictor's ``mask_embed`` / ``mask_features``). False trains the modules as built.
             train_channels_last: MODEL.TRAIN_CHANNELS_LAST: True, False, or None for where it
                 pays (``channels_last_training``).
             train_winograd_conv: MODEL.TRAIN_WINOGRAD_CONV: the large float32 3x3 convolutions on
@@ -284,6 +285,9 @@ class MaskFormer(SegmentationMetaArch):
 
         if self.training:
             targets = self.prepare_targets(batched_inputs, images)
+            if not self.optimize_training:
+                # the modules as built: the mask losses' backward through every query's logits
+                outputs = without_mask_factors(outputs)
             try:
                 losses = self.criterion(outputs, targets)
             except NonFiniteCostError as e:

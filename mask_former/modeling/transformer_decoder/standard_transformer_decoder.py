@@ -156,7 +156,11 @@ class StandardTransformerDecoder(nn.Module):
               "pred_logits": B x N x (K+1) (only with mask_classification),
               "pred_masks": B x N x H x W mask logits,
               "aux_outputs": list (one per earlier decoder layer) of dicts with the same keys
-                             (only in training with deep supervision).
+                             (only in training with deep supervision),
+              and in training the factors of "pred_masks" (``einsum("bnc,bchw->bnhw")``), in
+              every layer's dict: "mask_embed" B x N x mask_dim and "mask_features" (the
+              argument). The criterion takes the matched queries' logits from them, so that its
+              backward runs through those M queries instead of all N (see ``SetCriterion``).
         """
         if mask_features.shape[1] != self.mask_dim:
             raise ValueError(
@@ -175,19 +179,25 @@ class StandardTransformerDecoder(nn.Module):
         masks = mask_logits(mask_embed, mask_features).unbind(0)
         logits = self.class_embed(hs).unbind(0) if self.mask_classification else None
 
+        embeds = mask_embed.unbind(0) if self.training else None
+
         out: Dict[str, object] = {"pred_masks": masks[-1]}
         if logits is not None:
             out["pred_logits"] = logits[-1]
+        if embeds is not None:
+            out.update(mask_embed=embeds[-1], mask_features=mask_features)
         if with_aux:
-            out["aux_outputs"] = self._aux_outputs(logits, masks)
+            out["aux_outputs"] = self._aux_outputs(logits, masks, embeds, mask_features)
         return out
 
     @torch.jit.unused
-    def _aux_outputs(self, logits, masks) -> List[Dict[str, Tensor]]:
+    def _aux_outputs(self, logits, masks, embeds, mask_features) -> List[Dict[str, Tensor]]:
         aux = []
         for i in range(len(masks) - 1):
             layer_out = {"pred_masks": masks[i]}
             if logits is not None:
                 layer_out["pred_logits"] = logits[i]
+            if embeds is not None:
+                layer_out.update(mask_embed=embeds[i], mask_features=mask_features)
             aux.append(layer_out)
         return aux
