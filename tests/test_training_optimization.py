@@ -15,6 +15,10 @@ from mask_former.modeling.training_optimization import (
     folded_frozen_norms,
     frozen_norm_affine,
 )
+from mask_former.modeling.transformer_decoder.standard_transformer_decoder import (
+    pixel_major_mask_logits,
+    pixel_major_mask_logits_enabled,
+)
 from model_utils import tiny_cfg
 from test_inference_paths import randomize_norms
 from test_model import make_batch, tiny_swin_cfg
@@ -360,3 +364,46 @@ def test_swin_trains_and_recomputes_with_its_windows_masked_by_minus_infinity(sw
     training_losses_and_grads(checkpointed, batch, optimize_training=True)
     # the forward and its recomputation in the backward
     assert len(masked_logits) == 2 * calls and set(masked_logits) == {float("-inf")}
+
+
+@pytest.mark.parametrize("optimize_training", [True, False])
+def test_training_mask_logits_are_pixel_major_only_when_optimized(optimize_training):
+    # planar features (as on AVX2 CPUs): the optimised path's logits of all layers come out
+    # pixel-major (queries innermost), which the matcher reads in place; the modules as built keep
+    # b x q x h x w memory. Either way the factors' product.
+    cfg = tiny_cfg()
+    cfg.MODEL.TRAIN_CHANNELS_LAST = False
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    model.optimize_training = optimize_training
+    seen = []
+    model.sem_seg_head.predictor.register_forward_hook(lambda module, args, out: seen.append(out))
+    model(make_batch())
+    outputs = seen[0]
+    masks, features = outputs["pred_masks"], outputs["mask_features"]
+    assert features.is_contiguous() and masks.shape[1] > 1
+    assert masks.stride(1) == 1 if optimize_training else masks.stride(-1) == 1
+    torch.testing.assert_close(masks, torch.einsum("bqc,bchw->bqhw", outputs["mask_embed"], features))
+
+
+def test_checkpointed_recomputation_keeps_the_mask_logits_layout():
+    # the backward recomputes a checkpointed part after MaskFormer.forward has left its contexts:
+    # the part runs again under the switches it first ran under
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(3))
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(pixel_major_mask_logits_enabled())
+            return x * self.weight
+
+    model = torch.nn.Sequential(Probe()).train()
+    checkpoint_activations(model, ["0"])
+    for enabled in (True, False):
+        model[0].seen.clear()
+        with pixel_major_mask_logits(enabled):
+            out = model(torch.randn(3, requires_grad=True))
+        out.sum().backward()
+        assert model[0].seen == [enabled, enabled]

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers.winograd_conv import is_winograd_conv
 from .backbone.swin import zero_masked_attention, zero_masked_attention_enabled
 from .inference_optimization import run_conv
+from .transformer_decoder.standard_transformer_decoder import pixel_major_mask_logits, pixel_major_mask_logits_enabled
 
 __all__ = ["frozen_norm_affine", "folded_frozen_norms", "winograd_convolutions", "channels_last_conv_weights",
            "checkpoint_activations", "has_checkpointed_activations"]
@@ -132,8 +133,9 @@ class _CheckpointedMethod:
     (non-reentrant, random state preserved, so dropout draws the same masks). Convolutions folded
     by an enclosing :func:`folded_frozen_norms` when it ran are folded again for the
     recomputation, which happens after that context has exited, so are the Winograd convolutions
-    of an enclosing :func:`winograd_convolutions`, and Swin's windows are masked as they were
-    (``zero_masked_attention``)."""
+    of an enclosing :func:`winograd_convolutions`, Swin's windows are masked as they were
+    (``zero_masked_attention``) and the mask logits laid out as they were
+    (``pixel_major_mask_logits``)."""
 
     __slots__ = ("module", "method")
 
@@ -149,10 +151,12 @@ class _CheckpointedMethod:
         folded = _has_forwards(module, _FoldedConvForward)
         winograd = _has_forwards(module, _WinogradConvForward)
         zero_masked = zero_masked_attention_enabled()
+        pixel_major = pixel_major_mask_logits_enabled()
 
         def run(*inputs):
             with folded_frozen_norms(module) if folded else contextlib.nullcontext(), \
-                    winograd_convolutions(module, winograd), zero_masked_attention(zero_masked):
+                    winograd_convolutions(module, winograd), zero_masked_attention(zero_masked), \
+                    pixel_major_mask_logits(pixel_major):
                 return method(module, *inputs, **kwargs)
 
         return checkpoint(run, *args, use_reentrant=False)

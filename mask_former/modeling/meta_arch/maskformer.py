@@ -25,6 +25,7 @@ from ..inference_optimization import (
 from ..matcher import NonFiniteCostError
 from ..postprocessing import instance_inference, mask_wise_panoptic_inference, panoptic_inference, semantic_inference
 from ..training_optimization import checkpoint_activations
+from ..transformer_decoder.standard_transformer_decoder import pixel_major_mask_logits
 from ..transformer_decoder.transformer import fused_attention
 from .base import INSTANCE, PANOPTIC, SEMANTIC, SegmentationMetaArch, task_switches
 
@@ -280,7 +281,8 @@ class MaskFormer(SegmentationMetaArch):
             outputs = self.run_network_for_inference(images.tensor)
             return self.optimized_inference(outputs, batched_inputs, images)
         features = self.backbone_features(images.tensor)
-        with self.winograd_training_context(self.sem_seg_head):
+        with self.winograd_training_context(self.sem_seg_head), \
+                pixel_major_mask_logits(self.training and self.optimize_training):
             outputs = self.sem_seg_head(features)
 
         if self.training:
