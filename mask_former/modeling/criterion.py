@@ -248,13 +248,13 @@ class SetCriterion(nn.Module):
 
         Args:
             pred_masks: B x Q x h x w mask logits.
-            src_masks: (optional) M x h x w float32, the matched pairs' logits in the order of
-                ``indices``, as :func:`matched_mask_logits` gives them; ``pred_masks`` indexed
-                by default.
             targets: as in :meth:`forward`; the masks of smaller images are zero-padded at the
                 bottom / right to the largest H x W, which the predictions span.
             indices: per image, (query indices, target indices) of the matched pairs.
             num_masks: normalizer (target masks in the batch, averaged over processes, >= 1).
+            src_masks: (optional) M x h x w float32, the matched pairs' logits in the order of
+                ``indices``, as :func:`matched_mask_logits` gives them; ``pred_masks`` indexed
+                by default.
 
         Returns:
             One scalar per configured mask loss, keyed by its loss key (e.g. ``loss_mask``).
