@@ -263,3 +263,17 @@ def test_winograd_keys_are_checked(monkeypatch, key):
     assert not build_with(False).winograd_training()
     model = build_model(tiny_cfg())  # where it pays: nowhere without NNPACK
     assert not model.winograd_training() and not model.winograd_inference()
+
+
+def test_bad_arguments_name_what_is_wrong():
+    x, weight = torch.randn(1, 4, 8, 8), torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"weight must be O x 4 x 3 x 3 .* got shape \(2, 4, 5, 5\)"):
+        winograd_conv2d(x, torch.randn(2, 4, 5, 5), None, (1, 1))
+    with pytest.raises(ValueError, match=r"padding must be two values in 0..2, got \[3, 3\]"):
+        winograd_conv2d(x, weight, None, (3, 3))
+    with pytest.raises(ValueError, match=r"bias must have shape \(2,\), got \(3,\)"):
+        winograd_conv2d(x, weight, torch.randn(3), (1, 1))
+    with pytest.raises(ValueError, match=r"x must be float32 on the CPU, got torch.float64"):
+        winograd_conv2d(x.double(), weight, None, (1, 1))
+    with pytest.raises(ValueError, match=r"x must be B x C x H x W, got shape \(4, 8, 8\)"):
+        winograd_conv2d(x[0], weight, None, (1, 1))

@@ -223,11 +223,31 @@ def _winograd_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding
     return _winograd_channels_last(x, weight, bias, padding)
 
 
+def _check_arguments(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: List[int]) -> None:
+    problems = []
+    if x.dim() != 4:
+        problems.append(f"x must be B x C x H x W, got shape {tuple(x.shape)}")
+    elif weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
+        problems.append(f"weight must be O x {x.shape[1]} x 3 x 3 for x of shape {tuple(x.shape)}, "
+                        f"got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        problems.append(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if len(padding) != 2 or not all(0 <= p <= 2 for p in padding):
+        problems.append(f"padding must be two values in 0..2, got {padding}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            problems.append(f"{name} must be float32 on the CPU, got {t.dtype} on {t.device}")
+    if problems:
+        raise ValueError("winograd_conv2d: " + "; ".join(problems))
+
+
 def winograd_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: Sequence[int]) -> Tensor:
     """``F.conv2d(x, weight, bias, stride=1, padding=padding)`` for a 3x3 ``weight`` (O x C x 3 x 3)
     and float32 CPU tensors, by Winograd's algorithm, differentiable (see the module docstring).
-    Returns B x O x H' x W' in the layout of ``x`` (planar unless ``x`` is channels-last)."""
+    Returns B x O x H' x W' in the layout of ``x`` (planar unless ``x`` is channels-last).
+    ValueError naming the argument for other shapes, paddings, dtypes or devices."""
     padding = [int(p) for p in padding]
+    _check_arguments(x, weight, bias, padding)
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _WinogradConv2d.apply(x, weight, bias, padding)

@@ -259,8 +259,7 @@ class SetCriterion(nn.Module):
         Returns:
             One scalar per configured mask loss, keyed by its loss key (e.g. ``loss_mask``).
         """
-        batch_idx, query_idx = self._matched_queries(indices)
-        if batch_idx.numel() == 0:
+        if not any(len(src) for src, _ in indices):
             # keep pred_masks in the graph so that every parameter gets a (zero) gradient
             return {
                 kind.loss_key: pred_masks.float().sum() * 0.0
@@ -278,7 +277,7 @@ class SetCriterion(nn.Module):
             padding = (0, width - masks.shape[-1], 0, height - masks.shape[-2])
             tgt_masks.append(F.pad(masks, padding))
         if src_masks is None:
-            src_masks = pred_masks[batch_idx.to(device), query_idx.to(device)].float()
+            src_masks = matched_mask_logits([{"pred_masks": pred_masks}], [indices])[0]
         if self.num_points > 0:
             src_points, tgt_points = self._sample_points(src_masks, torch.cat(tgt_masks))
             return {
