@@ -4,6 +4,10 @@ values and gradients against float64 ``F.conv2d``, which layers qualify, and the
 that use them (inference, a training step, recomputation under activation checkpointing) against
 the modules as built. The tiny test models have 32-channel pixel decoders, so the tests that run
 a model lower the size thresholds."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from detectron2.layers import Conv2d
@@ -277,3 +281,40 @@ def test_bad_arguments_name_what_is_wrong():
         winograd_conv2d(x.double(), weight, None, (1, 1))
     with pytest.raises(ValueError, match=r"x must be B x C x H x W, got shape \(4, 8, 8\)"):
         winograd_conv2d(x[0], weight, None, (1, 1))
+
+
+@pytest.mark.parametrize("row_dim", [0, 1])
+@pytest.mark.parametrize("pad_top,pad_left", [(0, 0), (1, 2), (2, 1)])
+def test_bands_of_rows_equal_slices_of_the_whole_padded_map(row_dim, pad_top, pad_left):
+    """The Winograd code pads a few tile rows at a time (``_padded_rows``), never the whole map:
+    every band, those reaching into the padding above, below or both, and those wholly in it,
+    against a slice of the map padded at once."""
+    g = torch.Generator().manual_seed(7 * pad_top + pad_left)
+    image = torch.randn(3, 5, 4, generator=g) if row_dim == 0 else torch.randn(3, 5, 4, generator=g).permute(2, 0, 1)
+    height, width = image.shape[row_dim], image.shape[row_dim + 1]
+    padded_height, padded_width = height + pad_top + 4, width + pad_left + 3
+    rows_first = image if row_dim == 0 else image.permute(1, 2, 0)  # H x W x C
+    whole = torch.zeros(padded_height, padded_width, rows_first.shape[2])
+    whole[pad_top: pad_top + height, pad_left: pad_left + width] = rows_first
+    for start in range(padded_height + 1):
+        for stop in range(start, padded_height + 1):
+            band = winograd_conv._padded_rows(image, start, stop, pad_top, pad_left, padded_width, row_dim)
+            band = band if row_dim == 0 else band.permute(1, 2, 0)
+            assert torch.equal(band, whole[start:stop]), (start, stop)
+
+
+def test_works_in_a_fresh_process():
+    """NNPACK must be initialised before its first convolution (asking whether it is available
+    does that); ``winograd_conv2d`` does so itself, also when nothing else asked before."""
+    code = (
+        "import torch\n"
+        "from mask_former.layers import winograd_conv2d\n"
+        "x, w = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(3, 4, 3, 3, dtype=torch.float64)\n"
+        "out = winograd_conv2d(x.float(), w.float(), None, (1, 1))\n"
+        "err = (out.double() - torch.nn.functional.conv2d(x, w, padding=1)).abs().max()\n"
+        "print('max error', float(err))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split("max error")[1]) < 1e-4

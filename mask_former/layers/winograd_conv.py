@@ -98,10 +98,38 @@ def _nnpack_by_image(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding:
     PyTorch calls the batched one for more than one image: on the CPU above it took 407-577 ms for
     two 256-channel 128 x 128 images, against 117 ms for the two one at a time (oneDNN: 290 ms)."""
     weight = weight.contiguous()
-    if x.shape[0] == 1:
-        return torch._nnpack_spatial_convolution(x, weight, bias, padding, [1, 1])
-    return torch.cat([torch._nnpack_spatial_convolution(image, weight, bias, padding, [1, 1])
-                      for image in x.split(1)])
+    images = x.split(1)
+    first = torch._nnpack_spatial_convolution(images[0], weight, bias, padding, [1, 1])
+    if len(images) == 1:
+        return first
+    # each image's result copied into the output as it comes, so that one image's is transient,
+    # not all of them as with torch.cat
+    out = first.new_empty((x.shape[0],) + first.shape[1:])
+    out[:1].copy_(first)
+    del first
+    for index, image in enumerate(images[1:], start=1):
+        out[index: index + 1].copy_(torch._nnpack_spatial_convolution(image, weight, bias, padding, [1, 1]))
+    return out
+
+
+def _padded_rows(image: Tensor, start: int, stop: int, pad_top: int, pad_left: int, padded_width: int,
+                 row_dim: int) -> Tensor:
+    """Rows ``start:stop`` of ``image`` padded with zeros: ``pad_top`` rows above and ``pad_left``
+    columns to the left, and zeros right of it up to ``padded_width`` columns and below it (rows
+    and columns are dims ``row_dim`` and ``row_dim + 1``; the indices count in the padded map). A
+    band of a few tile rows, so that the Winograd code never copies a whole padded map; a view
+    when it needs no zeros."""
+    height, width = image.shape[row_dim], image.shape[row_dim + 1]
+    first = min(max(start - pad_top, 0), height)
+    last = min(max(stop - pad_top, first), height)
+    above = min(max(first + pad_top - start, 0), stop - start)
+    below = (stop - start) - above - (last - first)
+    right = padded_width - pad_left - width
+    band = image.narrow(row_dim, first, last - first)
+    if above == below == pad_left == right == 0:
+        return band
+    # F.pad's amounts go from the last dim backwards, (before, after) for each
+    return F.pad(band, [0, 0] * (image.dim() - row_dim - 2) + [pad_left, right, above, below])
 
 
 def winograd_weight_grad(x: Tensor, grad: Tensor, padding: Sequence[int]) -> Tensor:
@@ -122,10 +150,6 @@ def winograd_weight_grad(x: Tensor, grad: Tensor, padding: Sequence[int]) -> Ten
     out_channels, out_h, out_w = grad.shape[1:]
     tiles_h, tiles_w = -(-out_h // 4), -(-out_w // 4)
     pad_h, pad_w = padding
-    # zeros around the input (the padding, and beyond to whole tiles); the gradient's extra rows
-    # and columns are zeros, which add nothing
-    x = F.pad(x, (pad_w, 4 * tiles_w + 2 - width - pad_w, pad_h, 4 * tiles_h + 2 - height - pad_h))
-    grad = F.pad(grad, (0, 4 * tiles_w - out_w, 0, 4 * tiles_h - out_h))
     input_transform = _kron(_B_T, x.dtype)  # 36 x 36: (a b) x (i j)
     grad_transform = _kron(_A_T, x.dtype).t()  # 36 x 16: (a b) x (k l)
     kernel_grad = torch.zeros(36, out_channels, channels, dtype=x.dtype)
@@ -134,12 +158,16 @@ def winograd_weight_grad(x: Tensor, grad: Tensor, padding: Sequence[int]) -> Ten
         for top in range(0, tiles_h, rows):
             bottom = min(tiles_h, top + rows)
             count = (bottom - top) * tiles_w
-            # C x rows x tiles_w x 6 x 6 overlapping input tiles -> (i j) x (tiles c)
-            tiles = x[image, :, 4 * top: 4 * bottom + 2].unfold(1, 6, 4).unfold(2, 6, 4)
+            # zeros around the input (the padding, and beyond to whole tiles), and the gradient's
+            # extra rows and columns, which add nothing; C x rows x tiles_w x 6 x 6 overlapping
+            # input tiles -> (i j) x (tiles c)
+            band = _padded_rows(x[image], 4 * top, 4 * bottom + 2, pad_h, pad_w, 4 * tiles_w + 2, row_dim=1)
+            tiles = band.unfold(1, 6, 4).unfold(2, 6, 4)
             tiles = tiles.permute(3, 4, 1, 2, 0).reshape(36, count * channels)
             transformed_input = (input_transform @ tiles).view(36, count, channels)
             # O x rows x 4 x tiles_w x 4 gradient tiles -> (k l) x (tiles o)
-            grad_tiles = grad[image, :, 4 * top: 4 * bottom].reshape(out_channels, bottom - top, 4, tiles_w, 4)
+            grad_band = _padded_rows(grad[image], 4 * top, 4 * bottom, 0, 0, 4 * tiles_w, row_dim=1)
+            grad_tiles = grad_band.reshape(out_channels, bottom - top, 4, tiles_w, 4)
             grad_tiles = grad_tiles.permute(2, 4, 1, 3, 0).reshape(16, count * out_channels)
             transformed_grad = (grad_transform @ grad_tiles).view(36, count, out_channels)
             kernel_grad.baddbmm_(transformed_grad.transpose(1, 2), transformed_input)
@@ -169,12 +197,12 @@ def _winograd_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor], p
     out = torch.empty(n_images, 4 * tiles_h, 4 * tiles_w, out_channels, dtype=x.dtype)
     rows = max(1, TILES_PER_CHUNK // tiles_w)
     for image in range(n_images):
-        pixels = F.pad(x[image].permute(1, 2, 0),  # H x W x C, channels innermost
-                       (0, 0, pad_w, 4 * tiles_w + 2 - width - pad_w, pad_h, 4 * tiles_h + 2 - height - pad_h))
+        pixels = x[image].permute(1, 2, 0)  # H x W x C, channels innermost
         for top in range(0, tiles_h, rows):
             bottom = min(tiles_h, top + rows)
             count = (bottom - top) * tiles_w
-            tiles = pixels[4 * top: 4 * bottom + 2].unfold(0, 6, 4).unfold(1, 6, 4)  # rows x tiles_w x C x 6 x 6
+            band = _padded_rows(pixels, 4 * top, 4 * bottom + 2, pad_h, pad_w, 4 * tiles_w + 2, row_dim=0)
+            tiles = band.unfold(0, 6, 4).unfold(1, 6, 4)  # rows x tiles_w x C x 6 x 6
             tiles = tiles.permute(3, 4, 0, 1, 2).reshape(36, count * channels)
             transformed = (input_transform @ tiles).view(36, count, channels)
             products = torch.bmm(transformed, kernel.transpose(1, 2))  # 36 x tiles x O
@@ -248,6 +276,11 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: 
     ValueError naming the argument for other shapes, paddings, dtypes or devices."""
     padding = [int(p) for p in padding]
     _check_arguments(x, weight, bias, padding)
+    # also NNPACK's initialisation: without it, its convolution fails (in a process that has not
+    # asked torch.backends.nnpack.is_available() yet) with an error that names nothing
+    if not nnpack_ready():
+        raise RuntimeError("winograd_conv2d: this PyTorch was built without NNPACK "
+                           "(torch.backends.nnpack.is_available() is False)")
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _WinogradConv2d.apply(x, weight, bias, padding)
