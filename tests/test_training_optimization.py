@@ -7,6 +7,7 @@ import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mask_former.modeling.meta_arch import base as base_meta_arch
 from mask_former.modeling.training_optimization import (
@@ -407,3 +408,40 @@ def test_checkpointed_recomputation_keeps_the_mask_logits_layout():
             out = model(torch.randn(3, requires_grad=True))
         out.sum().backward()
         assert model[0].seen == [enabled, enabled]
+
+
+@pytest.mark.parametrize("optimize_training", [True, False])
+def test_checkpointed_predictor_is_recomputed_without_its_mask_product(optimize_training):
+    # the backward needs the inputs of the product of all layers' mask embeddings and the
+    # per-pixel features, not its result: the recomputation of a checkpointed predictor stops
+    # before it (early stop), so a step runs the product once, in the forward
+    cfg = tiny_cfg()
+    cfg.MODEL.ACTIVATION_CHECKPOINTING = ["sem_seg_head.predictor"]
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    model.optimize_training = optimize_training
+    seen = []
+    model.sem_seg_head.predictor.register_forward_hook(lambda module, args, out: seen.append(out))
+
+    class ProductShapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.bmm.default:
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    products = ProductShapes()
+    with products:
+        losses = model(make_batch())
+        sum(losses.values()).backward()
+    features = seen[0]["mask_features"]
+    layers_queries = cfg.MODEL.MASK_FORMER.DEC_LAYERS * cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES
+    pixels = features.shape[-2] * features.shape[-1]
+    mask_products = [shape for shape in products.shapes
+                     if shape[0] == features.shape[0] and sorted(shape[1:]) == sorted((layers_queries, pixels))]
+    assert len(mask_products) == 1, products.shapes
+    assert all(p.grad is not None for p in model.sem_seg_head.predictor.mask_embed.parameters())
