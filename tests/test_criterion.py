@@ -534,6 +534,8 @@ def test_matched_mask_logits_in_the_dtype_of_the_masks(dtype):
         assert logits.dtype == torch.float32 and logits.shape == expected.shape
         tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 5e-2}
         torch.testing.assert_close(logits, expected.float(), **tolerance)
+    with pytest.raises(ValueError, match=r"got 3 layers' outputs but 2 layers' indices"):
+        matched_mask_logits(layers, layer_indices[:2])
 
 
 def test_mask_factors_are_checked():

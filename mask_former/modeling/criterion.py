@@ -394,6 +394,11 @@ def matched_mask_logits(
         Q x h x w gradient per layer and image: for R50 at 512 x 512 (6 layers x 100 queries,
         2 x 8 targets) about 10 GMAC and an 80 MB gradient less per step.
     """
+    if len(layers) != len(layer_indices):
+        raise ValueError(
+            f"matched_mask_logits: got {len(layers)} layers' outputs but {len(layer_indices)} layers' "
+            "indices; expected one list of (query, target) index pairs per layer"
+        )
     features = layers[0].get("mask_features") if layers else None
     if features is None or any(
         layer.get("mask_embed") is None or layer.get("mask_features") is not features for layer in layers
