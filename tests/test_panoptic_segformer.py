@@ -704,12 +704,19 @@ def test_eval_only_reproduces_the_metrics(trained_psf, tiny_synthetic_root, tmp_
 
 
 def test_resume_continues_to_the_same_weights(tiny_synthetic_root, tmp_path):
-    opts = ["SOLVER.CHECKPOINT_PERIOD", "4", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"]
-    run_psf(tiny_synthetic_root, opts=[*opts, "SOLVER.MAX_ITER", "8", "OUTPUT_DIR", str(tmp_path / "ab")])
-    run_psf(tiny_synthetic_root, "--resume", opts=[*opts, "SOLVER.MAX_ITER", "8", "OUTPUT_DIR", str(tmp_path / "ab")])
-    run_psf(tiny_synthetic_root, opts=[*opts, "SOLVER.MAX_ITER", "8", "OUTPUT_DIR", str(tmp_path / "ref")])
-    resumed = torch.load(tmp_path / "ab" / "model_final.pth", map_location="cpu", weights_only=False)["model"]
-    reference = torch.load(tmp_path / "ref" / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    """A run resumed from its checkpoint of iteration 4 ends with the weights of the run that went
+    through without a stop, bitwise (same seed, CPU, no data loader workers)."""
+    opts = ["SOLVER.CHECKPOINT_PERIOD", "4", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()",
+            "SOLVER.MAX_ITER", "8", "OUTPUT_DIR", str(tmp_path)]
+    run_psf(tiny_synthetic_root, opts=opts)
+    reference = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    # what a run stopped after its first checkpoint leaves behind
+    for name in ("model_0000007.pth", "model_final.pth"):
+        (tmp_path / name).unlink()
+    (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
+    run_psf(tiny_synthetic_root, "--resume", opts=opts)
+    assert "Starting training from iteration 4" in (tmp_path / "log.txt").read_text()
+    resumed = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)["model"]
     assert resumed.keys() == reference.keys()
     for key in reference:
         assert torch.equal(resumed[key], reference[key]), key
