@@ -1,7 +1,9 @@
 """End-to-end runs of tools/train_net.py on the tiny synthetic dataset: training of each task,
-evaluation, --eval-only, exact resume after a kill, 2-process Gloo training, and faults."""
+evaluation, --eval-only (with test-time augmentation), exact resume after a kill, 2-process Gloo
+training, and faults."""
 import json
 import math
+import shutil
 import signal
 import subprocess
 import time
@@ -48,12 +50,21 @@ def test_end_of_training_evaluation_reports_every_metric(trained):
     assert set(results) == set(EXPECTED_METRICS[task])
 
 
+# The semantic model is also evaluated with multi-scale + flip test-time augmentation in the same
+# run: its results come as "sem_seg_TTA" beside the plain ones.
+TTA_OPTS = {"semantic": ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(48, 64)", "TEST.AUG.MAX_SIZE", "256"]}
+
+
 def test_eval_only_reproduces_end_of_training_metrics(trained, tiny_synthetic_root, tmp_path):
     task, out = trained
-    proc = run_train_net(tiny_synthetic_root, "--eval-only", opts=TASK_OPTS[task] + [
+    proc = run_train_net(tiny_synthetic_root, "--eval-only", opts=TASK_OPTS[task] + TTA_OPTS.get(task, []) + [
         "MODEL.WEIGHTS", str(out / "model_final.pth"), "OUTPUT_DIR", str(tmp_path)])
     after_training = json.loads((out / "eval_results.json").read_text())
     eval_only = json.loads((tmp_path / "eval_results.json").read_text())
+    if task in TTA_OPTS:
+        tta = eval_only.pop("sem_seg_TTA")
+        assert 0 <= tta["mIoU"] <= 100
+        assert (tmp_path / "inference_TTA").is_dir()
     assert eval_only.keys() == after_training.keys()
     for group in after_training:
         for metric, value in after_training[group].items():
@@ -73,11 +84,23 @@ def load_weights(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tiny_synthetic_root, tmp_path):
-    opts = ["SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "4", "TEST.EVAL_PERIOD", "0",
-            "INPUT.COLOR_AUG_SSD", "True", "MODEL.MASK_FORMER.DROPOUT", "0.1"]
-    reference = tmp_path / "uninterrupted"
-    run_train_net(tiny_synthetic_root, opts=opts + ["OUTPUT_DIR", str(reference)])
+# 12 iterations, a checkpoint every 4; colour augmentation and dropout draw random numbers, whose
+# state a resumed run must restore
+SHORT_RUN_OPTS = ["SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "4", "TEST.EVAL_PERIOD", "0",
+                  "INPUT.COLOR_AUG_SSD", "True", "MODEL.MASK_FORMER.DROPOUT", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_synthetic_root, tmp_path_factory):
+    """The output folder of a run of SHORT_RUN_OPTS that went through without a stop."""
+    out = tmp_path_factory.mktemp("short_run")
+    run_train_net(tiny_synthetic_root, opts=SHORT_RUN_OPTS + ["OUTPUT_DIR", str(out)])
+    return out
+
+
+def test_resume_after_kill_matches_uninterrupted_run(short_run, tiny_synthetic_root, tmp_path):
+    opts = SHORT_RUN_OPTS
+    reference = short_run
 
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen(train_net_cmd(opts=opts + ["OUTPUT_DIR", str(interrupted)]), cwd=REPO_ROOT,
@@ -139,22 +162,25 @@ def test_two_gloo_processes_match_one_process(tiny_synthetic_root, tmp_path):
     assert "Starting training from iteration 1" in (double / "log.txt").read_text()
 
 
-def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tiny_synthetic_root, tmp_path):
-    opts = ["SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(tmp_path)]
-    run_train_net(tiny_synthetic_root, opts=opts + ["SOLVER.MAX_ITER", "4"])
-    good = load_weights(tmp_path / "model_final.pth")
+def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(short_run, tiny_synthetic_root, tmp_path):
+    # the run as it stood after its checkpoint of iteration 4
+    shutil.copy(short_run / "model_0000003.pth", tmp_path)
+    (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
+    good = load_weights(tmp_path / "model_0000003.pth")
     # Continue with a fault that makes every prediction non-finite from iteration 4 on: a zero
-    # normalization std turns the input images into inf/NaN (as diverged weights would).
-    proc = run_train_net(tiny_synthetic_root, "--resume", check=False,
-                         opts=opts + ["SOLVER.MAX_ITER", "10", "MODEL.PIXEL_STD", "[0.0, 0.0, 0.0]"])
+    # normalization std turns the input images into inf/NaN (as diverged weights would). A
+    # checkpoint every iteration: none may be written after the fault.
+    proc = run_train_net(tiny_synthetic_root, "--resume", check=False, opts=SHORT_RUN_OPTS + [
+        "SOLVER.CHECKPOINT_PERIOD", "1", "MODEL.PIXEL_STD", "[0.0, 0.0, 0.0]", "OUTPUT_DIR", str(tmp_path)])
     assert proc.returncode != 0
+    assert "Starting training from iteration 4" in (tmp_path / "log.txt").read_text()
     assert "Loss became infinite or NaN at iteration=4" in proc.stderr
     assert "cost of image" in proc.stderr  # which image and which term
-    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
-    weights = load_weights(tmp_path / "model_final.pth")
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["model_0000003.pth"]
+    weights = load_weights(tmp_path / "model_0000003.pth")
     for key in good:
         assert torch.equal(good[key], weights[key])
-    assert not (tmp_path / "model_0000005.pth").exists()
 
 
 def test_missing_weights_fail_before_training(tiny_synthetic_root, tmp_path):
@@ -170,14 +196,3 @@ def test_amp_on_cpu_is_refused_with_a_clear_error(tiny_synthetic_root, tmp_path)
         "SOLVER.AMP.ENABLED", "True", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path)])
     assert proc.returncode != 0
     assert "SOLVER.AMP.ENABLED=True needs a CUDA device" in proc.stderr
-
-
-def test_eval_only_with_test_time_augmentation(tiny_synthetic_root, tmp_path):
-    """A model from scratch (no MODEL.WEIGHTS) evaluated with and without multi-scale + flip."""
-    run_train_net(tiny_synthetic_root, "--eval-only", opts=TASK_OPTS["semantic"] + [
-        "MODEL.WEIGHTS", "", "TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(48, 64)",
-        "TEST.AUG.MAX_SIZE", "256", "OUTPUT_DIR", str(tmp_path)])
-    results = json.loads((tmp_path / "eval_results.json").read_text())
-    assert set(results) == {"sem_seg", "sem_seg_TTA"}
-    assert 0 <= results["sem_seg_TTA"]["mIoU"] <= 100
-    assert (tmp_path / "inference_TTA").is_dir()
