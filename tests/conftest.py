@@ -12,6 +12,20 @@ REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 os.environ.setdefault("DETECTRON2_DATASETS", str(REPO_ROOT / "datasets"))
 
 
+@pytest.fixture(autouse=True)
+def same_random_state_for_every_test():
+    """Each test starts from the same random state, whichever tests ran before it in its process:
+    ``make test`` spreads the test files over several processes, in an order that varies."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def one_thread():
     """Small models run much faster on one thread than on two contended ones (shared test cores)."""
