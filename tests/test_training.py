@@ -99,11 +99,8 @@ def short_run(tiny_synthetic_root, tmp_path_factory):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(short_run, tiny_synthetic_root, tmp_path):
-    opts = SHORT_RUN_OPTS
-    reference = short_run
-
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(train_net_cmd(opts=opts + ["OUTPUT_DIR", str(interrupted)]), cwd=REPO_ROOT,
+    proc = subprocess.Popen(train_net_cmd(opts=SHORT_RUN_OPTS + ["OUTPUT_DIR", str(interrupted)]), cwd=REPO_ROOT,
                             env=train_net_env(tiny_synthetic_root), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     tag = interrupted / "last_checkpoint"
@@ -118,11 +115,11 @@ def test_resume_after_kill_matches_uninterrupted_run(short_run, tiny_synthetic_r
     killed_at = tag.read_text()
     assert killed_at in ("model_0000007.pth", "model_0000011.pth")
 
-    run_train_net(tiny_synthetic_root, "--resume", opts=opts + ["OUTPUT_DIR", str(interrupted)])
+    run_train_net(tiny_synthetic_root, "--resume", opts=SHORT_RUN_OPTS + ["OUTPUT_DIR", str(interrupted)])
     resumed_log = (interrupted / "log.txt").read_text()
     assert "Starting training from iteration 8" in resumed_log
 
-    expected = load_weights(reference / "model_final.pth")
+    expected = load_weights(short_run / "model_final.pth")
     actual = load_weights(interrupted / "model_final.pth")
     assert expected.keys() == actual.keys()
     # Same seed, CPU, no data loader workers: the resumed run repeats the uninterrupted one

@@ -4,7 +4,6 @@ values and gradients against float64 ``F.conv2d``, which layers qualify, and the
 that use them (inference, a training step, recomputation under activation checkpointing) against
 the modules as built. The tiny test models have 32-channel pixel decoders, so the tests that run
 a model lower the size thresholds."""
-import os
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ from model_utils import tiny_cfg
 from test_inference_paths import EXACT, both_paths, build, images, randomize_norms, relative_difference
 from test_model import make_batch
 from test_training_optimization import assert_same_gradients, assert_same_loss_terms, training_losses_and_grads
+from train_utils import REPO_ROOT
 
 pytestmark = pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="PyTorch built without NNPACK")
 
@@ -315,8 +315,7 @@ def test_works_in_a_fresh_process():
         "expected = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)\n"
         "print('relative error', float((out.double() - expected).abs().max() / expected.abs().max()))\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     # the float32 Winograd transforms' rounding, relative to the largest output (as in the tests above)
     assert float(proc.stdout.split("relative error")[1]) < 1e-4
