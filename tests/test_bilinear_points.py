@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import mask_former.layers.point_sampling as point_sampling
-from mask_former.layers.point_sampling import BilinearPoints
+from mask_former.layers.point_sampling import BilinearPoints, raster_order
 
 
 def grid_sample_points(maps, coords):
@@ -219,3 +219,26 @@ def test_selected_images_equal_points_made_from_their_coords(index_dtype):
                                    rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=r"expected 0 <= start <= stop <= 6, got start=4, stop=7"):
         points.select_images(4, 7)
+
+
+def test_raster_order_sorts_points_by_pixel_and_keeps_ties_in_order():
+    # a 2 x 3 map: pixel (row, column) covers x in [column / 3, (column + 1) / 3), y in [row / 2, ...)
+    coords = torch.tensor([[[0.9, 0.9], [0.1, 0.6], [0.5, 0.1], [0.2, 0.3], [1.0, 1.0], [0.0, 0.0],
+                            [0.15, 0.2], [0.4, 0.7]]])
+    # pixels by hand: 5, 3, 1, 0, 5 (the far corner: the last pixel), 0, 0, 4
+    expected = coords[:, [3, 5, 6, 2, 1, 7, 0, 4]]
+    assert torch.equal(raster_order(coords, 2, 3), expected)
+
+
+def test_raster_order_is_a_permutation_per_image_and_samples_the_same():
+    generator = torch.Generator().manual_seed(3)
+    coords = torch.rand(3, 200, 2, generator=generator)
+    ordered = raster_order(coords, 7, 5)
+    for image in range(3):  # the same points: sorted lexicographically, equal
+        as_drawn = sorted(map(tuple, coords[image].tolist()))
+        assert sorted(map(tuple, ordered[image].tolist())) == as_drawn
+        pixels = (ordered[image, :, 1] * 7).floor().clamp(0, 6) * 5 + (ordered[image, :, 0] * 5).floor().clamp(0, 4)
+        assert bool((pixels[1:] >= pixels[:-1]).all())
+    maps = torch.randn(3, 4, 7, 5, generator=generator)
+    sums = BilinearPoints(ordered, 7, 5).sample(maps).sum(-1)
+    torch.testing.assert_close(sums, grid_sample_points(maps, coords).sum(-1), rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ from .deformable_transformer import (
 from .fused_linear import LINEAR_ACTIVATIONS, linear
 from .inference_kernels import inference_kernels, inference_kernels_enabled
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn
-from .point_sampling import BilinearPoints
+from .point_sampling import BilinearPoints, raster_order
 from .winograd_conv import is_winograd_conv, winograd_conv2d
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "is_winograd_conv",
     "linear",
     "ms_deform_attn",
+    "raster_order",
     "split_levels",
     "valid_ratios_of_mask",
     "winograd_conv2d",

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BilinearPoints"]
+__all__ = ["BilinearPoints", "raster_order"]
 
 # Gather with int32 indices while the maps of a batch have fewer pixels than int32 holds.
 _INT32_INDICES = 2 ** 31
@@ -193,3 +193,25 @@ def _pixel_major(maps: Tensor) -> Tensor:
     batch, channels, height, width = maps.shape
     table = torch.empty(batch, height, width, channels, dtype=torch.float32, device=maps.device)
     return table.copy_(maps.permute(0, 2, 3, 1)).view(batch * height * width, channels)
+
+
+def raster_order(coords: Tensor, height: int, width: int) -> Tensor:
+    """
+    The same points in another order: by the pixel of an H x W map they fall in, row by row (the
+    points of one pixel in their given order).
+
+    A reader of maps at the points (:class:`BilinearPoints`) then reads neighbouring pixels one
+    after another, from the cache, instead of jumping across maps larger than it. Sums over the
+    points change by float rounding only.
+
+    Args:
+        coords: B x P x 2 points, (x, y) in [0, 1] (the map's corners at 0 and 1).
+        height, width: the size of the map whose pixels order the points.
+
+    Returns:
+        B x P x 2: ``coords`` of each image, reordered.
+    """
+    column = (coords[..., 0] * width).floor_().clamp_(0, width - 1)
+    row = (coords[..., 1] * height).floor_().clamp_(0, height - 1)
+    order = (row * width + column).argsort(dim=-1, stable=True)
+    return coords.gather(1, order[..., None].expand(-1, -1, 2))

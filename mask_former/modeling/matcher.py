@@ -4,11 +4,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from ..layers import BilinearPoints
+from ..layers import BilinearPoints, raster_order
 from .assignment import linear_sum_assignment_torch
 from .mask_losses import dice_cost_from_sums, get_mask_loss, target_products
 
@@ -314,6 +313,9 @@ class HungarianMatcher(nn.Module):
             # (x, y) in [0, 1]^2, one set per layer and image, shared by its queries and targets
             # (drawn at once: on a CPU the numbers that one draw per layer gives)
             coords = torch.rand(num_layers * num_images, self.num_points, 2, device=pred_masks[0].device)
+            # read in the order of the logits' pixels, not as drawn: the sums over the points are
+            # the same to float rounding
+            coords = raster_order(coords, height, width)
             all_points, readers = BilinearPoints(coords, height, width), []
             for layer, masks in enumerate(pred_masks):
                 points = all_points.select_images(layer * num_images, (layer + 1) * num_images)
@@ -368,8 +370,8 @@ class HungarianMatcher(nn.Module):
         """Float32 target values, zero rows for the padding targets: B x T_max x (h * w), the
         targets resized (nearest) to the h x w of ``pred_masks``, when ``coords`` is None;
         otherwise (L * B) x T_max x P, the targets sampled bilinearly at the (L * B) x P x 2 points
-        ``coords`` of L layers (by ``point_sample``: the values :class:`BilinearPoints` gives;
-        entry ``l * B + b`` reads image b)."""
+        ``coords`` of L layers (by :class:`BilinearPoints`: the values of detectron2's
+        ``point_sample`` with :data:`POINT_SAMPLE_KWARGS`; entry ``l * B + b`` reads image b)."""
         device = pred_masks.device
         num_images = len(targets)
         if coords is None:
@@ -378,16 +380,18 @@ class HungarianMatcher(nn.Module):
             num_rows, num_pixels = coords.shape[:2]
         tgt = torch.zeros(num_rows, max_targets, num_pixels, dtype=torch.float32, device=device)
         for b, target in enumerate(targets):
-            masks = target["masks"].to(device=device, dtype=torch.float32)
+            masks = target["masks"].to(device=device)
             if masks.shape[0] == 0:
                 continue
             if coords is not None:
-                # the points of image b in every layer, read in one call
-                image_coords = coords[b::num_images].reshape(1, -1, 2)
-                values = point_sample(masks[None], image_coords, **POINT_SAMPLE_KWARGS)[0]
+                # the points of image b in every layer, read in one call, from a pixel-major float32
+                # copy of the masks (the T values of a pixel side by side, where grid_sample reads
+                # T planes: 0.3x its time for 8 masks of 512 x 512 at 6 x 12,544 points)
+                points = BilinearPoints(coords[b::num_images].reshape(1, -1, 2), *masks.shape[-2:])
+                values = points.sample(masks[None])[0]  # T x (L * P)
                 tgt[b::num_images, : masks.shape[0]] = values.view(masks.shape[0], -1, num_pixels).transpose(0, 1)
             else:
-                values = F.interpolate(masks[:, None], size=pred_masks.shape[-2:], mode="nearest").flatten(1)
+                values = F.interpolate(masks[:, None].float(), size=pred_masks.shape[-2:], mode="nearest").flatten(1)
                 tgt[b, : masks.shape[0]] = values
         return tgt
 
