@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from mask_former.modeling.criterion import SetCriterion, matched_mask_logits, without_mask_factors
+from mask_former.modeling.criterion import SetCriterion, matched_mask_logits, matched_target_masks, without_mask_factors
 from mask_former.modeling.matcher import HungarianMatcher
 from mask_former.modeling.transformer_decoder.standard_transformer_decoder import StandardTransformerDecoder
 
@@ -218,6 +218,28 @@ def test_upsampled_predictions_and_padded_targets():
     assert pred_logits.grad is not None and pred_logits.grad.abs().sum() > 0
     # query 2 of image 1 is unmatched: its mask gets no gradient
     assert pred_masks.grad[1, 2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("second_dtype", [torch.float32, torch.bool])
+def test_matched_target_masks_in_match_order_padded_to_the_largest_image(second_dtype):
+    # image 0: three 2 x 3 masks whose pixels count up (mask t holds 100 t + 0..5); image 1: two
+    # 3 x 2 masks; the batch's size is 3 x 3
+    first = (torch.arange(6.0).view(1, 2, 3) + 100 * torch.arange(3.0).view(3, 1, 1))
+    second = torch.tensor([[[1, 0], [0, 1], [1, 1]], [[0, 0], [1, 0], [0, 0]]]).to(second_dtype)
+    targets = [{"masks": first}, {"masks": second}]
+    indices = [(torch.tensor([0, 4]), torch.tensor([2, 0])), (torch.tensor([1]), torch.tensor([1]))]
+    got = matched_target_masks(targets, indices, torch.device("cpu"))
+    expected = torch.zeros(3, 3, 3)
+    expected[0, :2, :3] = torch.arange(6.0).view(2, 3) + 200
+    expected[1, :2, :3] = torch.arange(6.0).view(2, 3)
+    expected[2, :3, :2] = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    # one size for the batch: the same masks, nothing padded
+    same_size = matched_target_masks([{"masks": first}, {"masks": first.flip(0)}], indices, torch.device("cpu"))
+    assert torch.equal(same_size, torch.stack([first[2], first[0], first[1]]))
+    # no matches at all
+    empty = [(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64))] * 2
+    assert matched_target_masks(targets, empty, torch.device("cpu")).shape == (0, 3, 3)
 
 
 def outputs_with_aux(generator, num_images, num_queries, num_logits, height, width, num_aux,

@@ -21,6 +21,7 @@ __all__ = [
     "build_loss_weights",
     "point_uncertainty",
     "matched_mask_logits",
+    "matched_target_masks",
     "without_mask_factors",
 ]
 
@@ -266,28 +267,19 @@ class SetCriterion(nn.Module):
                 for kind in self.mask_losses.values()
             }
 
-        device = pred_masks.device
-        height = max(target["masks"].shape[-2] for target in targets)
-        width = max(target["masks"].shape[-1] for target in targets)
-        # targets of smaller images are zero-padded at the bottom / right, like the images
-        tgt_masks = []
-        for target, (_, tgt_idx) in zip(targets, indices):
-            masks = target["masks"][tgt_idx.to(target["masks"].device)]
-            masks = masks.to(device=device, dtype=torch.float32)
-            padding = (0, width - masks.shape[-1], 0, height - masks.shape[-2])
-            tgt_masks.append(F.pad(masks, padding))
+        tgt_masks = matched_target_masks(targets, indices, pred_masks.device)
         if src_masks is None:
             src_masks = matched_mask_logits([{"pred_masks": pred_masks}], [indices])[0]
         if self.num_points > 0:
-            src_points, tgt_points = self._sample_points(src_masks, torch.cat(tgt_masks))
+            src_points, tgt_points = self._sample_points(src_masks, tgt_masks)
             return {
                 kind.loss_key: kind.loss(src_points, tgt_points, num_masks)
                 for kind in self.mask_losses.values()
             }
 
-        tgt_flat = torch.cat(tgt_masks).flatten(1)
+        tgt_flat = tgt_masks.flatten(1)
         src_masks = F.interpolate(
-            src_masks[:, None], size=(height, width), mode="bilinear", align_corners=False
+            src_masks[:, None], size=tgt_masks.shape[-2:], mode="bilinear", align_corners=False
         )
         src_flat = src_masks.flatten(1)
         return {
@@ -372,6 +364,40 @@ def without_mask_factors(outputs: Dict) -> Dict:
     if outputs.get("aux_outputs"):
         stripped["aux_outputs"] = [without_mask_factors(aux) for aux in outputs["aux_outputs"]]
     return stripped
+
+
+def matched_target_masks(
+    targets: Sequence[Dict[str, Tensor]], indices: List[Tuple[Tensor, Tensor]], device: torch.device
+) -> Tensor:
+    """
+    The matched targets' masks, in the order of ``indices``, in one M x H x W float32 tensor on
+    ``device``, H x W the largest of the batch: the masks of smaller images are zero-padded at the
+    bottom / right, like the images. Where an image's masks are float32 on ``device`` at that
+    size (SetCriterion converts them once per step), its matched masks are copied once, straight
+    into the result, instead of gathered, padded and concatenated (three copies per decoder layer).
+
+    Args:
+        targets: one dict per image with ``masks`` T x H_b x W_b.
+        indices: per image, (query indices, target indices) of the matched pairs.
+        device: where the result lies.
+    """
+    height = max(target["masks"].shape[-2] for target in targets)
+    width = max(target["masks"].shape[-1] for target in targets)
+    sizes = [target["masks"].shape[-2:] for target in targets]
+    num_matched = sum(len(tgt_idx) for _, tgt_idx in indices)
+    padded = any(tuple(size) != (height, width) for size in sizes)
+    new = torch.zeros if padded else torch.empty
+    result = new(num_matched, height, width, dtype=torch.float32, device=device)
+    start = 0
+    for target, (_, tgt_idx) in zip(targets, indices):
+        masks, rows = target["masks"], result[start : start + len(tgt_idx)]
+        tgt_idx = tgt_idx.to(masks.device)
+        if masks.shape[-2:] == result.shape[-2:] and masks.dtype == result.dtype and masks.device == result.device:
+            torch.index_select(masks, 0, tgt_idx, out=rows)
+        else:
+            rows[:, : masks.shape[-2], : masks.shape[-1]] = masks.index_select(0, tgt_idx)
+        start += len(tgt_idx)
+    return result
 
 
 def matched_mask_logits(
