@@ -418,6 +418,41 @@ def test_optional_per_pixel_focal_mask_loss_on_a_hand_built_case():
                                    mask_focal_weight=-1)
 
 
+def test_targets_of_a_smaller_image_are_zero_padded_at_the_bottom_right():
+    """Image 1's masks are 4 x 2 in a batch of 4 x 4: the losses equal those with its masks padded
+    by hand with two columns of zeros on the right."""
+    criterion = PanopticSegFormerCriterion(class_weight=2.0, l1_weight=5.0, giou_weight=2.0, dice_weight=2.0,
+                                           mask_focal_weight=20.0)
+    generator = torch.Generator().manual_seed(0)
+    things = torch.zeros(1, 4, 4, dtype=torch.bool)
+    things[0, 1:3, 1:3] = True
+    small_things = torch.tensor([[[1, 0], [1, 1], [0, 1], [0, 0]]], dtype=torch.bool)
+    small_stuff = ~small_things
+
+    def target(thing_masks, stuff_masks):
+        return {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]]), "masks": thing_masks,
+                "stuff_labels": torch.tensor([0]), "stuff_masks": stuff_masks}
+
+    def pad(masks):
+        return torch.cat([masks, torch.zeros(masks.shape[0], 4, 2, dtype=masks.dtype)], dim=-1)
+
+    outputs = {"location": {"pred_logits": [torch.randn(2, 2, 2, generator=generator)],
+                            "pred_boxes": [torch.rand(2, 2, 4, generator=generator) * 0.5 + 0.25]},
+               "masks": {"things": [{"pred_logits": torch.randn(2, 2, 2, generator=generator),
+                                     "pred_masks": torch.randn(2, 2, 4, 4, generator=generator) * 2}],
+                         "stuff": [{"pred_logits": torch.randn(2, 2, 1, generator=generator),
+                                    "pred_masks": torch.randn(2, 2, 4, 4, generator=generator) * 2}]}}
+    smaller = criterion(outputs, [target(things, ~things), target(small_things, small_stuff)])
+    padded = criterion(outputs, [target(things, ~things), target(pad(small_things), pad(small_stuff))])
+    assert smaller.keys() == padded.keys()
+    for name in smaller:
+        assert smaller[name].item() == pytest.approx(padded[name].item(), rel=1e-6), name
+    # the padding matters: the same masks stretched over the whole 4 x 4 give other mask losses
+    stretched = criterion(outputs, [target(things, ~things), target(small_things.repeat_interleave(2, dim=-1),
+                                                                    small_stuff.repeat_interleave(2, dim=-1))])
+    assert stretched["loss_stuff_dice_0"].item() != pytest.approx(padded["loss_stuff_dice_0"].item(), rel=1e-3)
+
+
 def test_stuff_queries_are_assigned_to_their_own_class():
     """A stuff query whose mask equals its class's mask has dice 0 whatever the other queries do;
     swapping two stuff queries' masks makes it positive."""

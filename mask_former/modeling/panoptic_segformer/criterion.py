@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_focal_loss
 
+from ..criterion import matched_target_masks
 from ..mask_losses import dice_cost, dice_loss
 from ..mask_losses import sigmoid_focal_loss as mask_focal_loss
 
@@ -296,7 +297,7 @@ class PanopticSegFormerCriterion(nn.Module):
     def _thing_mask_losses(self, i, layer, targets, indices, num, ignore=None):
         logits = layer["pred_logits"].float()
         batch_idx, query_idx = _gather(indices)
-        tgt_masks = [t["masks"][j] for t, (_, j) in zip(targets, indices)]
+        tgt_masks = matched_target_masks(targets, indices, logits.device)
         iou = None
         if self.iou_aware and batch_idx.numel():
             src, tgt = _paired_masks(layer["pred_masks"].detach(), batch_idx, query_idx, tgt_masks)
@@ -313,16 +314,18 @@ class PanopticSegFormerCriterion(nn.Module):
             present[b, t["stuff_labels"]] = 1.0
         batch_idx = torch.cat([torch.full_like(t["stuff_labels"], b) for b, t in enumerate(targets)])
         query_idx = torch.cat([t["stuff_labels"] for t in targets])
-        tgt_masks = [t["stuff_masks"] for t in targets]
+        stuff = [(None, torch.arange(len(t["stuff_labels"]))) for t in targets]
+        tgt_masks = matched_target_masks([{"masks": t["stuff_masks"]} for t in targets], stuff, logits.device)
         losses = {f"loss_stuff_class_{i}": sigmoid_focal_loss(logits, present, alpha=self.alpha, gamma=self.gamma,
                                                               reduction="sum") / num}
         losses.update(self._mask_losses("stuff", i, layer["pred_masks"], batch_idx, query_idx, tgt_masks, num))
         return losses
 
     def _mask_losses(self, kind: str, i: int, pred_masks: Tensor, batch_idx: Tensor, query_idx: Tensor,
-                     tgt_masks: Sequence[Tensor], num: float) -> Dict[str, Tensor]:
+                     tgt_masks: Tensor, num: float) -> Dict[str, Tensor]:
         """``loss_{kind}_dice_{i}`` (and ``loss_{kind}_mask_{i}``, the per-pixel focal loss, when it
-        is on) of the pairs ``pred_masks[batch_idx, query_idx]`` / concatenated ``tgt_masks``."""
+        is on) of the pairs ``pred_masks[batch_idx, query_idx]`` / ``tgt_masks`` (N x H x W, as
+        :func:`matched_target_masks` gives them)."""
         if batch_idx.numel() == 0:  # zeros that keep the graph
             zero = pred_masks.float().sum() * 0.0
             losses = {f"loss_{kind}_dice_{i}": zero}
@@ -345,18 +348,13 @@ def _matched_classes(logits: Tensor, targets: Sequence[Dict[str, Tensor]],
     return target_classes
 
 
-def _paired_masks(pred_masks: Tensor, batch_idx: Tensor, query_idx: Tensor, tgt_masks: Sequence[Tensor]
+def _paired_masks(pred_masks: Tensor, batch_idx: Tensor, query_idx: Tensor, tgt_masks: Tensor
                   ) -> Tuple[Tensor, Tensor]:
-    """The predicted masks ``pred_masks[batch_idx, query_idx]`` and the concatenated ``tgt_masks``
-    (per image, in the same order) as float32 N x P rows at one size.
-
-    The predictions (B x Q x h x w logits) are upsampled bilinearly to the largest target size,
-    the targets are zero-padded to it.
-    """
-    height = max(m.shape[-2] for m in tgt_masks)
-    width = max(m.shape[-1] for m in tgt_masks)
+    """The predicted masks ``pred_masks[batch_idx, query_idx]`` and the target masks of the same
+    pairs (N x H x W float32, zero-padded to the largest size of the batch, as
+    :func:`matched_target_masks` gives them) as float32 N x P rows at one size: the predictions
+    (B x Q x h x w logits) upsampled bilinearly to H x W."""
     src = pred_masks[batch_idx, query_idx].float()
-    if src.shape[-2:] != (height, width):
-        src = F.interpolate(src[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    tgt = torch.cat([F.pad(m.float(), (0, width - m.shape[-1], 0, height - m.shape[-2])) for m in tgt_masks])
-    return src.flatten(1), tgt.flatten(1)
+    if src.shape[-2:] != tgt_masks.shape[-2:]:
+        src = F.interpolate(src[None], size=tgt_masks.shape[-2:], mode="bilinear", align_corners=False)[0]
+    return src.flatten(1), tgt_masks.flatten(1)
