@@ -1,8 +1,11 @@
 import os
+import random
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
+import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # State-dict layouts of the published checkpoints, kept in the repository (tests/reference/README.md)
@@ -16,11 +19,6 @@ os.environ.setdefault("DETECTRON2_DATASETS", str(REPO_ROOT / "datasets"))
 def same_random_state_for_every_test():
     """Each test starts from the same random state, whichever tests ran before it in its process:
     ``make test`` spreads the test files over several processes, in an order that varies."""
-    import random
-
-    import numpy as np
-    import torch
-
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
@@ -29,8 +27,6 @@ def same_random_state_for_every_test():
 @pytest.fixture
 def one_thread():
     """Small models run much faster on one thread than on two contended ones (shared test cores)."""
-    import torch
-
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -383,11 +383,10 @@ def matched_target_masks(
     """
     height = max(target["masks"].shape[-2] for target in targets)
     width = max(target["masks"].shape[-1] for target in targets)
-    sizes = [target["masks"].shape[-2:] for target in targets]
     num_matched = sum(len(tgt_idx) for _, tgt_idx in indices)
-    padded = any(tuple(size) != (height, width) for size in sizes)
-    new = torch.zeros if padded else torch.empty
-    result = new(num_matched, height, width, dtype=torch.float32, device=device)
+    padded = any(target["masks"].shape[-2:] != (height, width) for target in targets)
+    allocate = torch.zeros if padded else torch.empty  # only the padding needs the zeros
+    result = allocate(num_matched, height, width, dtype=torch.float32, device=device)
     start = 0
     for target, (_, tgt_idx) in zip(targets, indices):
         masks, rows = target["masks"], result[start : start + len(tgt_idx)]

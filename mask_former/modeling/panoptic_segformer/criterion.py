@@ -314,8 +314,9 @@ class PanopticSegFormerCriterion(nn.Module):
             present[b, t["stuff_labels"]] = 1.0
         batch_idx = torch.cat([torch.full_like(t["stuff_labels"], b) for b, t in enumerate(targets)])
         query_idx = torch.cat([t["stuff_labels"] for t in targets])
-        stuff = [(None, torch.arange(len(t["stuff_labels"]))) for t in targets]
-        tgt_masks = matched_target_masks([{"masks": t["stuff_masks"]} for t in targets], stuff, logits.device)
+        # stuff query k is paired with the image's mask of stuff class k
+        stuff_pairs = [(t["stuff_labels"], torch.arange(len(t["stuff_labels"]))) for t in targets]
+        tgt_masks = matched_target_masks([{"masks": t["stuff_masks"]} for t in targets], stuff_pairs, logits.device)
         losses = {f"loss_stuff_class_{i}": sigmoid_focal_loss(logits, present, alpha=self.alpha, gamma=self.gamma,
                                                               reduction="sum") / num}
         losses.update(self._mask_losses("stuff", i, layer["pred_masks"], batch_idx, query_idx, tgt_masks, num))
