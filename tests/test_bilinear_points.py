@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import mask_former.layers.point_sampling as point_sampling
-from mask_former.layers.point_sampling import BilinearPoints, raster_order
+from mask_former.layers.point_sampling import BilinearPoints, interleaved_rows, raster_order
 
 
 def grid_sample_points(maps, coords):
@@ -242,3 +242,60 @@ def test_raster_order_is_a_permutation_per_image_and_samples_the_same():
     maps = torch.randn(3, 4, 7, 5, generator=generator)
     sums = BilinearPoints(ordered, 7, 5).sample(maps).sum(-1)
     torch.testing.assert_close(sums, grid_sample_points(maps, coords).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def layers_side_by_side(num_layers, batch, channels, height, width, generator):
+    """num_layers B x C x H x W maps whose pixels hold all layers' channels side by side (the
+    training path's mask logits: b x h x w x (L c) memory), as views of that memory."""
+    memory = torch.randn(batch, height, width, num_layers, channels, generator=generator)
+    return memory, list(memory.permute(3, 0, 4, 1, 2).unbind(0))
+
+
+def test_interleaved_rows_is_the_memory_of_layers_side_by_side():
+    generator = torch.Generator().manual_seed(11)
+    memory, layers = layers_side_by_side(3, 2, 4, 5, 6, generator)
+    points = BilinearPoints(torch.rand(2, 7, 2, generator=generator), 5, 6)
+    tables = [points.pixel_table(maps) for maps in layers]
+    rows, slots = interleaved_rows(tables)
+    # row (b * H * W + pixel) * L + layer is that layer's row b * H * W + pixel, in place
+    assert slots == [0, 1, 2]
+    assert rows.shape == (2 * 5 * 6 * 3, 4) and rows.is_contiguous() and rows.data_ptr() == memory.data_ptr()
+    for layer, table in enumerate(tables):
+        assert torch.equal(rows[layer::3], table)
+    # in another order (the criterion's: the last layer first), the same rows and each table's slot
+    reordered_rows, reordered_slots = interleaved_rows([tables[2], tables[0], tables[1]])
+    assert reordered_slots == [2, 0, 1] and reordered_rows.data_ptr() == memory.data_ptr()
+    # not all the tables of one memory: None
+    assert interleaved_rows(tables[:2]) is None  # 2 of 3 layers: their rows 3 layers apart
+    assert interleaved_rows([tables[0], tables[0], tables[2]]) is None
+    assert interleaved_rows([tables[0], tables[1], tables[2].clone()]) is None
+    assert interleaved_rows([points.pixel_table(maps.contiguous()) for maps in layers]) is None
+    assert interleaved_rows([]) is None
+
+
+@pytest.mark.parametrize("num_layers, batch, order", [(3, 2, [0, 1, 2]), (3, 2, [2, 0, 1]), (1, 3, [0]),
+                                                      (4, 1, [3, 1, 0, 2])])
+def test_interleaved_points_read_all_layers_at_once(index_dtype, num_layers, batch, order):
+    # the points of L x B images (layer-major, as the matcher draws them) read from the layers'
+    # interleaved rows in one call equal each layer's maps read by grid_sample at its own points,
+    # the layers taken in any order
+    generator = torch.Generator().manual_seed(12)
+    _, layers = layers_side_by_side(num_layers, batch, 5, 6, 7, generator)
+    layers = [layers[i] for i in order]
+    coords = edge_coords(num_layers * batch, 6, 7, generator)
+    points = BilinearPoints(coords, 6, 7)
+    rows, slots = interleaved_rows([points.select_images(0, batch).pixel_table(maps) for maps in layers])
+    assert slots == order
+    interleaved = points.interleave(slots)
+    assert interleaved.indices.dtype == points.indices.dtype
+    assert str(points.indices.dtype) == f"torch.{index_dtype}"
+    expected = torch.cat(
+        [grid_sample_points(maps, coords[layer * batch : (layer + 1) * batch]) for layer, maps in enumerate(layers)]
+    )
+    for start, stop in [(0, coords.shape[1]), (5, 31)]:
+        torch.testing.assert_close(interleaved.sample_table(rows, start, stop), expected[..., start:stop],
+                                   rtol=1e-6, atol=1e-6)
+    six_images = BilinearPoints(torch.rand(6, 3, 2, generator=generator), 6, 7)
+    for bad in ([0, 1, 2, 3], [0, 0, 1], []):
+        with pytest.raises(ValueError, match=r"slots of a number of groups dividing the 6 images"):
+            six_images.interleave(bad)

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+import mask_former.modeling.matcher as matcher_module
+from mask_former.layers import interleaved_rows
 from mask_former.modeling.criterion import build_matcher
 from mask_former.modeling.mask_losses import bce_cost, brier_cost, dice_cost, sigmoid_focal_cost
 from mask_former.modeling.matcher import HungarianMatcher
@@ -518,3 +520,58 @@ def test_layers_of_different_shapes_are_refused():
         HungarianMatcher()([], targets)
     with pytest.raises(TypeError, match=r"HungarianMatcher \(layer 1\): expected a dict of outputs .*got Tensor"):
         HungarianMatcher()([layers[0], layers[1]["pred_masks"]], targets)
+
+
+@pytest.mark.parametrize("kind", ["focal", "bce"])
+def test_layers_side_by_side_are_read_in_one_call_and_match_as_contiguous_copies(monkeypatch, kind):
+    # the training path's logits of all layers lie side by side at each pixel (b x h x w x (L q)
+    # memory): all layers' points are read from that memory at once, with the costs (to float
+    # rounding) and assignments of the same logits copied to contiguous tensors, read layer by layer
+
+    found = []
+
+    def recording_interleaved_rows(tables):
+        rows = interleaved_rows(tables)
+        found.append(rows is not None)
+        return rows
+
+    monkeypatch.setattr(matcher_module, "interleaved_rows", recording_interleaved_rows)
+    generator = torch.Generator().manual_seed(25)
+    layers, targets = layer_cases(generator, 3, [4, 0, 2], 6, 4, 5, 7)
+    memory = torch.stack([layer["pred_masks"] for layer in layers]).permute(1, 3, 4, 0, 2).contiguous()
+    side_by_side = [dict(layer, pred_masks=maps) for layer, maps in zip(layers, memory.permute(3, 0, 4, 1, 2))]
+    # in the criterion's order: the last layer first
+    layers, side_by_side = [layers[2], *layers[:2]], [side_by_side[2], *side_by_side[:2]]
+    matcher = HungarianMatcher(1.0, 20.0, 1.0, mask_cost_type=kind, num_points=40, chunk_points=30)
+    torch.manual_seed(9)
+    expected_costs = matcher.batched_cost(layers, targets)
+    torch.manual_seed(9)
+    expected = matcher(layers, targets)
+    assert found == [False, False]
+    torch.manual_seed(9)
+    torch.testing.assert_close(matcher.batched_cost(side_by_side, targets), expected_costs, rtol=1e-6, atol=1e-6)
+    torch.manual_seed(9)
+    got = matcher(side_by_side, targets)
+    assert found == [False, False, True, True]
+    for layer in range(3):
+        for (src, tgt), (src_g, tgt_g) in zip(expected[layer], got[layer]):
+            assert src_g.tolist() == src.tolist() and tgt_g.tolist() == tgt.tolist()
+
+
+@pytest.mark.parametrize("cost_fn, pixel", [(sigmoid_focal_cost, focal_pixel), (brier_cost, brier_pixel)])
+def test_costs_given_the_sigmoid_use_it_and_leave_it_unchanged(cost_fn, pixel):
+    # the matcher passes the dice cost's sigmoid to the mask costs that take it (MaskLossType
+    # .cost_takes_prob): without autograd the focal cost updates its intermediates in place
+    generator = torch.Generator().manual_seed(26)
+    inputs = torch.randn(2, 3, 10, generator=generator) * 3
+    targets = (torch.rand(2, 4, 10, generator=generator) > 0.5).float()
+    prob = inputs.sigmoid()
+    kept = prob.clone()
+    with torch.no_grad():
+        cost = cost_fn(inputs, targets, prob=prob)
+    assert torch.equal(prob, kept)
+    expected = [[[sum(pixel(x, y) for x, y in zip(inputs[b, q].tolist(), targets[b, t].tolist())) / 10
+                  for t in range(4)] for q in range(3)] for b in range(2)]
+    torch.testing.assert_close(cost, torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    # a different "sigmoid" is used as given (the costs do not recompute it)
+    assert not torch.allclose(cost_fn(inputs, targets, prob=prob * 0.5), cost)

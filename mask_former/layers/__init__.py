@@ -12,7 +12,7 @@ from .deformable_transformer import (
 from .fused_linear import LINEAR_ACTIVATIONS, linear
 from .inference_kernels import inference_kernels, inference_kernels_enabled
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn
-from .point_sampling import BilinearPoints, raster_order
+from .point_sampling import BilinearPoints, interleaved_rows, raster_order
 from .winograd_conv import is_winograd_conv, winograd_conv2d
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "flatten_levels",
     "inference_kernels",
     "inference_kernels_enabled",
+    "interleaved_rows",
     "is_winograd_conv",
     "linear",
     "ms_deform_attn",

@@ -1,12 +1,12 @@
 """Bilinear samples of many maps at one set of points per image, by gathering."""
 import copy
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BilinearPoints", "raster_order"]
+__all__ = ["BilinearPoints", "interleaved_rows", "raster_order"]
 
 # Gather with int32 indices while the maps of a batch have fewer pixels than int32 holds.
 _INT32_INDICES = 2 ** 31
@@ -79,6 +79,30 @@ class BilinearPoints:
         selected.indices = self.indices[rows] - start * self.size[0] * self.size[1]
         selected.weights = self.weights[rows]
         return selected
+
+    def interleave(self, slots: Sequence[int]) -> "BilinearPoints":
+        """These points for a table of G groups of B / G images interleaved pixel by pixel
+        (:func:`interleaved_rows`: the decoder layers' mask logits of the training path, whose
+        pixels hold the logits of all layers side by side): image ``g * (B / G) + b`` of this object
+        reads row ``(b * H * W + pixel) * G + slots[g]`` of a (B * H * W) x C table, not row
+        ``(g * (B / G) + b) * H * W + pixel``. The G groups are then read in one
+        :meth:`sample_table` call.
+
+        Args:
+            slots: a permutation of ``range(G)``, group g's place among the rows of a pixel.
+        """
+        num_groups = len(slots)
+        if sorted(slots) != list(range(num_groups)) or num_groups == 0 or self.num_images % num_groups:
+            raise ValueError(
+                f"BilinearPoints.interleave: expected the slots of a number of groups dividing the "
+                f"{self.num_images} images (a permutation of 0, ..., G - 1), got {list(slots)}"
+            )
+        interleaved = copy.copy(self)
+        pixels_per_group = self.num_images // num_groups * self.size[0] * self.size[1]
+        group = torch.div(self.indices, pixels_per_group, rounding_mode="floor")
+        slot = torch.tensor(slots, dtype=self.indices.dtype, device=self.indices.device)[group.long()]
+        interleaved.indices = (self.indices - group * pixels_per_group) * num_groups + slot
+        return interleaved
 
     def sample(self, maps: Tensor) -> Tensor:
         """
@@ -185,6 +209,44 @@ def _dense_rows(table: Tensor) -> Optional[Tuple[Tensor, int]]:
         return None
     rows_per_pixel = row_step // channels
     return table.as_strided(((num_rows - 1) * rows_per_pixel + 1, channels), (channels, 1)), rows_per_pixel
+
+
+def interleaved_rows(tables: Sequence[Tensor]) -> Optional[Tuple[Tensor, List[int]]]:
+    """
+    G pixel tables (:meth:`BilinearPoints.pixel_table`, N x C each) that interleave in one
+    contiguous (N * G) x C table, row i of table g being its row ``i * G + slots[g]``, as
+    ``(that table, slots)``: the table a view, no copy, and ``slots`` a permutation of
+    ``range(G)``. Else None.
+
+    The training path's mask logits of all L decoder layers (b x h x w x (L q) memory,
+    :func:`~mask_former.modeling.transformer_decoder.pixel_major_mask_logits`) give such tables,
+    one per layer, in any order (the criterion puts the last layer first);
+    :meth:`BilinearPoints.interleave` reads their points in one call.
+    """
+    if not tables:
+        return None
+    first = tables[0]
+    num_rows, channels = first.shape
+    num_groups = len(tables)
+    if channels == 0 or (num_rows > 1 and first.stride() != (num_groups * channels, 1)):
+        return None
+    start = min(table.storage_offset() for table in tables)
+    slots = []
+    for table in tables:
+        offset = table.storage_offset() - start
+        if (
+            table.shape != first.shape
+            or table.stride() != first.stride()
+            or table.dtype != first.dtype
+            or table.device != first.device
+            or table.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            or offset % channels
+        ):
+            return None
+        slots.append(offset // channels)
+    if sorted(slots) != list(range(num_groups)):
+        return None
+    return first.as_strided((num_rows * num_groups, channels), (channels, 1), start), slots
 
 
 def _pixel_major(maps: Tensor) -> Tensor:

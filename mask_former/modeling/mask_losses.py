@@ -26,7 +26,7 @@ criterion's output and the config key of its weight. A new mask loss is one call
 :func:`register_mask_loss` (plus its weight key in the config).
 """
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +92,11 @@ def sigmoid_focal_loss(
 
 
 def sigmoid_focal_cost(
-    inputs: Tensor, targets: Tensor, alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA
+    inputs: Tensor,
+    targets: Tensor,
+    alpha: float = FOCAL_ALPHA,
+    gamma: float = FOCAL_GAMMA,
+    prob: Optional[Tensor] = None,
 ) -> Tensor:
     """Pixel-mean sigmoid focal loss of every (query, target) pair.
 
@@ -103,6 +107,8 @@ def sigmoid_focal_cost(
     Args:
         inputs: Q x P mask logits (or B x Q x P).
         targets: T x P binary targets (float in {0, 1}) (or B x T x P).
+        prob: ``inputs.sigmoid()`` when the caller has it already (the matcher, for the dice
+            cost too); it is not modified.
 
     Returns:
         Q x T cost matrix (or B x Q x T).
@@ -111,7 +117,8 @@ def sigmoid_focal_cost(
     # Without autograd (the matcher), the intermediate Q x P tensors are updated in place (fewer
     # allocations of large tensors), and alpha scales the Q x T products, not the Q x P terms.
     in_place = not (torch.is_grad_enabled() and inputs.requires_grad)
-    prob = inputs.sigmoid()
+    if prob is None:
+        prob = inputs.sigmoid()
     # -log(1 - p) = softplus(x) without overflow, and -log(p) = softplus(-x) = softplus(x) - x: one
     # softplus for both (the subtraction's rounding, at most an ulp of x, is scaled by (1 - p)^gamma,
     # which is tiny where x is large)
@@ -181,18 +188,20 @@ def brier_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
     return loss.mean(1).sum() / num_masks
 
 
-def brier_cost(inputs: Tensor, targets: Tensor) -> Tensor:
+def brier_cost(inputs: Tensor, targets: Tensor, prob: Optional[Tensor] = None) -> Tensor:
     """Pixel-mean Brier score of every (query, target) pair.
 
     Args:
         inputs: Q x P mask logits (or B x Q x P).
         targets: T x P targets in [0, 1] (or B x T x P).
+        prob: ``inputs.sigmoid()`` when the caller has it already; it is not modified.
 
     Returns:
         Q x T cost matrix (or B x Q x T).
     """
     num_pixels = inputs.shape[-1]
-    prob = inputs.sigmoid()
+    if prob is None:
+        prob = inputs.sigmoid()
     # sum (p - y)^2 = sum p^2 - 2 sum p*y + sum y^2
     cost = (prob**2).sum(-1)[..., :, None] - 2 * target_products(prob, targets) + (targets**2).sum(-1)[..., None, :]
     # the expansion can round to slightly below zero
@@ -263,6 +272,9 @@ class MaskLossType:
     # True when ``cost`` also takes a batch (B x Q x P, B x T x P -> B x Q x T); otherwise the
     # matcher maps it over the images with torch.vmap
     batched: bool = False
+    # True when ``cost`` takes ``prob=sigmoid(inputs)`` as a keyword and leaves it unchanged: the
+    # matcher then computes the sigmoid once for this cost and the dice cost
+    cost_takes_prob: bool = False
 
 
 # Every mask loss, by the name MODEL.MASK_FORMER.MASK_LOSSES uses. Add one with register_mask_loss.
@@ -293,10 +305,16 @@ def register_mask_loss(name: str, loss_type: MaskLossType) -> MaskLossType:
 
 
 register_mask_loss(
-    "focal", MaskLossType(sigmoid_focal_loss, sigmoid_focal_cost, "loss_mask", True, "MASK_WEIGHT", batched=True)
+    "focal",
+    MaskLossType(
+        sigmoid_focal_loss, sigmoid_focal_cost, "loss_mask", True, "MASK_WEIGHT", batched=True, cost_takes_prob=True
+    ),
 )
 register_mask_loss("bce", MaskLossType(bce_loss, bce_cost, "loss_bce", True, "BCE_WEIGHT", batched=True))
-register_mask_loss("brier", MaskLossType(brier_loss, brier_cost, "loss_brier", True, "BRIER_WEIGHT", batched=True))
+register_mask_loss(
+    "brier",
+    MaskLossType(brier_loss, brier_cost, "loss_brier", True, "BRIER_WEIGHT", batched=True, cost_takes_prob=True),
+)
 register_mask_loss("dice", MaskLossType(dice_loss, dice_cost, "loss_dice", False, "DICE_WEIGHT", batched=True))
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from ..layers import BilinearPoints, raster_order
+from ..layers import BilinearPoints, interleaved_rows, raster_order
 from .assignment import linear_sum_assignment_torch
 from .mask_losses import dice_cost_from_sums, get_mask_loss, target_products
 
@@ -176,6 +176,8 @@ class HungarianMatcher(nn.Module):
         mask_cost = get_mask_loss(mask_cost_type, pointwise_only=True, where="HungarianMatcher mask_cost_type")
         # the costs take one image (Q x P, T x P); vmap maps those that do not take a batch
         self._mask_cost = mask_cost.cost if mask_cost.batched else torch.vmap(mask_cost.cost)
+        # the mask cost reuses the dice cost's sigmoid of the predictions
+        self._mask_cost_takes_prob = mask_cost.batched and mask_cost.cost_takes_prob
 
     def extra_repr(self) -> str:
         return (
@@ -316,10 +318,20 @@ class HungarianMatcher(nn.Module):
             # read in the order of the logits' pixels, not as drawn: the sums over the points are
             # the same to float rounding
             coords = raster_order(coords, height, width)
-            all_points, readers = BilinearPoints(coords, height, width), []
-            for layer, masks in enumerate(pred_masks):
-                points = all_points.select_images(layer * num_images, (layer + 1) * num_images)
-                readers.append(functools.partial(points.sample_table, points.pixel_table(masks)))
+            all_points = BilinearPoints(coords, height, width)
+            layer_points = [
+                all_points.select_images(layer * num_images, (layer + 1) * num_images) for layer in range(num_layers)
+            ]
+            tables = [points.pixel_table(masks) for points, masks in zip(layer_points, pred_masks)]
+            # the training path's logits of all layers lie side by side at each pixel: all layers'
+            # points in one read, laid out as read_predictions' concatenation would lay them out
+            # (no call per layer, no concatenation)
+            interleaved = interleaved_rows(tables) if num_layers > 1 else None
+            if interleaved is not None:
+                all_rows, slots = interleaved
+                readers = [functools.partial(all_points.interleave(slots).sample_table, all_rows)]
+            else:
+                readers = [functools.partial(p.sample_table, table) for p, table in zip(layer_points, tables)]
             target_values = self._target_values(targets, max_targets, pred_masks[0], coords)
         else:
             readers = [functools.partial(_pixel_range, masks.flatten(2)) for masks in pred_masks]
@@ -327,7 +339,8 @@ class HungarianMatcher(nn.Module):
             target_values = self._target_values(targets, max_targets, pred_masks[0], None)
 
         def read_predictions(start: int, stop: int) -> Tensor:
-            if num_layers == 1:
+            """(L * B) x Q x (stop - start) float32 predictions of pixels (points) start:stop, layer-major."""
+            if len(readers) == 1:
                 return readers[0](start, stop)
             # concatenated in the layout of the reads (point samples: B x n x Q memory)
             return torch.cat([read(start, stop).transpose(1, 2) for read in readers]).transpose(1, 2)
@@ -341,14 +354,17 @@ class HungarianMatcher(nn.Module):
             pred, target_chunk = read_predictions(start, stop), target_values[..., start:stop]
             if target_chunk.shape[0] != pred.shape[0]:  # every pixel: the targets of each layer
                 target_chunk = target_chunk.repeat(num_layers, 1, 1)
+            prob = pred.sigmoid() if self.cost_dice > 0 else None
             if self.cost_mask > 0:
                 # the chunks' pixel means, weighted by their share of the pixels
-                cost = self._mask_cost(pred, target_chunk)
+                if prob is not None and self._mask_cost_takes_prob:
+                    cost = self._mask_cost(pred, target_chunk, prob=prob)
+                else:
+                    cost = self._mask_cost(pred, target_chunk)
                 if stop - start != num_pixels:
                     cost = cost.mul_((stop - start) / num_pixels)
                 mask_cost = cost if mask_cost is None else mask_cost.add_(cost)
             if self.cost_dice > 0:
-                prob = pred.sigmoid()
                 products, sums = target_products(prob, target_chunk), prob.sum(-1)
                 dice_products = products if dice_products is None else dice_products.add_(products)
                 prob_sums = sums if prob_sums is None else prob_sums.add_(sums)
