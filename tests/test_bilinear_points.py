@@ -299,3 +299,12 @@ def test_interleaved_points_read_all_layers_at_once(index_dtype, num_layers, bat
     for bad in ([0, 1, 2, 3], [0, 0, 1], []):
         with pytest.raises(ValueError, match=r"slots of a number of groups dividing the 6 images"):
             six_images.interleave(bad)
+
+
+def test_raster_order_and_interleaved_rows_name_bad_shapes():
+    with pytest.raises(ValueError, match=r"raster_order: coords must be B x P x 2 \(x, y\), got shape \(4, 2\)"):
+        raster_order(torch.rand(4, 2), 3, 3)
+    with pytest.raises(ValueError, match=r"raster_order: the map must have a positive size, got 0 x 3"):
+        raster_order(torch.rand(1, 4, 2), 0, 3)
+    with pytest.raises(ValueError, match=r"interleaved_rows: expected N x C pixel tables, got shape \(2, 3, 4\)"):
+        interleaved_rows([torch.zeros(6, 4), torch.zeros(2, 3, 4)])

@@ -225,6 +225,9 @@ def interleaved_rows(tables: Sequence[Tensor]) -> Optional[Tuple[Tensor, List[in
     """
     if not tables:
         return None
+    for table in tables:
+        if table.dim() != 2:
+            raise ValueError(f"interleaved_rows: expected N x C pixel tables, got shape {tuple(table.shape)}")
     first = tables[0]
     num_rows, channels = first.shape
     num_groups = len(tables)
@@ -273,6 +276,10 @@ def raster_order(coords: Tensor, height: int, width: int) -> Tensor:
     Returns:
         B x P x 2: ``coords`` of each image, reordered.
     """
+    if coords.dim() != 3 or coords.shape[-1] != 2:
+        raise ValueError(f"raster_order: coords must be B x P x 2 (x, y), got shape {tuple(coords.shape)}")
+    if height < 1 or width < 1:
+        raise ValueError(f"raster_order: the map must have a positive size, got {height} x {width}")
     column = (coords[..., 0] * width).floor_().clamp_(0, width - 1)
     row = (coords[..., 1] * height).floor_().clamp_(0, height - 1)
     order = (row * width + column).argsort(dim=-1, stable=True)
