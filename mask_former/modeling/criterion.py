@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .mask_losses import MASK_LOSSES, get_mask_loss
 from .matcher import POINT_SAMPLE_KWARGS, SOLVERS, HungarianMatcher, check_outputs, check_targets
+from .upsampled_mask_losses import upsampled_mask_losses
 
 __all__ = [
     "SetCriterion",
@@ -277,15 +278,9 @@ class SetCriterion(nn.Module):
                 for kind in self.mask_losses.values()
             }
 
-        tgt_flat = tgt_masks.flatten(1)
-        src_masks = F.interpolate(
-            src_masks[:, None], size=tgt_masks.shape[-2:], mode="bilinear", align_corners=False
-        )
-        src_flat = src_masks.flatten(1)
-        return {
-            kind.loss_key: kind.loss(src_flat, tgt_flat, num_masks)
-            for kind in self.mask_losses.values()
-        }
+        kinds = list(self.mask_losses.values())
+        losses = upsampled_mask_losses(src_masks, tgt_masks, kinds, num_masks)
+        return {kind.loss_key: loss for kind, loss in zip(kinds, losses)}
 
     def _sample_points(self, src_masks: Tensor, tgt_masks: Tensor) -> Tuple[Tensor, Tensor]:
         """The values of the matched predictions and targets at ``num_points`` points per mask,

@@ -1,6 +1,6 @@
 """Mask losses and matching costs shared by the Hungarian matcher and the set criterion.
 
-Two families of functions, one per kind of mask loss:
+Three families of functions, one per kind of mask loss:
 
 - ``*_loss(inputs, targets, num_masks)``: the loss of N matched (prediction, target) pairs,
   ``inputs`` and ``targets`` both N x P (P = pixels per mask). Pointwise losses (focal, bce,
@@ -14,6 +14,10 @@ Two families of functions, one per kind of mask loss:
   :class:`MaskLossType` and is called on the whole batch at once instead. A pointwise cost must
   be the mean over the P pixels of a per-pixel term: the matcher may compute it over chunks of
   the pixels and average the chunks' costs, weighted by their sizes.
+- ``*_pixel_sums(inputs, targets)`` and ``*loss_from_sums(sums, num_pixels, num_masks)``: the
+  loss as a function of per-mask sums over the pixels (N x S), which add up over any split of the
+  pixels; the full-resolution losses are computed tile by tile from them
+  (``upsampled_mask_losses.py``). Optional for a registered loss.
 
 ``inputs`` are mask logits (before the sigmoid) and ``targets`` are binary masks as float in
 {0, 1}. The costs are computed with matrix products; the focal cost relies on the targets being
@@ -42,6 +46,12 @@ __all__ = [
     "dice_loss",
     "dice_cost",
     "dice_cost_from_sums",
+    "dice_pixel_sums",
+    "dice_loss_from_sums",
+    "sigmoid_focal_pixel_sums",
+    "bce_pixel_sums",
+    "brier_pixel_sums",
+    "mean_loss_from_sums",
     "target_products",
     "MaskLossType",
     "MASK_LOSSES",
@@ -82,13 +92,30 @@ def sigmoid_focal_loss(
     Returns:
         Scalar: sum over masks of the per-mask pixel mean, divided by ``num_masks``.
     """
+    return _sigmoid_focal_terms(inputs, targets, alpha, gamma).mean(1).sum() / num_masks
+
+
+def _sigmoid_focal_terms(inputs: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
+    """The per-pixel focal loss, N x P."""
     prob = inputs.sigmoid()
     ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
     p_t = prob * targets + (1 - prob) * (1 - targets)
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(1).sum() / num_masks
+    return loss
+
+
+def sigmoid_focal_pixel_sums(inputs: Tensor, targets: Tensor) -> Tensor:
+    """N x 1: each mask's sum over its pixels of the focal loss (:func:`mean_loss_from_sums` of it
+    is :func:`sigmoid_focal_loss`)."""
+    return _sigmoid_focal_terms(inputs, targets, FOCAL_ALPHA, FOCAL_GAMMA).sum(1, keepdim=True)
+
+
+def mean_loss_from_sums(sums: Tensor, num_pixels: int, num_masks: float) -> Tensor:
+    """A pointwise loss from each mask's sum over its ``num_pixels`` pixels (N x 1): the sum over the
+    masks of the per-mask pixel mean, divided by ``num_masks``."""
+    return (sums[:, 0] / num_pixels).sum() / num_masks
 
 
 def sigmoid_focal_cost(
@@ -158,6 +185,11 @@ def bce_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
     return loss.mean(1).sum() / num_masks
 
 
+def bce_pixel_sums(inputs: Tensor, targets: Tensor) -> Tensor:
+    """N x 1: each mask's sum over its pixels of the binary cross-entropy."""
+    return F.binary_cross_entropy_with_logits(inputs, targets, reduction="none").sum(1, keepdim=True)
+
+
 def bce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     """Pixel-mean binary cross-entropy of every (query, target) pair.
 
@@ -186,6 +218,11 @@ def brier_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
     """
     loss = (inputs.sigmoid() - targets) ** 2
     return loss.mean(1).sum() / num_masks
+
+
+def brier_pixel_sums(inputs: Tensor, targets: Tensor) -> Tensor:
+    """N x 1: each mask's sum over its pixels of the Brier score."""
+    return ((inputs.sigmoid() - targets) ** 2).sum(1, keepdim=True)
 
 
 def brier_cost(inputs: Tensor, targets: Tensor, prob: Optional[Tensor] = None) -> Tensor:
@@ -223,6 +260,19 @@ def dice_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
     numerator = 2 * (prob * targets).sum(1)
     denominator = prob.sum(1) + targets.sum(1)
     loss = 1 - (numerator + 1) / (denominator + 1)
+    return loss.sum() / num_masks
+
+
+def dice_pixel_sums(inputs: Tensor, targets: Tensor) -> Tensor:
+    """N x 3: each mask's sums over its pixels of ``sigmoid(x) * y``, ``sigmoid(x)`` and ``y``, from
+    which :func:`dice_loss_from_sums` gives :func:`dice_loss`."""
+    prob = inputs.sigmoid()
+    return torch.stack([(prob * targets).sum(1), prob.sum(1), targets.sum(1)], 1)
+
+
+def dice_loss_from_sums(sums: Tensor, num_pixels: int, num_masks: float) -> Tensor:
+    """:func:`dice_loss` from :func:`dice_pixel_sums` (N x 3); ``num_pixels`` is not needed."""
+    loss = 1 - (2 * sums[:, 0] + 1) / (sums[:, 1] + sums[:, 2] + 1)
     return loss.sum() / num_masks
 
 
@@ -275,6 +325,16 @@ class MaskLossType:
     # True when ``cost`` takes ``prob=sigmoid(inputs)`` as a keyword and leaves it unchanged: the
     # matcher then computes the sigmoid once for this cost and the dice cost
     cost_takes_prob: bool = False
+    # Optional: the loss as a function of per-mask sums over the pixels, which add up over any split
+    # of the pixels (the full-resolution losses then run tile by tile, upsampled_mask_losses.py):
+    # ``pixel_sums(inputs, targets)`` N x P, N x P -> N x S sums, and
+    # ``loss_from_sums(sums, num_pixels, num_masks)`` -> the value of ``loss``
+    pixel_sums: Optional[Callable[[Tensor, Tensor], Tensor]] = None
+    loss_from_sums: Optional[Callable[[Tensor, int, float], Tensor]] = None
+
+    def __post_init__(self):
+        if (self.pixel_sums is None) != (self.loss_from_sums is None):
+            raise ValueError("MaskLossType: pixel_sums and loss_from_sums go together; got only one of them")
 
 
 # Every mask loss, by the name MODEL.MASK_FORMER.MASK_LOSSES uses. Add one with register_mask_loss.
@@ -307,16 +367,31 @@ def register_mask_loss(name: str, loss_type: MaskLossType) -> MaskLossType:
 register_mask_loss(
     "focal",
     MaskLossType(
-        sigmoid_focal_loss, sigmoid_focal_cost, "loss_mask", True, "MASK_WEIGHT", batched=True, cost_takes_prob=True
+        sigmoid_focal_loss, sigmoid_focal_cost, "loss_mask", True, "MASK_WEIGHT", batched=True, cost_takes_prob=True,
+        pixel_sums=sigmoid_focal_pixel_sums, loss_from_sums=mean_loss_from_sums,
     ),
 )
-register_mask_loss("bce", MaskLossType(bce_loss, bce_cost, "loss_bce", True, "BCE_WEIGHT", batched=True))
+register_mask_loss(
+    "bce",
+    MaskLossType(
+        bce_loss, bce_cost, "loss_bce", True, "BCE_WEIGHT", batched=True,
+        pixel_sums=bce_pixel_sums, loss_from_sums=mean_loss_from_sums,
+    ),
+)
 register_mask_loss(
     "brier",
-    MaskLossType(brier_loss, brier_cost, "loss_brier", True, "BRIER_WEIGHT", batched=True, cost_takes_prob=True),
+    MaskLossType(
+        brier_loss, brier_cost, "loss_brier", True, "BRIER_WEIGHT", batched=True, cost_takes_prob=True,
+        pixel_sums=brier_pixel_sums, loss_from_sums=mean_loss_from_sums,
+    ),
 )
-register_mask_loss("dice", MaskLossType(dice_loss, dice_cost, "loss_dice", False, "DICE_WEIGHT", batched=True))
-
+register_mask_loss(
+    "dice",
+    MaskLossType(
+        dice_loss, dice_cost, "loss_dice", False, "DICE_WEIGHT", batched=True,
+        pixel_sums=dice_pixel_sums, loss_from_sums=dice_loss_from_sums,
+    ),
+)
 
 def get_mask_loss(
     name: str, pointwise_only: bool = False, where: str = "mask loss"

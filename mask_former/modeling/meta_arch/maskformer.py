@@ -27,6 +27,7 @@ from ..postprocessing import instance_inference, mask_wise_panoptic_inference, p
 from ..training_optimization import checkpoint_activations
 from ..transformer_decoder.standard_transformer_decoder import pixel_major_mask_logits
 from ..transformer_decoder.transformer import fused_attention
+from ..upsampled_mask_losses import tiled_upsampled_mask_losses
 from .base import INSTANCE, PANOPTIC, SEMANTIC, SegmentationMetaArch, task_switches
 
 logger = logging.getLogger(__name__)
@@ -291,7 +292,8 @@ class MaskFormer(SegmentationMetaArch):
                 # the modules as built: the mask losses' backward through every query's logits
                 outputs = without_mask_factors(outputs)
             try:
-                losses = self.criterion(outputs, targets)
+                with tiled_upsampled_mask_losses(self.optimize_training):
+                    losses = self.criterion(outputs, targets)
             except NonFiniteCostError as e:
                 # Diverged predictions surface in the matcher before any loss is computed: say it
                 # the way detectron2 reports a non-finite loss, with the iteration.

@@ -1,0 +1,218 @@
+"""
+The paper's full-resolution mask losses, computed in tiles.
+
+``SetCriterion`` with ``num_points=0`` upsamples the matched pairs' mask logits (M x h x w, the
+1/4 resolution of the pixel decoder) bilinearly to the padded image size (M x H x W) and takes the
+mask losses there. Written as whole-image operations, that is a dozen passes over M x H x W values
+in memory, and autograd keeps several of those tensors (about 17 MB each per decoder layer for
+16 masks at 512 x 512) until the backward. :func:`upsampled_mask_losses` computes the same losses
+a tile at a time (a few masks by a band of rows, a few MB) so that each tile's intermediates stay
+in the cache, and keeps only the low-resolution logits for the backward, which recomputes each
+tile. A tile is upsampled by ``F.interpolate`` from its source rows with one row of margin, at the
+same scale, so its values are those of the whole masks' upsampling (bitwise for factor 4 on this
+project's CPUs; for other sizes PyTorch's kernel may round differently, by an ulp); the losses and
+gradients differ from the whole-image computation by float rounding only (the order of the sums).
+
+It needs losses that are functions of per-mask sums over the pixels (``MaskLossType.pixel_sums``
+and ``loss_from_sums``: all built-in ones) and an integer power-of-two upsampling factor (the
+stride-4 logits of a padded image). Otherwise the whole-image computation runs, as
+:func:`whole_image_mask_losses`.
+"""
+import contextlib
+from typing import Iterator, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..layers.context_switch import ContextSwitch
+from .mask_losses import MaskLossType
+
+__all__ = [
+    "tiled_upsampled_mask_losses",
+    "tiled_upsampled_mask_losses_enabled",
+    "tiling_supported",
+    "upsampled_mask_losses",
+    "upsampled_tile",
+    "upsampling_weights",
+    "whole_image_mask_losses",
+]
+
+# values of the upsampled masks per tile: masks x rows x W, about 2 MB of float32
+TILE_VALUES = 1 << 19
+# fewest source rows per tile; each tile also upsamples a row of margin on either side
+MIN_TILE_ROWS = 4
+
+_TILED = ContextSwitch("tiled_upsampled_mask_losses")
+
+
+def tiled_upsampled_mask_losses(enabled: bool = True) -> "contextlib.AbstractContextManager[None]":
+    """Within this context :func:`upsampled_mask_losses` computes the losses tile by tile where it
+    can (``MaskFormer`` training with ``optimize_training`` enters it); outside, as whole images."""
+    return _TILED(enabled)
+
+
+def tiled_upsampled_mask_losses_enabled() -> bool:
+    """Whether the calling code runs inside :func:`tiled_upsampled_mask_losses`."""
+    return _TILED.enabled()
+
+
+def _power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def tiling_supported(low_size: Tuple[int, int], high_size: Tuple[int, int], kinds: Sequence[MaskLossType]) -> bool:
+    """Whether :func:`upsampled_mask_losses` can tile: every loss has ``pixel_sums`` and the upsampling
+    factor is the same power of two along both axes (the bilinear source coordinates of a tile are then
+    those of the whole mask, exactly, in float32)."""
+    (h, w), (height, width) = low_size, high_size
+    if h == 0 or w == 0 or height % h or width % w or height // h != width // w:
+        return False
+    return _power_of_two(height // h) and all(kind.pixel_sums is not None for kind in kinds)
+
+
+def whole_image_mask_losses(
+    src_masks: Tensor, tgt_masks: Tensor, kinds: Sequence[MaskLossType], num_masks: float
+) -> List[Tensor]:
+    """The mask losses of ``src_masks`` (N x h x w logits) upsampled (bilinear) to the size of
+    ``tgt_masks`` (N x H x W), by each kind's ``loss`` on the whole images."""
+    tgt_flat = tgt_masks.flatten(1)
+    upsampled = F.interpolate(src_masks[:, None], size=tgt_masks.shape[-2:], mode="bilinear", align_corners=False)
+    src_flat = upsampled.flatten(1)
+    return [kind.loss(src_flat, tgt_flat, num_masks) for kind in kinds]
+
+
+def upsampled_mask_losses(
+    src_masks: Tensor, tgt_masks: Tensor, kinds: Sequence[MaskLossType], num_masks: float
+) -> List[Tensor]:
+    """
+    The mask losses of matched pairs at the targets' resolution, the predictions upsampled
+    (bilinear, ``align_corners=False``) to it: tile by tile inside
+    :func:`tiled_upsampled_mask_losses` where :func:`tiling_supported`, otherwise as whole images.
+
+    Args:
+        src_masks: N x h x w float32 mask logits (differentiable).
+        tgt_masks: N x H x W float32 targets.
+        kinds: the mask losses.
+        num_masks: the normalizer of each loss's sum over the masks.
+
+    Returns:
+        One scalar per kind, in order.
+    """
+    if (
+        tiled_upsampled_mask_losses_enabled()
+        and src_masks.shape[0] > 0
+        and tiling_supported(tuple(src_masks.shape[-2:]), tuple(tgt_masks.shape[-2:]), kinds)
+    ):
+        losses = _TiledMaskLosses.apply(src_masks, tgt_masks.detach(), tuple(kinds), float(num_masks))
+        return list(losses.unbind(0))
+    return whole_image_mask_losses(src_masks, tgt_masks, kinds, num_masks)
+
+
+def _tiles(num_masks: int, low_height: int, factor: int, width: int) -> Iterator[Tuple[slice, int, int]]:
+    """(masks, first source row, end source row) of each tile."""
+    rows = max(MIN_TILE_ROWS, TILE_VALUES // max(1, factor * width * num_masks))
+    rows = min(rows, low_height)
+    masks_per_tile = max(1, min(num_masks, TILE_VALUES // max(1, factor * width * rows)))
+    for first_mask in range(0, num_masks, masks_per_tile):
+        masks = slice(first_mask, min(first_mask + masks_per_tile, num_masks))
+        for start in range(0, low_height, rows):
+            yield masks, start, min(start + rows, low_height)
+
+
+def upsampled_tile(src_masks: Tensor, start: int, stop: int, factor: int, width: int) -> Tensor:
+    """
+    Rows ``start * factor : stop * factor`` of ``F.interpolate(src_masks[:, None], scale
+    factor)``, bilinear with ``align_corners=False``, computed from source rows ``start - 1`` to
+    ``stop`` only: the rows of the whole upsampled masks (the same source coordinates and weights;
+    equal to float rounding).
+
+    Args:
+        src_masks: N x h x w.
+        start, stop: source rows, 0 <= start < stop <= h.
+        factor: the upsampling factor (a power of two; the output is (h * factor) x width).
+        width: w * factor.
+
+    Returns:
+        N x ((stop - start) * factor) x width.
+    """
+    first, end = max(start - 1, 0), min(stop + 1, src_masks.shape[-2])
+    slab = src_masks[:, first:end]
+    upsampled = F.interpolate(slab[:, None], size=((end - first) * factor, width), mode="bilinear", align_corners=False)
+    return upsampled[:, 0, (start - first) * factor : (stop - first) * factor]
+
+
+def _tile_sums(kinds: Sequence[MaskLossType], upsampled: Tensor, targets: Tensor) -> List[Tensor]:
+    values, targets = upsampled.flatten(1), targets.flatten(1)
+    return [kind.pixel_sums(values, targets) for kind in kinds]
+
+
+class _TiledMaskLosses(torch.autograd.Function):
+    """Losses of upsampled masks from per-mask sums over tiles; the backward recomputes each tile."""
+
+    @staticmethod
+    def forward(ctx, src_masks: Tensor, tgt_masks: Tensor, kinds: Tuple[MaskLossType, ...], num_masks: float):
+        num, low_height, low_width = src_masks.shape
+        height, width = tgt_masks.shape[-2:]
+        factor = height // low_height
+        sums: List[List[Tensor]] = [[] for _ in kinds]  # per kind, per mask group: n x S
+        current = None
+        for masks, start, stop in _tiles(num, low_height, factor, width):
+            upsampled = upsampled_tile(src_masks[masks], start, stop, factor, width)
+            tile_sums = _tile_sums(kinds, upsampled, tgt_masks[masks, start * factor : stop * factor])
+            if masks != current:
+                current = masks
+                for kind_sums, tile in zip(sums, tile_sums):
+                    kind_sums.append(tile)
+            else:
+                for kind_sums, tile in zip(sums, tile_sums):
+                    kind_sums[-1] = kind_sums[-1] + tile
+        totals = [torch.cat(kind_sums) for kind_sums in sums]
+        ctx.save_for_backward(src_masks, tgt_masks, *totals)
+        ctx.kinds, ctx.num_masks = kinds, num_masks
+        num_pixels = height * width
+        return torch.stack([kind.loss_from_sums(total, num_pixels, num_masks) for kind, total in zip(kinds, totals)])
+
+    @staticmethod
+    def backward(ctx, grad_losses: Tensor):
+        src_masks, tgt_masks, *totals = ctx.saved_tensors
+        kinds = ctx.kinds
+        num, low_height, low_width = src_masks.shape
+        height, width = tgt_masks.shape[-2:]
+        factor = height // low_height
+        with torch.enable_grad():
+            # the gradient of the weighted losses with respect to each mask's sums: the tiles'
+            # sums then enter the backward linearly, with these coefficients
+            leaves = [total.detach().requires_grad_() for total in totals]
+            losses = torch.stack(
+                [kind.loss_from_sums(leaf, height * width, ctx.num_masks) for kind, leaf in zip(kinds, leaves)]
+            )
+            coefficients = torch.autograd.grad(losses, leaves, grad_losses, allow_unused=True, materialize_grads=True)
+        # the backward of the upsampling as products with its (sparse, small) weight matrices:
+        # upsampled = rows @ masks @ columns^T (PyTorch's CPU kernel of the upsampling's backward
+        # took a third of this backward's time, 7 ms per tile)
+        rows_weights = upsampling_weights(low_height, height, src_masks)  # H x h
+        columns_weights = upsampling_weights(low_width, width, src_masks)  # W x w
+        grad = torch.zeros_like(src_masks)
+        for masks, start, stop in _tiles(num, low_height, factor, width):
+            first, end = max(start - 1, 0), min(stop + 1, low_height)
+            upsampled = upsampled_tile(src_masks[masks], start, stop, factor, width).requires_grad_()
+            with torch.enable_grad():
+                tile_sums = _tile_sums(kinds, upsampled, tgt_masks[masks, start * factor : stop * factor])
+                weighted = sum((tile * coefficient[masks]).sum() for tile, coefficient in zip(tile_sums, coefficients))
+                (tile_grad,) = torch.autograd.grad(weighted, upsampled)  # n x R x W
+            tile_rows = rows_weights[start * factor : stop * factor, first:end]  # R x (end - first)
+            slab_grad = torch.matmul(tile_rows.t(), tile_grad)  # n x (end - first) x W
+            grad[masks, first:end] += torch.matmul(slab_grad, columns_weights)
+        return grad, None, None, None
+
+
+def upsampling_weights(low_size: int, size: int, like: Tensor) -> Tensor:
+    """
+    ``size x low_size``: the weights of bilinear upsampling (``align_corners=False``) along one
+    axis, from ``low_size`` to ``size`` values, as ``F.interpolate`` applies them (it is run on the
+    identity), so that upsampling a ``low_size`` vector ``x`` is ``weights @ x``.
+    """
+    identity = torch.eye(low_size, dtype=like.dtype, device=like.device)
+    # along the last axis only (the other one keeps its size: scale 1, the identity)
+    return F.interpolate(identity[None, None], size=(low_size, size), mode="bilinear", align_corners=False)[0, 0].t()

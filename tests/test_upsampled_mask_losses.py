@@ -1,0 +1,177 @@
+"""The full-resolution mask losses tile by tile: the tiles' upsampling against F.interpolate and
+hand-computed weights, the per-mask pixel sums against each loss, and the tiled losses and
+gradients against the whole-image computation and the hand-computed criterion losses."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mask_former.modeling import upsampled_mask_losses as tiled_module
+from mask_former.modeling.criterion import SetCriterion
+from mask_former.modeling.mask_losses import MASK_LOSSES, MaskLossType
+from mask_former.modeling.upsampled_mask_losses import (
+    tiled_upsampled_mask_losses,
+    tiled_upsampled_mask_losses_enabled,
+    tiling_supported,
+    upsampled_mask_losses,
+    upsampled_tile,
+    upsampling_weights,
+)
+from test_criterion import ALL_MASK_LOSSES, FixedMatcher, as_lists, assert_losses, random_targets, reference_losses
+
+
+def whole_upsampling(masks, factor):
+    return F.interpolate(masks[:, None], scale_factor=factor, mode="bilinear", align_corners=False)[:, 0]
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4, 8])
+@pytest.mark.parametrize("low_size", [(1, 3), (2, 2), (5, 7), (16, 9)])
+def test_tiles_are_the_rows_of_the_whole_upsampling(factor, low_size):
+    # the same source coordinates and weights: equal to float rounding (PyTorch's kernel may
+    # order its arithmetic differently for different sizes; for factor 4 it was bitwise)
+    generator = torch.Generator().manual_seed(factor)
+    masks = torch.randn(3, *low_size, generator=generator) * 5
+    whole = whole_upsampling(masks, factor)
+    height = low_size[0]
+    for start in range(height):
+        for stop in range(start + 1, height + 1):
+            tile = upsampled_tile(masks, start, stop, factor, low_size[1] * factor)
+            torch.testing.assert_close(tile, whole[:, start * factor : stop * factor], rtol=1e-6, atol=1e-6)
+
+
+def test_upsampling_weights_by_hand():
+    # factor 2, align_corners=False: output 2k reads 0.25 x[k-1] + 0.75 x[k], output 2k+1 reads
+    # 0.75 x[k] + 0.25 x[k+1], the indices clamped at the edges
+    expected = torch.tensor(
+        [
+            [1.0, 0.0, 0.0],
+            [0.75, 0.25, 0.0],
+            [0.25, 0.75, 0.0],
+            [0.0, 0.75, 0.25],
+            [0.0, 0.25, 0.75],
+            [0.0, 0.0, 1.0],
+        ]
+    )
+    assert torch.equal(upsampling_weights(3, 6, torch.empty(0)), expected)
+    # factor 4: output j reads source (j + 0.5) / 4 - 0.5 (clamped at 0), linearly between its neighbours
+    weights = upsampling_weights(3, 12, torch.empty(0))
+    for j in range(12):
+        source = max((j + 0.5) / 4 - 0.5, 0.0)
+        low = int(source)
+        high = min(low + 1, 2)
+        row = [0.0, 0.0, 0.0]
+        row[low] += 1 - (source - low)
+        row[high] += source - low
+        assert weights[j].tolist() == pytest.approx(row, abs=1e-7), j
+
+
+@pytest.mark.parametrize("name", ALL_MASK_LOSSES)
+def test_pixel_sums_over_any_split_give_the_loss(name):
+    kind = MASK_LOSSES[name]
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(4, 50, generator=generator) * 4
+    targets = (torch.rand(4, 50, generator=generator) > 0.6).float()
+    sums = kind.pixel_sums(inputs[:, :17], targets[:, :17]) + kind.pixel_sums(inputs[:, 17:], targets[:, 17:])
+    got = kind.loss_from_sums(sums, 50, 3.0)
+    torch.testing.assert_close(got, kind.loss(inputs, targets, 3.0), rtol=1e-6, atol=1e-7)
+
+
+def test_mask_loss_type_needs_both_sum_functions():
+    kind = MASK_LOSSES["bce"]
+    with pytest.raises(ValueError, match="pixel_sums and loss_from_sums"):
+        MaskLossType(kind.loss, kind.cost, "loss_x", True, "X_WEIGHT", pixel_sums=kind.pixel_sums)
+
+
+def losses_and_gradient(src, tgt, kinds, tiled):
+    src = src.detach().requires_grad_()
+    with tiled_upsampled_mask_losses(tiled):
+        losses = upsampled_mask_losses(src, tgt, kinds, 2.5)
+    weights = torch.arange(1.0, len(losses) + 1)
+    (grad,) = torch.autograd.grad(sum(w * loss for w, loss in zip(weights, losses)), src)
+    return torch.stack(losses), grad
+
+
+@pytest.mark.parametrize("names", [("focal", "dice"), ("bce",), ("brier", "dice"), ALL_MASK_LOSSES])
+@pytest.mark.parametrize("factor", [2, 4])
+@pytest.mark.parametrize("tile_values", [64, 1000, 1 << 19])
+def test_tiled_losses_and_gradients_equal_the_whole_images(monkeypatch, names, factor, tile_values):
+    # small tiles: several groups of masks and bands of rows (with a short last band)
+    monkeypatch.setattr(tiled_module, "TILE_VALUES", tile_values)
+    monkeypatch.setattr(tiled_module, "MIN_TILE_ROWS", 2)
+    generator = torch.Generator().manual_seed(factor)
+    kinds = [MASK_LOSSES[name] for name in names]
+    src = torch.randn(5, 9, 6, generator=generator) * 3
+    tgt = (torch.rand(5, 9 * factor, 6 * factor, generator=generator) > 0.5).float()
+    tiled = []
+    monkeypatch.setattr(tiled_module._TiledMaskLosses, "apply", _spy(tiled_module._TiledMaskLosses.apply, tiled))
+    losses, grad = losses_and_gradient(src, tgt, kinds, tiled=True)
+    assert tiled, "the tiled computation ran"
+    expected_losses, expected_grad = losses_and_gradient(src, tgt, kinds, tiled=False)
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7 * expected_grad.abs().max().item())
+
+
+def _spy(function, calls):
+    def wrapper(*args):
+        calls.append(args)
+        return function(*args)
+
+    return wrapper
+
+
+def test_tiling_needs_a_power_of_two_factor_and_sum_functions(monkeypatch):
+    focal = MASK_LOSSES["focal"]
+    assert tiling_supported((4, 4), (16, 16), [focal])
+    assert tiling_supported((4, 5), (4, 5), [focal])
+    assert not tiling_supported((4, 4), (12, 12), [focal])  # factor 3
+    assert not tiling_supported((4, 4), (16, 8), [focal])  # not the same along both axes
+    assert not tiling_supported((4, 4), (18, 18), [focal])  # not an integer factor
+    without_sums = MaskLossType(focal.loss, focal.cost, "loss_x", True, "X_WEIGHT")
+    assert not tiling_supported((4, 4), (16, 16), [focal, without_sums])
+
+    calls = []
+    monkeypatch.setattr(tiled_module._TiledMaskLosses, "apply", _spy(tiled_module._TiledMaskLosses.apply, calls))
+    src, tgt = torch.randn(2, 4, 4), torch.ones(2, 12, 12)
+    with tiled_upsampled_mask_losses():
+        (loss,) = upsampled_mask_losses(src, tgt, [focal], 1.0)  # factor 3: whole images
+    assert not calls
+    up = F.interpolate(src[:, None], size=(12, 12), mode="bilinear", align_corners=False).flatten(1)
+    torch.testing.assert_close(loss, focal.loss(up, tgt.flatten(1), 1.0))
+    # outside the context: whole images too
+    upsampled_mask_losses(src, torch.ones(2, 16, 16), [focal], 1.0)
+    assert not calls
+
+
+def test_context_switch_is_scoped():
+    assert not tiled_upsampled_mask_losses_enabled()
+    with tiled_upsampled_mask_losses():
+        assert tiled_upsampled_mask_losses_enabled()
+        with tiled_upsampled_mask_losses(False):
+            assert not tiled_upsampled_mask_losses_enabled()
+        assert tiled_upsampled_mask_losses_enabled()
+    assert not tiled_upsampled_mask_losses_enabled()
+
+
+def test_criterion_tiled_losses_equal_hand_computed_ones(monkeypatch):
+    # the criterion's padded targets and 2x upsampled predictions, tile by tile (tiles of one
+    # mask by a few rows), against the loop-by-loop reference
+    monkeypatch.setattr(tiled_module, "TILE_VALUES", 8)
+    monkeypatch.setattr(tiled_module, "MIN_TILE_ROWS", 1)
+    generator = torch.Generator().manual_seed(0)
+    pred_logits = torch.randn(2, 3, 4, generator=generator)
+    pred_masks = (torch.randn(2, 3, 3, 3, generator=generator) * 2).requires_grad_()
+    targets = [random_targets(generator, [2], 6, 6), random_targets(generator, [0, 1], 5, 6)]
+    indices = [([2], [0]), ([0, 1], [1, 0])]
+    criterion = SetCriterion(3, FixedMatcher(indices), 0.1, mask_losses=ALL_MASK_LOSSES)
+    calls = []
+    monkeypatch.setattr(tiled_module._TiledMaskLosses, "apply", _spy(tiled_module._TiledMaskLosses.apply, calls))
+    with tiled_upsampled_mask_losses():
+        losses = criterion({"pred_logits": pred_logits, "pred_masks": pred_masks}, targets)
+    assert len(calls) == 1
+    expected = reference_losses(
+        pred_logits.tolist(), pred_masks.tolist(), as_lists(targets), indices, 0.1,
+        ["loss_mask", "loss_bce", "loss_brier", "loss_dice"], num_masks=3,
+    )
+    assert_losses(losses, expected)
+    sum(losses.values()).backward()
+    # query 2 of image 1 is unmatched: its mask gets no gradient
+    assert pred_masks.grad[1, 2].abs().sum() == 0 and pred_masks.grad[0, 2].abs().sum() > 0
