@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mask_former.modeling import upsampled_mask_losses as tiled_module
-from mask_former.modeling.criterion import SetCriterion
+from mask_former.modeling.criterion import SetCriterion, stacked_target_masks
 from mask_former.modeling.mask_losses import MASK_LOSSES, MaskLossType
 from mask_former.modeling.upsampled_mask_losses import (
     tiled_upsampled_mask_losses,
@@ -175,3 +175,45 @@ def test_criterion_tiled_losses_equal_hand_computed_ones(monkeypatch):
     sum(losses.values()).backward()
     # query 2 of image 1 is unmatched: its mask gets no gradient
     assert pred_masks.grad[1, 2].abs().sum() == 0 and pred_masks.grad[0, 2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("tiled", [True, False])
+def test_targets_read_from_a_table_by_row(monkeypatch, tiled):
+    # each pair's target given as a row of a table (rows repeated and out of order) gives the losses
+    # and gradients of the same targets copied out
+    monkeypatch.setattr(tiled_module, "TILE_VALUES", 200)
+    monkeypatch.setattr(tiled_module, "MIN_TILE_ROWS", 2)
+    generator = torch.Generator().manual_seed(3)
+    kinds = [MASK_LOSSES["focal"], MASK_LOSSES["dice"]]
+    table = (torch.rand(4, 16, 12, generator=generator) > 0.5).float()
+    rows = torch.tensor([3, 0, 3, 1, 2])
+    src = torch.randn(5, 4, 3, generator=generator).requires_grad_()
+    with tiled_upsampled_mask_losses(tiled):
+        by_row = torch.stack(upsampled_mask_losses(src, table, kinds, 2.0, target_rows=rows))
+        copied = torch.stack(upsampled_mask_losses(src, table[rows], kinds, 2.0))
+    torch.testing.assert_close(by_row, copied, rtol=1e-6, atol=1e-7)
+    (grad_by_row,) = torch.autograd.grad(by_row.sum(), src)
+    (grad_copied,) = torch.autograd.grad(copied.sum(), src)
+    torch.testing.assert_close(grad_by_row, grad_copied, rtol=1e-6, atol=1e-9)
+
+
+def test_stacked_target_masks_pads_each_image_like_the_matched_targets():
+    first = torch.tensor([[[1, 0, 1], [0, 1, 1]]], dtype=torch.bool)  # 1 x 2 x 3
+    second = torch.tensor([[[1, 1], [0, 0], [1, 0]], [[0, 1], [1, 1], [0, 0]]], dtype=torch.bool)  # 2 x 3 x 2
+    table, first_rows = stacked_target_masks([{"masks": first}, {"masks": second}], torch.device("cpu"))
+    expected = torch.tensor(
+        [
+            [[1, 0, 1], [0, 1, 1], [0, 0, 0]],
+            [[1, 1, 0], [0, 0, 0], [1, 0, 0]],
+            [[0, 1, 0], [1, 1, 0], [0, 0, 0]],
+        ],
+        dtype=torch.float32,
+    )
+    assert first_rows == [0, 1] and torch.equal(table, expected)
+    same_size = [{"masks": torch.ones(2, 4, 4)}, {"masks": torch.zeros(1, 4, 4)}]
+    table, first_rows = stacked_target_masks(same_size, torch.device("cpu"))
+    assert first_rows == [0, 2] and torch.equal(table, torch.cat([torch.ones(2, 4, 4), torch.zeros(1, 4, 4)]))
+    # one image's float32 masks are the table itself
+    alone = torch.rand(3, 4, 4)
+    table, first_rows = stacked_target_masks([{"masks": alone}], torch.device("cpu"))
+    assert table is alone and first_rows == [0]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .mask_losses import MASK_LOSSES, get_mask_loss
 from .matcher import POINT_SAMPLE_KWARGS, SOLVERS, HungarianMatcher, check_outputs, check_targets
-from .upsampled_mask_losses import upsampled_mask_losses
+from .upsampled_mask_losses import tiled_upsampled_mask_losses_enabled, upsampled_mask_losses
 
 __all__ = [
     "SetCriterion",
@@ -23,6 +23,7 @@ __all__ = [
     "point_uncertainty",
     "matched_mask_logits",
     "matched_target_masks",
+    "stacked_target_masks",
     "without_mask_factors",
 ]
 
@@ -193,13 +194,20 @@ class SetCriterion(nn.Module):
                         f"{len(targets)} images; expected one (query, target) pair per image"
                     )
             layer_src_masks = matched_mask_logits(layer_outputs_list, layer_indices)
+            # the full-resolution losses computed tile by tile read each layer's targets from one
+            # table of all targets instead of a copy of the matched ones per layer
+            target_table = (
+                stacked_target_masks(targets, pred_logits.device)
+                if self.num_points == 0 and tiled_upsampled_mask_losses_enabled()
+                else None
+            )
             for (suffix, _), layer_outputs, indices, src_masks in zip(
                 layers, layer_outputs_list, layer_indices, layer_src_masks
             ):
                 loss_ce = self.loss_labels(layer_outputs["pred_logits"], targets, indices)
                 losses["loss_ce" + suffix] = loss_ce
                 mask_losses = self.loss_masks(
-                    layer_outputs["pred_masks"], targets, indices, num_masks, src_masks
+                    layer_outputs["pred_masks"], targets, indices, num_masks, src_masks, target_table
                 )
                 losses.update({key + suffix: value for key, value in mask_losses.items()})
         return losses
@@ -244,6 +252,7 @@ class SetCriterion(nn.Module):
         indices: List[Tuple[Tensor, Tensor]],
         num_masks: float,
         src_masks: Optional[Tensor] = None,
+        target_table: Optional[Tuple[Tensor, List[int]]] = None,
     ) -> Dict[str, Tensor]:
         """Mask losses of the matched pairs: over every pixel of the (padded) target size, the
         predictions upsampled to it (``num_points`` 0), or over ``num_points`` sampled points.
@@ -257,6 +266,9 @@ class SetCriterion(nn.Module):
             src_masks: (optional) M x h x w float32, the matched pairs' logits in the order of
                 ``indices``, as :func:`matched_mask_logits` gives them; ``pred_masks`` indexed
                 by default.
+            target_table: (optional, full resolution only) all targets' masks and each image's
+                first row in them, as :func:`stacked_target_masks` gives them: the losses then
+                read the matched targets from it (no copy of them).
 
         Returns:
             One scalar per configured mask loss, keyed by its loss key (e.g. ``loss_mask``).
@@ -268,9 +280,15 @@ class SetCriterion(nn.Module):
                 for kind in self.mask_losses.values()
             }
 
-        tgt_masks = matched_target_masks(targets, indices, pred_masks.device)
         if src_masks is None:
             src_masks = matched_mask_logits([{"pred_masks": pred_masks}], [indices])[0]
+        kinds = list(self.mask_losses.values())
+        if self.num_points == 0 and target_table is not None:
+            table, first_rows = target_table
+            rows = torch.cat([first + tgt_idx.to(table.device) for first, (_, tgt_idx) in zip(first_rows, indices)])
+            losses = upsampled_mask_losses(src_masks, table, kinds, num_masks, target_rows=rows)
+            return {kind.loss_key: loss for kind, loss in zip(kinds, losses)}
+        tgt_masks = matched_target_masks(targets, indices, pred_masks.device)
         if self.num_points > 0:
             src_points, tgt_points = self._sample_points(src_masks, tgt_masks)
             return {
@@ -278,7 +296,6 @@ class SetCriterion(nn.Module):
                 for kind in self.mask_losses.values()
             }
 
-        kinds = list(self.mask_losses.values())
         losses = upsampled_mask_losses(src_masks, tgt_masks, kinds, num_masks)
         return {kind.loss_key: loss for kind, loss in zip(kinds, losses)}
 
@@ -392,6 +409,30 @@ def matched_target_masks(
             rows[:, : masks.shape[-2], : masks.shape[-1]] = masks.index_select(0, tgt_idx)
         start += len(tgt_idx)
     return result
+
+
+def stacked_target_masks(targets: Sequence[Dict[str, Tensor]], device: torch.device) -> Tuple[Tensor, List[int]]:
+    """
+    The masks of all images' targets in one K x H x W float32 tensor on ``device`` (K targets in
+    all, H x W the largest of the batch, the masks of smaller images zero-padded at the bottom /
+    right as :func:`matched_target_masks` pads them), and the row of each image's first target.
+    One image's float32 masks on ``device`` are returned as they are, not copied.
+    """
+    height = max(target["masks"].shape[-2] for target in targets)
+    width = max(target["masks"].shape[-1] for target in targets)
+    first_rows, total = [], 0
+    for target in targets:
+        first_rows.append(total)
+        total += target["masks"].shape[0]
+    masks = [target["masks"] for target in targets]
+    if len(masks) == 1 and masks[0].dtype == torch.float32 and masks[0].device == device:
+        return masks[0], first_rows
+    if all(m.shape[-2:] == (height, width) for m in masks):
+        return torch.cat([m.to(device=device, dtype=torch.float32) for m in masks]), first_rows
+    table = torch.zeros(total, height, width, dtype=torch.float32, device=device)
+    for first, m in zip(first_rows, masks):
+        table[first : first + m.shape[0], : m.shape[-2], : m.shape[-1]] = m
+    return table, first_rows
 
 
 def matched_mask_logits(

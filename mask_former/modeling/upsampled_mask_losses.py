@@ -19,7 +19,7 @@ stride-4 logits of a padded image). Otherwise the whole-image computation runs, 
 :func:`whole_image_mask_losses`.
 """
 import contextlib
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,11 @@ def whole_image_mask_losses(
 
 
 def upsampled_mask_losses(
-    src_masks: Tensor, tgt_masks: Tensor, kinds: Sequence[MaskLossType], num_masks: float
+    src_masks: Tensor,
+    tgt_masks: Tensor,
+    kinds: Sequence[MaskLossType],
+    num_masks: float,
+    target_rows: Optional[Tensor] = None,
 ) -> List[Tensor]:
     """
     The mask losses of matched pairs at the targets' resolution, the predictions upsampled
@@ -92,9 +96,12 @@ def upsampled_mask_losses(
 
     Args:
         src_masks: N x h x w float32 mask logits (differentiable).
-        tgt_masks: N x H x W float32 targets.
+        tgt_masks: N x H x W float32 targets; with ``target_rows``, a K x H x W table of targets.
         kinds: the mask losses.
         num_masks: the normalizer of each loss's sum over the masks.
+        target_rows: (optional) (N,) int64, the row of ``tgt_masks`` of each pair: the tiles then
+            read their targets from the table, so that the matched targets of each decoder layer
+            are never copied whole (6 copies of M x H x W float32 per step for MaskFormer).
 
     Returns:
         One scalar per kind, in order.
@@ -104,8 +111,10 @@ def upsampled_mask_losses(
         and src_masks.shape[0] > 0
         and tiling_supported(tuple(src_masks.shape[-2:]), tuple(tgt_masks.shape[-2:]), kinds)
     ):
-        losses = _TiledMaskLosses.apply(src_masks, tgt_masks.detach(), tuple(kinds), float(num_masks))
+        losses = _TiledMaskLosses.apply(src_masks, tgt_masks.detach(), target_rows, tuple(kinds), float(num_masks))
         return list(losses.unbind(0))
+    if target_rows is not None:
+        tgt_masks = tgt_masks.index_select(0, target_rows)
     return whole_image_mask_losses(src_masks, tgt_masks, kinds, num_masks)
 
 
@@ -142,6 +151,13 @@ def upsampled_tile(src_masks: Tensor, start: int, stop: int, factor: int, width:
     return upsampled[:, 0, (start - first) * factor : (stop - first) * factor]
 
 
+def _tile_targets(tgt_masks: Tensor, target_rows: Optional[Tensor], masks: slice, start: int, stop: int) -> Tensor:
+    """Rows ``start:stop`` of the targets of the pairs ``masks``: n x (stop - start) x W."""
+    if target_rows is None:
+        return tgt_masks[masks, start:stop]
+    return tgt_masks[:, start:stop].index_select(0, target_rows[masks])
+
+
 def _tile_sums(kinds: Sequence[MaskLossType], upsampled: Tensor, targets: Tensor) -> List[Tensor]:
     values, targets = upsampled.flatten(1), targets.flatten(1)
     return [kind.pixel_sums(values, targets) for kind in kinds]
@@ -151,7 +167,14 @@ class _TiledMaskLosses(torch.autograd.Function):
     """Losses of upsampled masks from per-mask sums over tiles; the backward recomputes each tile."""
 
     @staticmethod
-    def forward(ctx, src_masks: Tensor, tgt_masks: Tensor, kinds: Tuple[MaskLossType, ...], num_masks: float):
+    def forward(
+        ctx,
+        src_masks: Tensor,
+        tgt_masks: Tensor,
+        target_rows: Optional[Tensor],
+        kinds: Tuple[MaskLossType, ...],
+        num_masks: float,
+    ):
         num, low_height, low_width = src_masks.shape
         height, width = tgt_masks.shape[-2:]
         factor = height // low_height
@@ -159,7 +182,8 @@ class _TiledMaskLosses(torch.autograd.Function):
         current = None
         for masks, start, stop in _tiles(num, low_height, factor, width):
             upsampled = upsampled_tile(src_masks[masks], start, stop, factor, width)
-            tile_sums = _tile_sums(kinds, upsampled, tgt_masks[masks, start * factor : stop * factor])
+            targets = _tile_targets(tgt_masks, target_rows, masks, start * factor, stop * factor)
+            tile_sums = _tile_sums(kinds, upsampled, targets)
             if masks != current:
                 current = masks
                 for kind_sums, tile in zip(sums, tile_sums):
@@ -168,14 +192,14 @@ class _TiledMaskLosses(torch.autograd.Function):
                 for kind_sums, tile in zip(sums, tile_sums):
                     kind_sums[-1] = kind_sums[-1] + tile
         totals = [torch.cat(kind_sums) for kind_sums in sums]
-        ctx.save_for_backward(src_masks, tgt_masks, *totals)
+        ctx.save_for_backward(src_masks, tgt_masks, target_rows, *totals)
         ctx.kinds, ctx.num_masks = kinds, num_masks
         num_pixels = height * width
         return torch.stack([kind.loss_from_sums(total, num_pixels, num_masks) for kind, total in zip(kinds, totals)])
 
     @staticmethod
     def backward(ctx, grad_losses: Tensor):
-        src_masks, tgt_masks, *totals = ctx.saved_tensors
+        src_masks, tgt_masks, target_rows, *totals = ctx.saved_tensors
         kinds = ctx.kinds
         num, low_height, low_width = src_masks.shape
         height, width = tgt_masks.shape[-2:]
@@ -198,13 +222,14 @@ class _TiledMaskLosses(torch.autograd.Function):
             first, end = max(start - 1, 0), min(stop + 1, low_height)
             upsampled = upsampled_tile(src_masks[masks], start, stop, factor, width).requires_grad_()
             with torch.enable_grad():
-                tile_sums = _tile_sums(kinds, upsampled, tgt_masks[masks, start * factor : stop * factor])
+                targets = _tile_targets(tgt_masks, target_rows, masks, start * factor, stop * factor)
+                tile_sums = _tile_sums(kinds, upsampled, targets)
                 weighted = sum((tile * coefficient[masks]).sum() for tile, coefficient in zip(tile_sums, coefficients))
                 (tile_grad,) = torch.autograd.grad(weighted, upsampled)  # n x R x W
             tile_rows = rows_weights[start * factor : stop * factor, first:end]  # R x (end - first)
             slab_grad = torch.matmul(tile_rows.t(), tile_grad)  # n x (end - first) x W
             grad[masks, first:end] += torch.matmul(slab_grad, columns_weights)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def upsampling_weights(low_size: int, size: int, like: Tensor) -> Tensor:
