@@ -1,6 +1,8 @@
 """The full-resolution mask losses tile by tile: the tiles' upsampling against F.interpolate and
 hand-computed weights, the per-mask pixel sums against each loss, and the tiled losses and
 gradients against the whole-image computation and the hand-computed criterion losses."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,10 +77,27 @@ def test_pixel_sums_over_any_split_give_the_loss(name):
     torch.testing.assert_close(got, kind.loss(inputs, targets, 3.0), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ALL_MASK_LOSSES)
+def test_closed_form_gradients_of_the_pixel_sums_equal_autograd(name):
+    kind = MASK_LOSSES[name]
+    generator = torch.Generator().manual_seed(2)
+    inputs = (torch.randn(4, 60, generator=generator, dtype=torch.float64) * 4).requires_grad_()
+    # binary targets and soft ones (padding zeros, bilinear values)
+    targets = torch.cat([(torch.rand(2, 60, generator=generator) > 0.5).double(),
+                         torch.rand(2, 60, generator=generator, dtype=torch.float64)])
+    sums = kind.pixel_sums(inputs, targets)
+    coefficients = torch.randn(sums.shape, generator=generator, dtype=torch.float64)
+    (expected,) = torch.autograd.grad((sums * coefficients).sum(), inputs)
+    got = kind.pixel_sums_grad(inputs.detach(), targets, coefficients)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_mask_loss_type_needs_both_sum_functions():
     kind = MASK_LOSSES["bce"]
     with pytest.raises(ValueError, match="pixel_sums and loss_from_sums"):
         MaskLossType(kind.loss, kind.cost, "loss_x", True, "X_WEIGHT", pixel_sums=kind.pixel_sums)
+    with pytest.raises(ValueError, match="pixel_sums_grad needs pixel_sums"):
+        MaskLossType(kind.loss, kind.cost, "loss_x", True, "X_WEIGHT", pixel_sums_grad=kind.pixel_sums_grad)
 
 
 def losses_and_gradient(src, tgt, kinds, tiled):
@@ -93,12 +112,16 @@ def losses_and_gradient(src, tgt, kinds, tiled):
 @pytest.mark.parametrize("names", [("focal", "dice"), ("bce",), ("brier", "dice"), ALL_MASK_LOSSES])
 @pytest.mark.parametrize("factor", [2, 4])
 @pytest.mark.parametrize("tile_values", [64, 1000, 1 << 19])
-def test_tiled_losses_and_gradients_equal_the_whole_images(monkeypatch, names, factor, tile_values):
-    # small tiles: several groups of masks and bands of rows (with a short last band)
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_tiled_losses_and_gradients_equal_the_whole_images(monkeypatch, names, factor, tile_values, closed_form):
+    # small tiles: several groups of masks and bands of rows (with a short last band); the backward
+    # by the closed-form gradients or by autograd on the pixel sums (a loss without the former)
     monkeypatch.setattr(tiled_module, "TILE_VALUES", tile_values)
     monkeypatch.setattr(tiled_module, "MIN_TILE_ROWS", 2)
     generator = torch.Generator().manual_seed(factor)
     kinds = [MASK_LOSSES[name] for name in names]
+    if not closed_form:
+        kinds = [dataclasses.replace(kind, pixel_sums_grad=None) for kind in kinds]
     src = torch.randn(5, 9, 6, generator=generator) * 3
     tgt = (torch.rand(5, 9 * factor, 6 * factor, generator=generator) > 0.5).float()
     tiled = []

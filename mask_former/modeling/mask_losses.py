@@ -52,6 +52,10 @@ __all__ = [
     "bce_pixel_sums",
     "brier_pixel_sums",
     "mean_loss_from_sums",
+    "sigmoid_focal_pixel_sums_grad",
+    "bce_pixel_sums_grad",
+    "brier_pixel_sums_grad",
+    "dice_pixel_sums_grad",
     "target_products",
     "MaskLossType",
     "MASK_LOSSES",
@@ -110,6 +114,25 @@ def sigmoid_focal_pixel_sums(inputs: Tensor, targets: Tensor) -> Tensor:
     """N x 1: each mask's sum over its pixels of the focal loss (:func:`mean_loss_from_sums` of it
     is :func:`sigmoid_focal_loss`)."""
     return _sigmoid_focal_terms(inputs, targets, FOCAL_ALPHA, FOCAL_GAMMA).sum(1, keepdim=True)
+
+
+def sigmoid_focal_pixel_sums_grad(inputs: Tensor, targets: Tensor, coefficients: Tensor) -> Tensor:
+    """N x P: the gradient with respect to ``inputs`` of ``(coefficients * sigmoid_focal_pixel_sums(inputs,
+    targets)).sum()`` (``coefficients`` N x 1), in closed form: with p = sigmoid(x),
+    ce = BCE(x, y), m = 1 - p_t and a the alpha weight, d(a ce m^g)/dx = a ((p - y) m^g +
+    g ce m^(g-1) dm/dx), dm/dx = p (1 - p) (1 - 2y)."""
+    prob = inputs.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    one_minus_prob = 1 - prob
+    m = prob * (1 - targets) + one_minus_prob * targets  # 1 - p_t
+    dm = prob * one_minus_prob * (1 - 2 * targets)
+    if FOCAL_GAMMA == 2:
+        grad = m * ((prob - targets) * m + 2 * ce * dm)
+    else:
+        grad = (prob - targets) * m**FOCAL_GAMMA + FOCAL_GAMMA * ce * m ** (FOCAL_GAMMA - 1) * dm
+    if FOCAL_ALPHA >= 0:
+        grad = grad * (FOCAL_ALPHA * targets + (1 - FOCAL_ALPHA) * (1 - targets))
+    return grad * coefficients[:, :1]
 
 
 def mean_loss_from_sums(sums: Tensor, num_pixels: int, num_masks: float) -> Tensor:
@@ -205,6 +228,12 @@ def bce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     return cost / num_pixels
 
 
+def bce_pixel_sums_grad(inputs: Tensor, targets: Tensor, coefficients: Tensor) -> Tensor:
+    """N x P: the gradient of ``(coefficients * bce_pixel_sums(inputs, targets)).sum()``:
+    (sigmoid(x) - y) times each mask's coefficient (N x 1)."""
+    return (inputs.sigmoid() - targets) * coefficients[:, :1]
+
+
 def brier_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
     """Brier score ``(sigmoid(x) - y)^2`` of matched pairs.
 
@@ -245,6 +274,13 @@ def brier_cost(inputs: Tensor, targets: Tensor, prob: Optional[Tensor] = None) -
     return cost.clamp(min=0) / num_pixels
 
 
+def brier_pixel_sums_grad(inputs: Tensor, targets: Tensor, coefficients: Tensor) -> Tensor:
+    """N x P: the gradient of ``(coefficients * brier_pixel_sums(inputs, targets)).sum()``:
+    2 (p - y) p (1 - p), p = sigmoid(x), times each mask's coefficient (N x 1)."""
+    prob = inputs.sigmoid()
+    return (2 * (prob - targets) * prob * (1 - prob)) * coefficients[:, :1]
+
+
 def dice_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
     """Dice loss ``1 - (2 sum(p*y) + 1) / (sum(p) + sum(y) + 1)`` of matched pairs, p = sigmoid(x).
 
@@ -268,6 +304,13 @@ def dice_pixel_sums(inputs: Tensor, targets: Tensor) -> Tensor:
     which :func:`dice_loss_from_sums` gives :func:`dice_loss`."""
     prob = inputs.sigmoid()
     return torch.stack([(prob * targets).sum(1), prob.sum(1), targets.sum(1)], 1)
+
+
+def dice_pixel_sums_grad(inputs: Tensor, targets: Tensor, coefficients: Tensor) -> Tensor:
+    """N x P: the gradient of ``(coefficients * dice_pixel_sums(inputs, targets)).sum()``
+    (``coefficients`` N x 3): p (1 - p) (c_0 y + c_1), p = sigmoid(x); the targets' sum has none."""
+    prob = inputs.sigmoid()
+    return prob * (1 - prob) * (coefficients[:, 0:1] * targets + coefficients[:, 1:2])
 
 
 def dice_loss_from_sums(sums: Tensor, num_pixels: int, num_masks: float) -> Tensor:
@@ -331,10 +374,17 @@ class MaskLossType:
     # ``loss_from_sums(sums, num_pixels, num_masks)`` -> the value of ``loss``
     pixel_sums: Optional[Callable[[Tensor, Tensor], Tensor]] = None
     loss_from_sums: Optional[Callable[[Tensor, int, float], Tensor]] = None
+    # Optional, with pixel_sums: ``pixel_sums_grad(inputs, targets, coefficients)`` N x P, the gradient
+    # with respect to ``inputs`` of ``(coefficients * pixel_sums(inputs, targets)).sum()``
+    # (coefficients N x S) in closed form; the tiled losses' backward otherwise runs autograd on
+    # pixel_sums
+    pixel_sums_grad: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None
 
     def __post_init__(self):
         if (self.pixel_sums is None) != (self.loss_from_sums is None):
             raise ValueError("MaskLossType: pixel_sums and loss_from_sums go together; got only one of them")
+        if self.pixel_sums_grad is not None and self.pixel_sums is None:
+            raise ValueError("MaskLossType: pixel_sums_grad needs pixel_sums")
 
 
 # Every mask loss, by the name MODEL.MASK_FORMER.MASK_LOSSES uses. Add one with register_mask_loss.
@@ -368,30 +418,35 @@ register_mask_loss(
     "focal",
     MaskLossType(
         sigmoid_focal_loss, sigmoid_focal_cost, "loss_mask", True, "MASK_WEIGHT", batched=True, cost_takes_prob=True,
-        pixel_sums=sigmoid_focal_pixel_sums, loss_from_sums=mean_loss_from_sums,
+        pixel_sums=sigmoid_focal_pixel_sums, pixel_sums_grad=sigmoid_focal_pixel_sums_grad,
+        loss_from_sums=mean_loss_from_sums,
     ),
 )
 register_mask_loss(
     "bce",
     MaskLossType(
         bce_loss, bce_cost, "loss_bce", True, "BCE_WEIGHT", batched=True,
-        pixel_sums=bce_pixel_sums, loss_from_sums=mean_loss_from_sums,
+        pixel_sums=bce_pixel_sums, pixel_sums_grad=bce_pixel_sums_grad,
+        loss_from_sums=mean_loss_from_sums,
     ),
 )
 register_mask_loss(
     "brier",
     MaskLossType(
         brier_loss, brier_cost, "loss_brier", True, "BRIER_WEIGHT", batched=True, cost_takes_prob=True,
-        pixel_sums=brier_pixel_sums, loss_from_sums=mean_loss_from_sums,
+        pixel_sums=brier_pixel_sums, pixel_sums_grad=brier_pixel_sums_grad,
+        loss_from_sums=mean_loss_from_sums,
     ),
 )
 register_mask_loss(
     "dice",
     MaskLossType(
         dice_loss, dice_cost, "loss_dice", False, "DICE_WEIGHT", batched=True,
-        pixel_sums=dice_pixel_sums, loss_from_sums=dice_loss_from_sums,
+        pixel_sums=dice_pixel_sums, pixel_sums_grad=dice_pixel_sums_grad,
+        loss_from_sums=dice_loss_from_sums,
     ),
 )
+
 
 def get_mask_loss(
     name: str, pointwise_only: bool = False, where: str = "mask loss"

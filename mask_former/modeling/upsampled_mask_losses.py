@@ -163,6 +163,24 @@ def _tile_sums(kinds: Sequence[MaskLossType], upsampled: Tensor, targets: Tensor
     return [kind.pixel_sums(values, targets) for kind in kinds]
 
 
+def _tile_grad(kinds: Sequence[MaskLossType], upsampled: Tensor, targets: Tensor, coefficients: List[Tensor]) -> Tensor:
+    """n x R x W: the gradient with respect to a tile's upsampled logits of its pixel sums, each
+    kind's weighted by its coefficients (n x S): by the kinds' closed forms (``pixel_sums_grad``,
+    all built-in losses have one) or else by autograd on their ``pixel_sums``."""
+    values, flat_targets = upsampled.flatten(1), targets.flatten(1)
+    if all(kind.pixel_sums_grad is not None for kind in kinds):
+        grad = None
+        for kind, c in zip(kinds, coefficients):
+            kind_grad = kind.pixel_sums_grad(values, flat_targets, c)
+            grad = kind_grad if grad is None else grad.add_(kind_grad)
+        return grad.view_as(upsampled)
+    values = values.detach().requires_grad_()
+    with torch.enable_grad():
+        weighted = sum((kind.pixel_sums(values, flat_targets) * c).sum() for kind, c in zip(kinds, coefficients))
+        (grad,) = torch.autograd.grad(weighted, values)
+    return grad.view_as(upsampled)
+
+
 class _TiledMaskLosses(torch.autograd.Function):
     """Losses of upsampled masks from per-mask sums over tiles; the backward recomputes each tile."""
 
@@ -220,12 +238,9 @@ class _TiledMaskLosses(torch.autograd.Function):
         grad = torch.zeros_like(src_masks)
         for masks, start, stop in _tiles(num, low_height, factor, width):
             first, end = max(start - 1, 0), min(stop + 1, low_height)
-            upsampled = upsampled_tile(src_masks[masks], start, stop, factor, width).requires_grad_()
-            with torch.enable_grad():
-                targets = _tile_targets(tgt_masks, target_rows, masks, start * factor, stop * factor)
-                tile_sums = _tile_sums(kinds, upsampled, targets)
-                weighted = sum((tile * coefficient[masks]).sum() for tile, coefficient in zip(tile_sums, coefficients))
-                (tile_grad,) = torch.autograd.grad(weighted, upsampled)  # n x R x W
+            upsampled = upsampled_tile(src_masks[masks], start, stop, factor, width)
+            targets = _tile_targets(tgt_masks, target_rows, masks, start * factor, stop * factor)
+            tile_grad = _tile_grad(kinds, upsampled, targets, [coefficient[masks] for coefficient in coefficients])
             tile_rows = rows_weights[start * factor : stop * factor, first:end]  # R x (end - first)
             slab_grad = torch.matmul(tile_rows.t(), tile_grad)  # n x (end - first) x W
             grad[masks, first:end] += torch.matmul(slab_grad, columns_weights)
