@@ -240,3 +240,13 @@ def test_stacked_target_masks_pads_each_image_like_the_matched_targets():
     alone = torch.rand(3, 4, 4)
     table, first_rows = stacked_target_masks([{"masks": alone}], torch.device("cpu"))
     assert table is alone and first_rows == [0]
+
+
+def test_no_double_backward_through_the_tiles():
+    src = torch.randn(2, 4, 4, requires_grad=True)
+    tgt = (torch.rand(2, 16, 16) > 0.5).float()
+    with tiled_upsampled_mask_losses():
+        (loss,) = upsampled_mask_losses(src, tgt, [MASK_LOSSES["dice"]], 1.0)
+    (grad,) = torch.autograd.grad(loss, src, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad.sum().backward()

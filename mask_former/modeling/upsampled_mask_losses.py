@@ -24,6 +24,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..layers.context_switch import ContextSwitch
 from .mask_losses import MaskLossType
@@ -216,6 +217,7 @@ class _TiledMaskLosses(torch.autograd.Function):
         return torch.stack([kind.loss_from_sums(total, num_pixels, num_masks) for kind, total in zip(kinds, totals)])
 
     @staticmethod
+    @once_differentiable  # no double backward: an error, not a silently wrong second derivative
     def backward(ctx, grad_losses: Tensor):
         src_masks, tgt_masks, target_rows, *totals = ctx.saved_tensors
         kinds = ctx.kinds
