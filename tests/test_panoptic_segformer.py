@@ -15,10 +15,12 @@ from detectron2.structures import BitMasks, ImageList, Instances
 
 from mask_former import add_mask_former_config
 from mask_former.layers import flatten_levels
+from mask_former.modeling import upsampled_mask_losses as tiled_module
 from mask_former.modeling.meta_arch import panoptic_segformer as psf_meta_arch
 from mask_former.modeling.panoptic_segformer import BoxMaskMatcher, LocationDecoder, PanopticSegFormerCriterion
 from mask_former.modeling.panoptic_segformer.location_decoder import sine_box_embedding
 from mask_former.modeling.panoptic_segformer.mask_decoder import AttentionMaskDecoder, AttentionMaskHead
+from mask_former.modeling.upsampled_mask_losses import tiled_upsampled_mask_losses
 from mask_former.solver import get_param_groups
 from model_utils import CONFIG_DIR
 from train_utils import REPO_ROOT, read_metrics, train_net_cmd, train_net_env
@@ -781,3 +783,38 @@ def test_maskformer_panoptic_merge_is_selectable_by_config():
     cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_MERGE = "argmax"
     with pytest.raises(ValueError, match="PANOPTIC_MERGE='argmax'"):
         build_model(cfg)
+
+
+def test_mask_losses_tile_by_tile_equal_the_whole_image_ones(monkeypatch):
+    # inside tiled_upsampled_mask_losses (the meta-architecture's optimised training) the dice and
+    # per-pixel focal losses of things and stuff run tile by tile: at the targets' size (the
+    # hand-built values above) and upsampled 2x, against the whole-image computation
+    calls = []
+    original = tiled_module._TiledMaskLosses.apply
+    monkeypatch.setattr(tiled_module._TiledMaskLosses, "apply", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(tiled_module, "TILE_VALUES", 8)
+    monkeypatch.setattr(tiled_module, "MIN_TILE_ROWS", 1)
+    tgt_mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    tgt_mask[0, 2:6, 1:5] = True
+    target = {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]]), "masks": tgt_mask,
+              "stuff_labels": torch.tensor([0]), "stuff_masks": ~tgt_mask}
+    criterion = PanopticSegFormerCriterion(class_weight=2.0, l1_weight=5.0, giou_weight=2.0, dice_weight=2.0,
+                                           mask_focal_weight=20.0)
+    g = torch.Generator().manual_seed(0)
+    for size in (8, 4):
+        thing_masks = (torch.randn(1, 1, size, size, generator=g) * 3).requires_grad_()
+        stuff_masks = (torch.randn(1, 1, size, size, generator=g) * 3).requires_grad_()
+        outputs = {"location": {"pred_logits": [torch.zeros(1, 1, 1)], "pred_boxes": [torch.full((1, 1, 4), 0.5)]},
+                   "masks": {"things": [{"pred_logits": torch.zeros(1, 1, 1), "pred_masks": thing_masks}],
+                             "stuff": [{"pred_logits": torch.zeros(1, 1, 1), "pred_masks": stuff_masks}]}}
+        whole = criterion(outputs, [target])
+        calls.clear()
+        with tiled_upsampled_mask_losses():
+            tiled = criterion(outputs, [target])
+        assert len(calls) == 2  # the dice and focal losses of the things, then of the stuff
+        for name in ("loss_thing_dice_0", "loss_thing_mask_0", "loss_stuff_dice_0", "loss_stuff_mask_0"):
+            assert tiled[name].item() == pytest.approx(whole[name].item(), rel=1e-5), name
+        grads = torch.autograd.grad(sum(tiled.values()), [thing_masks, stuff_masks])
+        expected = torch.autograd.grad(sum(whole.values()), [thing_masks, stuff_masks])
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)

@@ -76,10 +76,12 @@ def whole_image_mask_losses(
     src_masks: Tensor, tgt_masks: Tensor, kinds: Sequence[MaskLossType], num_masks: float
 ) -> List[Tensor]:
     """The mask losses of ``src_masks`` (N x h x w logits) upsampled (bilinear) to the size of
-    ``tgt_masks`` (N x H x W), by each kind's ``loss`` on the whole images."""
+    ``tgt_masks`` (N x H x W; not resampled when it is that size), by each kind's ``loss`` on the
+    whole images."""
     tgt_flat = tgt_masks.flatten(1)
-    upsampled = F.interpolate(src_masks[:, None], size=tgt_masks.shape[-2:], mode="bilinear", align_corners=False)
-    src_flat = upsampled.flatten(1)
+    if src_masks.shape[-2:] != tgt_masks.shape[-2:]:
+        src_masks = F.interpolate(src_masks[:, None], size=tgt_masks.shape[-2:], mode="bilinear", align_corners=False)
+    src_flat = src_masks.flatten(1)
     return [kind.loss(src_flat, tgt_flat, num_masks) for kind in kinds]
 
 

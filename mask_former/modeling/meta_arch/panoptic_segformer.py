@@ -31,6 +31,7 @@ from ..panoptic_segformer import (
 )
 from ..postprocessing import binarize_masks, boxes_from_profiles, mask_wise_merge
 from ..training_optimization import checkpoint_activations
+from ..upsampled_mask_losses import tiled_upsampled_mask_losses
 from .base import INSTANCE, PANOPTIC, SEMANTIC, SegmentationMetaArch, task_switches
 from .maskformer import mask_merge_params
 
@@ -263,7 +264,8 @@ class PanopticSegFormer(SegmentationMetaArch):
             targets = self.prepare_targets(batched_inputs, images)
             memory, location, stuff_query, stuff_pos = self.locate(images, targets)
             masks = self.training_masks(location, stuff_query, stuff_pos, memory)
-            losses = self.criterion({"location": location, "masks": masks}, targets)
+            with tiled_upsampled_mask_losses(self.optimize_training):
+                losses = self.criterion({"location": location, "masks": masks}, targets)
             return {k: v * self.loss_weights[k] for k, v in losses.items() if k in self.loss_weights}
 
         # the optimised path reads cached copies of some weights: no gradients reach them

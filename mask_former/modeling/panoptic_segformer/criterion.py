@@ -43,8 +43,8 @@ from torch.nn import functional as F
 from torchvision.ops import box_convert, box_iou, generalized_box_iou, sigmoid_focal_loss
 
 from ..criterion import matched_target_masks
-from ..mask_losses import dice_cost, dice_loss
-from ..mask_losses import sigmoid_focal_loss as mask_focal_loss
+from ..mask_losses import MASK_LOSSES, dice_cost
+from ..upsampled_mask_losses import upsampled_mask_losses
 
 __all__ = ["focal_class_cost", "BoxMaskMatcher", "PanopticSegFormerCriterion", "CLASS_LOSSES"]
 
@@ -333,10 +333,14 @@ class PanopticSegFormerCriterion(nn.Module):
             if self.with_mask_focal:
                 losses[f"loss_{kind}_mask_{i}"] = zero
             return losses
-        src, tgt = _paired_masks(pred_masks, batch_idx, query_idx, tgt_masks)
-        losses = {f"loss_{kind}_dice_{i}": dice_loss(src, tgt, num)}
+        # the predictions upsampled to the targets' size, tile by tile inside
+        # tiled_upsampled_mask_losses (the meta-architecture's optimised training)
+        src = pred_masks[batch_idx, query_idx].float()
+        loss_types = [MASK_LOSSES["dice"]] + ([MASK_LOSSES["focal"]] if self.with_mask_focal else [])
+        values = upsampled_mask_losses(src, tgt_masks, loss_types, num)
+        losses = {f"loss_{kind}_dice_{i}": values[0]}
         if self.with_mask_focal:
-            losses[f"loss_{kind}_mask_{i}"] = mask_focal_loss(src, tgt, num)
+            losses[f"loss_{kind}_mask_{i}"] = values[1]
         return losses
 
 
