@@ -207,7 +207,7 @@ class SetCriterion(nn.Module):
                 loss_ce = self.loss_labels(layer_outputs["pred_logits"], targets, indices)
                 losses["loss_ce" + suffix] = loss_ce
                 mask_losses = self.loss_masks(
-                    layer_outputs["pred_masks"], targets, indices, num_masks, src_masks, target_table
+                    layer_outputs["pred_masks"], targets, indices, num_masks, src_masks, target_table=target_table
                 )
                 losses.update({key + suffix: value for key, value in mask_losses.items()})
         return losses
