@@ -45,7 +45,8 @@ trains), ``bf16`` (full resolution under bfloat16 autocast). All but the referen
 ``points_plain`` (``points`` with the modules as built) train with the frozen batch norms folded
 into their convolutions, channels-last where MODEL.TRAIN_CHANNELS_LAST says so (by default on GPUs
 and on CPUs with PyTorch's AVX-512 kernels, which the header line names; ``optimize_training``, the
-default) and with AdamW's fused kernel (SOLVER.FUSED_OPTIMIZER, the default); those two run
+default, which also computes the full-resolution mask losses tile by tile) and with AdamW's
+fused kernel (SOLVER.FUSED_OPTIMIZER, the default); those two run
 PyTorch's loop over tensors, as before it. ``points_checkpointed`` is ``points`` with activation
 checkpointing (MODEL.ACTIVATION_CHECKPOINTING) of the backbone's stages, the pixel decoder and the
 transformer predictor: less memory for more time; ``points_bf16_checkpointed`` the same under
