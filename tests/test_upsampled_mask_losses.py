@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.modeling import build_model
 
 from mask_former.modeling import upsampled_mask_losses as tiled_module
 from mask_former.modeling.criterion import SetCriterion, stacked_target_masks
@@ -18,7 +19,9 @@ from mask_former.modeling.upsampled_mask_losses import (
     upsampled_tile,
     upsampling_weights,
 )
+from model_utils import tiny_cfg
 from test_criterion import ALL_MASK_LOSSES, FixedMatcher, as_lists, assert_losses, random_targets, reference_losses
+from test_model import make_batch
 
 
 def whole_upsampling(masks, factor):
@@ -250,3 +253,28 @@ def test_no_double_backward_through_the_tiles():
     (grad,) = torch.autograd.grad(loss, src, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("optimize_training", [True, False])
+def test_maskformer_training_tiles_its_losses_only_when_optimized(monkeypatch, optimize_training):
+    # images of two sizes (padded targets); the tiled losses equal the whole-image ones
+    calls = []
+    monkeypatch.setattr(tiled_module._TiledMaskLosses, "apply", _spy(tiled_module._TiledMaskLosses.apply, calls))
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).train()
+    model.optimize_training = optimize_training
+    torch.manual_seed(1)
+    losses = model(make_batch())
+    # one call per decoder layer (the final one and its auxiliary one)
+    assert len(calls) == (2 if optimize_training else 0)
+    if optimize_training:
+        with tiled_upsampled_mask_losses(False):
+            torch.manual_seed(1)
+            criterion_inputs = []
+            hook = model.criterion.register_forward_pre_hook(lambda module, args: criterion_inputs.append(args))
+            model(make_batch())
+            hook.remove()
+        with tiled_upsampled_mask_losses(False):
+            whole = model.criterion(*criterion_inputs[0])
+        for key in ("loss_mask", "loss_dice"):
+            assert losses[key].item() == pytest.approx(whole[key].item() * model.loss_weights[key], rel=1e-5)
