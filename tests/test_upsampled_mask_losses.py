@@ -278,3 +278,17 @@ def test_maskformer_training_tiles_its_losses_only_when_optimized(monkeypatch, o
             whole = model.criterion(*criterion_inputs[0])
         for key in ("loss_mask", "loss_dice"):
             assert losses[key].item() == pytest.approx(whole[key].item() * model.loss_weights[key], rel=1e-5)
+
+
+def test_tiles_cover_every_mask_and_row_once_and_are_larger_off_the_cpu():
+    assert tiled_module.tile_values(torch.device("cpu")) == tiled_module.TILE_VALUES
+    assert tiled_module.tile_values(torch.device("cuda")) == tiled_module.TILE_VALUES_ACCELERATOR
+    # COCO-sized: 100 masks of 256 x 256 logits upsampled 4x
+    for values in (tiled_module.TILE_VALUES, tiled_module.TILE_VALUES_ACCELERATOR):
+        covered = torch.zeros(100, 256, dtype=torch.int64)
+        tiles = list(tiled_module._tiles(100, 256, 4, 1024, values))
+        for masks, start, stop in tiles:
+            covered[masks, start:stop] += 1
+        assert torch.equal(covered, torch.ones_like(covered))
+        if values == tiled_module.TILE_VALUES_ACCELERATOR:
+            assert len(tiles) <= 16  # few kernel launches per layer off the CPU

@@ -32,6 +32,7 @@ from .mask_losses import MaskLossType
 __all__ = [
     "tiled_upsampled_mask_losses",
     "tiled_upsampled_mask_losses_enabled",
+    "tile_values",
     "tiling_supported",
     "upsampled_mask_losses",
     "upsampled_tile",
@@ -39,8 +40,11 @@ __all__ = [
     "whole_image_mask_losses",
 ]
 
-# values of the upsampled masks per tile: masks x rows x W, about 2 MB of float32
+# values of the upsampled masks per tile (masks x rows x W): about 2 MB of float32 on a CPU, where
+# a tile's intermediates should stay in the cache; 32 MB on other devices, where the point is the
+# memory and each of a tile's dozens of operations is a kernel launch (not measured: no GPU here)
 TILE_VALUES = 1 << 19
+TILE_VALUES_ACCELERATOR = 1 << 23
 # fewest source rows per tile; each tile also upsamples a row of margin on either side
 MIN_TILE_ROWS = 4
 
@@ -121,11 +125,18 @@ def upsampled_mask_losses(
     return whole_image_mask_losses(src_masks, tgt_masks, kinds, num_masks)
 
 
-def _tiles(num_masks: int, low_height: int, factor: int, width: int) -> Iterator[Tuple[slice, int, int]]:
-    """(masks, first source row, end source row) of each tile."""
-    rows = max(MIN_TILE_ROWS, TILE_VALUES // max(1, factor * width * num_masks))
+def tile_values(device: torch.device) -> int:
+    """The upsampled values per tile on ``device``."""
+    return TILE_VALUES if device.type == "cpu" else TILE_VALUES_ACCELERATOR
+
+
+def _tiles(
+    num_masks: int, low_height: int, factor: int, width: int, values: int
+) -> Iterator[Tuple[slice, int, int]]:
+    """(masks, first source row, end source row) of each tile of about ``values`` upsampled values."""
+    rows = max(MIN_TILE_ROWS, values // max(1, factor * width * num_masks))
     rows = min(rows, low_height)
-    masks_per_tile = max(1, min(num_masks, TILE_VALUES // max(1, factor * width * rows)))
+    masks_per_tile = max(1, min(num_masks, values // max(1, factor * width * rows)))
     for first_mask in range(0, num_masks, masks_per_tile):
         masks = slice(first_mask, min(first_mask + masks_per_tile, num_masks))
         for start in range(0, low_height, rows):
@@ -201,7 +212,7 @@ class _TiledMaskLosses(torch.autograd.Function):
         factor = height // low_height
         sums: List[List[Tensor]] = [[] for _ in kinds]  # per kind, per mask group: n x S
         current = None
-        for masks, start, stop in _tiles(num, low_height, factor, width):
+        for masks, start, stop in _tiles(num, low_height, factor, width, tile_values(src_masks.device)):
             upsampled = upsampled_tile(src_masks[masks], start, stop, factor, width)
             targets = _tile_targets(tgt_masks, target_rows, masks, start * factor, stop * factor)
             tile_sums = _tile_sums(kinds, upsampled, targets)
@@ -240,7 +251,7 @@ class _TiledMaskLosses(torch.autograd.Function):
         rows_weights = upsampling_weights(low_height, height, src_masks)  # H x h
         columns_weights = upsampling_weights(low_width, width, src_masks)  # W x w
         grad = torch.zeros_like(src_masks)
-        for masks, start, stop in _tiles(num, low_height, factor, width):
+        for masks, start, stop in _tiles(num, low_height, factor, width, tile_values(src_masks.device)):
             first, end = max(start - 1, 0), min(stop + 1, low_height)
             upsampled = upsampled_tile(src_masks[masks], start, stop, factor, width)
             targets = _tile_targets(tgt_masks, target_rows, masks, start * factor, stop * factor)
