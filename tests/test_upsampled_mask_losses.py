@@ -292,3 +292,16 @@ def test_tiles_cover_every_mask_and_row_once_and_are_larger_off_the_cpu():
         assert torch.equal(covered, torch.ones_like(covered))
         if values == tiled_module.TILE_VALUES_ACCELERATOR:
             assert len(tiles) <= 16  # few kernel launches per layer off the CPU
+
+
+def test_bad_shapes_name_themselves():
+    dice = [MASK_LOSSES["dice"]]
+    src = torch.randn(2, 4, 4)
+    with pytest.raises(ValueError, match=r"N x h x w logits .* got shapes \(2, 16\) and \(2, 16, 16\)"):
+        upsampled_mask_losses(src.flatten(1), torch.ones(2, 16, 16), dice, 1.0)
+    with pytest.raises(ValueError, match="2 predicted masks but 3 targets"):
+        upsampled_mask_losses(src, torch.ones(3, 16, 16), dice, 1.0)
+    with pytest.raises(ValueError, match=r"one row per predicted mask \(2\), got shape \(3,\)"):
+        upsampled_mask_losses(src, torch.ones(3, 16, 16), dice, 1.0, target_rows=torch.tensor([0, 1, 2]))
+    with tiled_upsampled_mask_losses(), pytest.raises(ValueError, match=r"in \[0, 3\).* got 1 to 3"):
+        upsampled_mask_losses(src, torch.ones(3, 16, 16), dice, 1.0, target_rows=torch.tensor([3, 1]))

@@ -126,10 +126,7 @@ def sigmoid_focal_pixel_sums_grad(inputs: Tensor, targets: Tensor, coefficients:
     one_minus_prob = 1 - prob
     m = prob * (1 - targets) + one_minus_prob * targets  # 1 - p_t
     dm = prob * one_minus_prob * (1 - 2 * targets)
-    if FOCAL_GAMMA == 2:
-        grad = m * ((prob - targets) * m + 2 * ce * dm)
-    else:
-        grad = (prob - targets) * m**FOCAL_GAMMA + FOCAL_GAMMA * ce * m ** (FOCAL_GAMMA - 1) * dm
+    grad = m ** (FOCAL_GAMMA - 1) * ((prob - targets) * m + FOCAL_GAMMA * ce * dm)
     if FOCAL_ALPHA >= 0:
         grad = grad * (FOCAL_ALPHA * targets + (1 - FOCAL_ALPHA) * (1 - targets))
     return grad * coefficients[:, :1]

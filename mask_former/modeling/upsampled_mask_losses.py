@@ -18,8 +18,7 @@ and ``loss_from_sums``: all built-in ones) and an integer power-of-two upsamplin
 stride-4 logits of a padded image). Otherwise the whole-image computation runs, as
 :func:`whole_image_mask_losses`.
 """
-import contextlib
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +50,10 @@ MIN_TILE_ROWS = 4
 _TILED = ContextSwitch("tiled_upsampled_mask_losses")
 
 
-def tiled_upsampled_mask_losses(enabled: bool = True) -> "contextlib.AbstractContextManager[None]":
+def tiled_upsampled_mask_losses(enabled: bool = True) -> ContextManager[None]:
     """Within this context :func:`upsampled_mask_losses` computes the losses tile by tile where it
-    can (``MaskFormer`` training with ``optimize_training`` enters it); outside, as whole images."""
+    can (``MaskFormer`` and ``PanopticSegFormer`` training with ``optimize_training`` enter it);
+    outside, as whole images."""
     return _TILED(enabled)
 
 
@@ -68,8 +68,8 @@ def _power_of_two(value: int) -> bool:
 
 def tiling_supported(low_size: Tuple[int, int], high_size: Tuple[int, int], kinds: Sequence[MaskLossType]) -> bool:
     """Whether :func:`upsampled_mask_losses` can tile: every loss has ``pixel_sums`` and the upsampling
-    factor is the same power of two along both axes (the bilinear source coordinates of a tile are then
-    those of the whole mask, exactly, in float32)."""
+    factor is the same power of two along both axes (a tile's bilinear source coordinates and weights
+    are then those of the whole mask, exactly representable in float32)."""
     (h, w), (height, width) = low_size, high_size
     if h == 0 or w == 0 or height % h or width % w or height // h != width // w:
         return False
@@ -112,7 +112,11 @@ def upsampled_mask_losses(
 
     Returns:
         One scalar per kind, in order.
+
+    Raises:
+        ValueError: naming the shapes, when they do not pair the predictions with the targets.
     """
+    _check_inputs(src_masks, tgt_masks, target_rows)
     if (
         tiled_upsampled_mask_losses_enabled()
         and src_masks.shape[0] > 0
@@ -123,6 +127,31 @@ def upsampled_mask_losses(
     if target_rows is not None:
         tgt_masks = tgt_masks.index_select(0, target_rows)
     return whole_image_mask_losses(src_masks, tgt_masks, kinds, num_masks)
+
+
+def _check_inputs(src_masks: Tensor, tgt_masks: Tensor, target_rows: Optional[Tensor]) -> None:
+    if src_masks.dim() != 3 or tgt_masks.dim() != 3:
+        raise ValueError(
+            f"upsampled_mask_losses: expected N x h x w logits and N x H x W (or K x H x W) targets, got "
+            f"shapes {tuple(src_masks.shape)} and {tuple(tgt_masks.shape)}"
+        )
+    if target_rows is None:
+        if tgt_masks.shape[0] != src_masks.shape[0]:
+            raise ValueError(
+                f"upsampled_mask_losses: {src_masks.shape[0]} predicted masks but {tgt_masks.shape[0]} "
+                "targets; expected one target per prediction (or target_rows)"
+            )
+        return
+    if target_rows.shape != (src_masks.shape[0],):
+        raise ValueError(
+            f"upsampled_mask_losses: target_rows must hold one row per predicted mask ({src_masks.shape[0]}), "
+            f"got shape {tuple(target_rows.shape)}"
+        )
+    if target_rows.numel() and (target_rows.min() < 0 or target_rows.max() >= tgt_masks.shape[0]):
+        raise ValueError(
+            f"upsampled_mask_losses: target_rows must lie in [0, {tgt_masks.shape[0]}), the rows of the "
+            f"targets' table, got {target_rows.min().item()} to {target_rows.max().item()}"
+        )
 
 
 def tile_values(device: torch.device) -> int:
@@ -210,20 +239,15 @@ class _TiledMaskLosses(torch.autograd.Function):
         num, low_height, low_width = src_masks.shape
         height, width = tgt_masks.shape[-2:]
         factor = height // low_height
-        sums: List[List[Tensor]] = [[] for _ in kinds]  # per kind, per mask group: n x S
-        current = None
+        # per group of masks (keyed by its first mask, in order), per kind: n x S sums so far
+        group_sums: Dict[int, List[Tensor]] = {}
         for masks, start, stop in _tiles(num, low_height, factor, width, tile_values(src_masks.device)):
             upsampled = upsampled_tile(src_masks[masks], start, stop, factor, width)
             targets = _tile_targets(tgt_masks, target_rows, masks, start * factor, stop * factor)
             tile_sums = _tile_sums(kinds, upsampled, targets)
-            if masks != current:
-                current = masks
-                for kind_sums, tile in zip(sums, tile_sums):
-                    kind_sums.append(tile)
-            else:
-                for kind_sums, tile in zip(sums, tile_sums):
-                    kind_sums[-1] = kind_sums[-1] + tile
-        totals = [torch.cat(kind_sums) for kind_sums in sums]
+            previous = group_sums.get(masks.start)
+            group_sums[masks.start] = tile_sums if previous is None else [a + b for a, b in zip(previous, tile_sums)]
+        totals = [torch.cat([group[k] for group in group_sums.values()]) for k in range(len(kinds))]
         ctx.save_for_backward(src_masks, tgt_masks, target_rows, *totals)
         ctx.kinds, ctx.num_masks = kinds, num_masks
         num_pixels = height * width
